@@ -1,0 +1,230 @@
+"""The public functional API: validate the call, pick a backend (backends.py), run it.
+
+Every function accepts ``backend=None`` (automatic), or one of "reference", "cpu", "cuda",
+"triton" (and "flash_attn" for attention). Inputs may be float32, float16 or bfloat16 (float64
+runs on the reference backend); math is fp32 and outputs keep the input dtype. All are
+differentiable and traceable by ``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends
+from .backends import Call
+from .packed import PackedSeqs, validate_cu_seqlens
+
+__all__ = ["adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope", "varlen_attention"]
+
+
+def _fail(op: str, msg: str):
+    raise ValueError(f"{op}: {msg}")
+
+
+def _check_packed(op: str, packed) -> PackedSeqs:
+    if not isinstance(packed, PackedSeqs):
+        _fail(op, f"packed must be a PackedSeqs (build one with PackedSeqs.from_sizes([(h, w), ...])), "
+                  f"got {type(packed).__name__}")
+    return packed
+
+
+def _check_tensor(op: str, t, name: str, ndim: int, shape_doc: str):
+    if not isinstance(t, torch.Tensor):
+        _fail(op, f"{name} must be a tensor {shape_doc}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        _fail(op, f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != ndim:
+        _fail(op, f"{name} must be {shape_doc}, got shape {tuple(t.shape)}")
+
+
+def _check_tokens(op: str, t, name: str, packed: PackedSeqs, ndim: int, shape_doc: str):
+    _check_tensor(op, t, name, ndim, shape_doc)
+    if t.shape[0] != packed.total_tokens:
+        _fail(op, f"{name} has {t.shape[0]} rows but the pack holds {packed.total_tokens} tokens "
+                  f"(sizes sum of h*w over {packed.num_seqs} images)")
+    if t.device != packed.device:
+        _fail(op, f"{name} is on {t.device} but the pack's cu_seqlens is on {packed.device} (use packed.to(device))")
+
+
+def _check_like(op: str, t, name: str, ref: torch.Tensor, ref_name: str, shape: tuple, shape_doc: str):
+    _check_tensor(op, t, name, len(shape), shape_doc)
+    if tuple(t.shape) != tuple(shape):
+        _fail(op, f"{name} must have shape {tuple(shape)} {shape_doc}, got {tuple(t.shape)}")
+    if t.device != ref.device:
+        _fail(op, f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if t.dtype != ref.dtype:
+        _fail(op, f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; cast them to one dtype")
+
+
+def _param(t: torch.Tensor) -> torch.Tensor:
+    """Small parameter tables (freqs, LayerNorm weights) go to kernels in fp32 (fp64 stays fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _check_modulation(op: str, x, packed, **rows):
+    _check_tokens(op, x, "x", packed, 2, "[N, D]")
+    for name, t in rows.items():
+        _check_like(op, t, name, x, "x", (packed.num_seqs, x.shape[1]), "[B, D] (one row per image)")
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, packed: PackedSeqs, *,
+                   eps: float = 1e-6, backend: Optional[str] = None) -> torch.Tensor:
+    """Packed AdaLN modulation: ``y = LN(x) * (1 + scale[seg]) + shift[seg]``.
+
+    x [N, D]; shift, scale [B, D], one row per image; LN has no affine parameters and uses the
+    biased variance over D. Returns y [N, D] in x's dtype.
+    """
+    op = "adaln_modulate"
+    _check_packed(op, packed)
+    _check_modulation(op, x, packed, shift=shift, scale=scale)
+    _, fn = backends.select(Call(op, x.device, x.dtype), backend)
+    return fn(x, shift, scale, packed.cu_seqlens, float(eps))
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, packed: PackedSeqs, *,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """``x + gate[seg] * y``; x, y [N, D], gate [B, D]."""
+    op = "gated_residual"
+    _check_packed(op, packed)
+    _check_modulation(op, x, packed, gate=gate)
+    _check_like(op, y, "y", x, "x", tuple(x.shape), "[N, D]")
+    _, fn = backends.select(Call(op, x.device, x.dtype), backend)
+    return fn(x, y, gate, packed.cu_seqlens)
+
+
+def residual_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                   packed: PackedSeqs, *, eps: float = 1e-6,
+                   backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual joined to the next AdaLN in one pass.
+
+    ``x_new = x + gate[seg] * y``; ``h = LN(x_new) * (1 + scale[seg]) + shift[seg]``.
+    x, y [N, D]; gate, shift, scale [B, D]. Returns (x_new, h).
+    """
+    op = "residual_adaln"
+    _check_packed(op, packed)
+    _check_modulation(op, x, packed, gate=gate, shift=shift, scale=scale)
+    _check_like(op, y, "y", x, "x", tuple(x.shape), "[N, D]")
+    _, fn = backends.select(Call(op, x.device, x.dtype), backend)
+    return fn(x, y, gate, shift, scale, packed.cu_seqlens, float(eps))
+
+
+def _check_rope(op: str, q, k, packed, freqs, positions):
+    _check_packed(op, packed)
+    _check_tokens(op, q, "q", packed, 3, "[N, H, Dh]")
+    _check_tokens(op, k, "k", packed, 3, "[N, Hk, Dh]")
+    dh = q.shape[-1]
+    if dh % 4:
+        _fail(op, f"head_dim must be a multiple of 4 for axial 2D RoPE (two axes of interleaved pairs), got {dh}")
+    if k.shape[-1] != dh:
+        _fail(op, f"q and k must share head_dim, got {dh} and {k.shape[-1]}")
+    if k.dtype != q.dtype:
+        _fail(op, f"k has dtype {k.dtype} but q has {q.dtype}; cast them to one dtype")
+    _check_tensor(op, freqs, "freqs", 2, "[2, head_dim // 4] (see rope_freqs)")
+    if tuple(freqs.shape) != (2, dh // 4):
+        _fail(op, f"freqs must have shape (2, {dh // 4}) for head_dim {dh} (see rope_freqs), got {tuple(freqs.shape)}")
+    if freqs.device != q.device:
+        _fail(op, f"freqs is on {freqs.device} but q is on {q.device}")
+    if positions not in ("grid", "official"):
+        _fail(op, f"positions must be 'grid' or 'official', got {positions!r}")
+
+
+def rope_2d(q: torch.Tensor, k: torch.Tensor, packed: PackedSeqs, freqs: torch.Tensor, *,
+            positions: str = "grid", mscale: float = 1.0,
+            backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial 2D rotary embedding of q [N, H, Dh] and k [N, Hk, Dh]; Dh % 4 == 0.
+
+    The first half of Dh rotates with axis-0 position p0 and freqs[0], the second half with
+    axis-1 position p1 and freqs[1]; within each half, interleaved pairs (2i, 2i+1) rotate by
+    angle p * freqs[a][i]: (x0, x1) -> mscale * (x0 cos - x1 sin, x1 cos + x0 sin).
+    positions="grid": p0 = t % w, p1 = t // w (true 2D positions); "official": p0 = t % h,
+    p1 = t // h (what the released NiT checkpoints were trained with). Angles come from the
+    pack's cu_seqlens and sizes: no per-token table is built. freqs [2, Dh/4] from rope_freqs.
+    """
+    op = "rope_2d"
+    _check_rope(op, q, k, packed, freqs, positions)
+    _, fn = backends.select(Call(op, q.device, q.dtype, head_dim=q.shape[-1]), backend)
+    return fn(q, k, packed.cu_seqlens, packed.sizes, _param(freqs), positions, float(mscale))
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, packed: PackedSeqs, freqs: torch.Tensor, *,
+                 q_weight: torch.Tensor, q_bias: torch.Tensor, k_weight: torch.Tensor, k_bias: torch.Tensor,
+                 eps: float = 1e-5, positions: str = "grid", mscale: float = 1.0,
+                 backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over Dh with affine (the official qk_norm) of q and k, then rope_2d, in one pass.
+
+    q [N, H, Dh], k [N, Hk, Dh]; weights and biases [Dh].
+    """
+    op = "qk_norm_rope"
+    _check_rope(op, q, k, packed, freqs, positions)
+    dh = q.shape[-1]
+    for name, t in (("q_weight", q_weight), ("q_bias", q_bias), ("k_weight", k_weight), ("k_bias", k_bias)):
+        _check_tensor(op, t, name, 1, f"[{dh}]")
+        if t.shape[0] != dh:
+            _fail(op, f"{name} must have shape ({dh},) (head_dim), got {tuple(t.shape)}")
+        if t.device != q.device:
+            _fail(op, f"{name} is on {t.device} but q is on {q.device}")
+    _, fn = backends.select(Call(op, q.device, q.dtype, head_dim=dh), backend)
+    return fn(q, k, packed.cu_seqlens, packed.sizes, _param(freqs), _param(q_weight), _param(q_bias),
+              _param(k_weight), _param(k_bias), float(eps), positions, float(mscale))
+
+
+def _check_cu(op: str, cu, name: str, device: torch.device):
+    if not isinstance(cu, torch.Tensor):
+        _fail(op, f"{name} must be an int32 tensor [B+1], got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        _fail(op, f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        _fail(op, f"{name} must be 1-D with B+1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        _fail(op, f"{name} is on {cu.device} but q is on {device}")
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                     softmax_scale: Optional[float] = None, causal: bool = False,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """Attention inside each packed sequence only; the positional signature of flash_attn_varlen_func.
+
+    q [Nq, H, D], k [Nk, Hk, D], v [Nk, Hk, D] with H a multiple of Hk; cu_seqlens int32 [B+1];
+    max_seqlen_* Python ints, computed once per pack on the host. softmax_scale defaults to
+    D ** -0.5. causal masks are aligned bottom-right as in flash-attn >= 2.1. Returns [Nq, H, D].
+    On CPU tensors the contents of cu_seqlens are validated; on GPU they are trusted (no sync).
+    """
+    op = "varlen_attention"
+    _check_tensor(op, q, "q", 3, "[Nq, H, D]")
+    _check_tensor(op, k, "k", 3, "[Nk, Hk, D]")
+    _check_tensor(op, v, "v", 3, "[Nk, Hk, D]")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            _fail(op, f"{name} is on {t.device} but q is on {q.device}")
+        if t.dtype != q.dtype:
+            _fail(op, f"{name} has dtype {t.dtype} but q has {q.dtype}; cast them to one dtype")
+    if k.shape[-1] != q.shape[-1]:
+        _fail(op, f"q and k must share head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if v.shape[:2] != k.shape[:2]:
+        _fail(op, f"v must have k's tokens and heads {tuple(k.shape[:2])}, got {tuple(v.shape[:2])}")
+    if q.shape[1] % k.shape[1]:
+        _fail(op, f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    _check_cu(op, cu_seqlens_q, "cu_seqlens_q", q.device)
+    _check_cu(op, cu_seqlens_k, "cu_seqlens_k", q.device)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        _fail(op, f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                  f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, torch.Tensor) or isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            _fail(op, f"{name} must be a non-negative Python int computed once per pack, got {m!r}")
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        for name, cu, n, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                               ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+            try:
+                validate_cu_seqlens(cu, n, name)
+            except ValueError as e:
+                _fail(op, str(e))
+            longest = int((cu[1:] - cu[:-1]).max())
+            if longest > m:
+                _fail(op, f"max_seqlen_{name[-1]}={m} is smaller than the longest sequence ({longest})")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    call = Call(op, q.device, q.dtype, head_dim=q.shape[-1], gqa=k.shape[1] != q.shape[1], causal=bool(causal))
+    _, fn = backends.select(call, backend)
+    return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))

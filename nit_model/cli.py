@@ -1,0 +1,34 @@
+"""The `nit` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _kernels(args):
+    from .kernel_tour import run
+    run(tokens=args.tokens, reps=args.reps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nit", description="NiT: native-resolution diffusion transformer, packed and fused.")
+    sub = p.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("kernels", help="run every op on every usable backend on a realistic pack, check and time it")
+    k.add_argument("--tokens", type=int, default=4096, help="token budget of the ImageNet-like pack (default 4096)")
+    k.add_argument("--reps", type=int, default=5, help="timed repetitions per op and backend (median reported)")
+    k.set_defaults(func=_kernels)
+    d = sub.add_parser("demo", help="the main job on built-in defaults (currently: the kernel tour)")
+    d.add_argument("--tokens", type=int, default=4096)
+    d.add_argument("--reps", type=int, default=5)
+    d.set_defaults(func=_kernels)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
