@@ -57,8 +57,19 @@ def ops_with_kernel(dispatch_key: str) -> dict:
 
 
 def refuse(call: Call) -> Optional[str]:
+    """Why the compiled kernel of `call.op` cannot run this call (None if it can)."""
     if call.dtype not in FLOAT_DTYPES:
         return f"dtype {call.dtype} is not supported (float32, float16, bfloat16)"
+    return _refuse_cuda(call) if call.device.type == "cuda" else _refuse_cpu(call)
+
+
+def _refuse_cpu(call: Call) -> Optional[str]:
+    if call.op == "varlen_attention" and call.gqa:
+        return "grouped-query attention (fewer k/v heads than q heads) is not supported"
+    return None
+
+
+def _refuse_cuda(call: Call) -> Optional[str]:
     if call.op == "varlen_attention" and call.gqa:
         return "grouped-query attention (fewer k/v heads than q heads) is not supported"
     return None
