@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <string>
+
 namespace nit {
 
 inline void check_float_input(const at::Tensor& t, const char* name) {
@@ -71,6 +73,38 @@ inline void check_sizes(const at::Tensor& sizes, const at::Tensor& cu, const cha
                   int64_t(c[i + 1]) - c[i]);
     }
   }
+}
+
+// Saved fp32 statistics and fp32 parameter tables: dtype, shape, contiguity, device of `ref`.
+inline void check_fp32(const at::Tensor& t, at::IntArrayRef expected, const at::Tensor& ref,
+                       const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  check_shape(t, expected, name);
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (got strides ", t.strides(), ")");
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but the data is on ",
+              ref.device());
+}
+
+// q [N, H, Dh] and k [N, Hk, Dh] of the RoPE ops: same dtype, device, N and Dh; Dh % 4 == 0.
+inline void check_qk(const at::Tensor& q, const at::Tensor& k, const char* q_name = "q",
+                     const char* k_name = "k") {
+  check_float_input(q, q_name);
+  check_float_input(k, k_name);
+  check_like(k, q, k_name, q_name);
+  TORCH_CHECK(q.dim() == 3, q_name, " must be [N, H, Dh], got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, k_name, " must be [N, Hk, Dh], got shape ", k.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), k_name,
+              " must have the tokens and head_dim of ", q_name, " [", q.size(0), ", Hk, ", q.size(2),
+              "], got shape ", k.sizes());
+  TORCH_CHECK(q.size(2) > 0 && q.size(2) % 4 == 0,
+              "head_dim must be a positive multiple of 4 for axial 2D RoPE, got ", q.size(2));
+}
+
+// positions of the RoPE ops: "grid" or "official"; returns true for "official".
+inline bool check_positions(c10::string_view positions) {
+  TORCH_CHECK(positions == "grid" || positions == "official",
+              "positions must be \"grid\" or \"official\", got \"", std::string(positions), "\"");
+  return positions == "official";
 }
 
 }  // namespace nit
