@@ -30,25 +30,26 @@ namespace {
 using cpu::check_modulation;
 using cpu::check_tokens;
 using cpu::for_rows;
-using cpu::load_at;
-using cpu::row_stats;
-using cpu::store_at;
-using cpu::Vec8;
 using cpu::kLanes;
+using cpu::load_v;
+using cpu::row_stats;
+using cpu::store_v;
+using cpu::Vec8;
 using cpu::widen_row;
 
 constexpr int64_t kGrain = 16;  // rows per parallel task, at least
+constexpr int64_t kAhead = 2;   // rows prefetched ahead of the one being computed
 
 // h = modulate(LN(buf)) for one row whose statistics are known.
 template <typename T>
 inline void modulate_row(const float* buf, const float* one_plus_scale, const float* shift,
                          float mean, float rstd, int64_t D, T* out) {
   const Vec8 mv(mean), rv(rstd);
-  for (int64_t j = 0; j < cpu::padded(D) / kLanes; ++j) {
+  cpu::for_each_vec(D, [&](int64_t j, auto tag) {
     const int64_t c = j * kLanes;
     const Vec8 xhat = ln_normalize(Vec8::loadu(buf + c), mv, rv);
-    store_at(out, j, D, adaln_modulate_elem(xhat, Vec8::loadu(one_plus_scale + c), Vec8::loadu(shift + c)));
-  }
+    store_v(out, j, D, adaln_modulate_elem(xhat, Vec8::loadu(one_plus_scale + c), Vec8::loadu(shift + c)), tag);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -79,8 +80,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd_cpu(
       };
       for_rows(cu, static_cast<int>(B), begin, end, enter, [&](int64_t r) {
         const scalar_t* xr = xp + r * D;
-        const float sum = cpu::reduce_sum(Dp / kLanes, [&](int64_t j) {
-          const Vec8 v = load_at(xr, j, D);
+        if (r + kAhead < end) cpu::prefetch(xr + kAhead * D, D * sizeof(scalar_t));
+        const float sum = cpu::reduce_sum(D, [&](int64_t j, auto tag) {
+          const Vec8 v = load_v(xr, j, D, tag);
           v.storeu(buf + j * kLanes);
           return v;
         });
@@ -125,12 +127,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cpu(
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* xr = xp + r * D;
           const scalar_t* dyr = dyp + r * D;
+          if (r + kAhead < r1) {
+            cpu::prefetch(xr + kAhead * D, D * sizeof(scalar_t));
+            cpu::prefetch(dyr + kAhead * D, D * sizeof(scalar_t));
+          }
           const Vec8 mv(mp[r]), rv(rp[r]);
           float sum_dxh, sum_dxh_xh;
-          cpu::reduce_sum2(Dp / kLanes, [&](int64_t j, Vec8& a, Vec8& b) {
+          cpu::reduce_sum2(D, [&](int64_t j, auto tag, Vec8& a, Vec8& b) {
             const int64_t c = j * kLanes;
-            const Vec8 xhat = ln_normalize(load_at(xr, j, D), mv, rv);
-            const Vec8 g = load_at(dyr, j, D);  // zero in the padding, which then adds nothing
+            const Vec8 xhat = ln_normalize(load_v(xr, j, D, tag), mv, rv);
+            const Vec8 g = load_v(dyr, j, D, tag);  // zero in the padding, which then adds nothing
             const Vec8 dxhat = g * Vec8::loadu(s1 + c);
             xhat.storeu(xh + c);
             dxhat.storeu(dxh + c);
@@ -141,10 +147,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cpu(
           }, &sum_dxh, &sum_dxh_xh);
           const Vec8 m1(sum_dxh / static_cast<float>(D)), m2(sum_dxh_xh / static_cast<float>(D));
           scalar_t* dxr = dxp + r * D;
-          for (int64_t j = 0; j < Dp / kLanes; ++j) {
+          cpu::for_each_vec(D, [&](int64_t j, auto tag) {
             const int64_t c = j * kLanes;
-            store_at(dxr, j, D, ln_backward_elem(Vec8::loadu(dxh + c), Vec8::loadu(xh + c), rv, m1, m2));
-          }
+            store_v(dxr, j, D, ln_backward_elem(Vec8::loadu(dxh + c), Vec8::loadu(xh + c), rv, m1, m2), tag);
+          });
         }
       });
     });
@@ -191,11 +197,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_adaln_fwd_cp
         const scalar_t* xr = xp + r * D;
         const scalar_t* yr = yp + r * D;
         scalar_t* xnr = xnp + r * D;
+        if (r + kAhead < end) {
+          cpu::prefetch(xr + kAhead * D, D * sizeof(scalar_t));
+          cpu::prefetch(yr + kAhead * D, D * sizeof(scalar_t));
+        }
         // h is normalised from the fp32 x_new, before it is rounded to the output dtype
-        const float sum = cpu::reduce_sum(Dp / kLanes, [&](int64_t j) {
-          const Vec8 v = gated_residual_elem(load_at(xr, j, D), Vec8::loadu(g + j * kLanes), load_at(yr, j, D));
+        const float sum = cpu::reduce_sum(D, [&](int64_t j, auto tag) {
+          const Vec8 v = gated_residual_elem(load_v(xr, j, D, tag), Vec8::loadu(g + j * kLanes), load_v(yr, j, D, tag));
           v.storeu(buf + j * kLanes);
-          store_at(xnr, j, D, v);
+          store_v(xnr, j, D, v, tag);
           return v;
         });
         row_stats(buf, D, sum, static_cast<float>(eps), mp + r, rp + r);
@@ -250,12 +260,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* xr = xnp + r * D;
           const scalar_t* dhr = dhp + r * D;
+          const scalar_t* dxnr = dxnp + r * D;
+          const scalar_t* yr = yp + r * D;
+          if (r + kAhead < r1) {
+            for (const scalar_t* p : {xr, dhr, dxnr, yr}) cpu::prefetch(p + kAhead * D, D * sizeof(scalar_t));
+          }
           const Vec8 mv(mp[r]), rv(rp[r]);
           float sum_dxh, sum_dxh_xh;
-          cpu::reduce_sum2(Dp / kLanes, [&](int64_t j, Vec8& a, Vec8& b) {
+          cpu::reduce_sum2(D, [&](int64_t j, auto tag, Vec8& a, Vec8& b) {
             const int64_t c = j * kLanes;
-            const Vec8 xhat = ln_normalize(load_at(xr, j, D), mv, rv);
-            const Vec8 gh = load_at(dhr, j, D);  // zero in the padding, which then adds nothing
+            const Vec8 xhat = ln_normalize(load_v(xr, j, D, tag), mv, rv);
+            const Vec8 gh = load_v(dhr, j, D, tag);  // zero in the padding, which then adds nothing
             const Vec8 dxhat = gh * Vec8::loadu(s1 + c);
             xhat.storeu(xh + c);
             dxhat.storeu(dxh + c);
@@ -265,19 +280,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
             cpu::fmadd(gh, xhat, Vec8::loadu(acc_scale + c)).storeu(acc_scale + c);
           }, &sum_dxh, &sum_dxh_xh);
           const Vec8 m1(sum_dxh / static_cast<float>(D)), m2(sum_dxh_xh / static_cast<float>(D));
-          const scalar_t* dxnr = dxnp + r * D;
-          const scalar_t* yr = yp + r * D;
           scalar_t* dxr = dxp + r * D;
           scalar_t* dyr = dyp + r * D;
-          for (int64_t j = 0; j < Dp / kLanes; ++j) {
+          cpu::for_each_vec(D, [&](int64_t j, auto tag) {
             const int64_t c = j * kLanes;
             // the gradient of x_new: through h, plus the one that reached x_new directly
             const Vec8 d = ln_backward_elem(Vec8::loadu(dxh + c), Vec8::loadu(xh + c), rv, m1, m2) +
-                           load_at(dxnr, j, D);
-            store_at(dxr, j, D, d);
-            store_at(dyr, j, D, d * Vec8::loadu(g + c));
-            cpu::fmadd(d, load_at(yr, j, D), Vec8::loadu(acc_gate + c)).storeu(acc_gate + c);
-          }
+                           load_v(dxnr, j, D, tag);
+            store_v(dxr, j, D, d, tag);
+            store_v(dyr, j, D, d * Vec8::loadu(g + c), tag);
+            cpu::fmadd(d, load_v(yr, j, D, tag), Vec8::loadu(acc_gate + c)).storeu(acc_gate + c);
+          });
         }
       });
     });

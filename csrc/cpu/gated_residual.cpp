@@ -20,11 +20,12 @@ namespace nit {
 namespace {
 
 using cpu::kLanes;
-using cpu::load_at;
-using cpu::store_at;
+using cpu::load_v;
+using cpu::store_v;
 using cpu::Vec8;
 
 constexpr int64_t kGrain = 16;  // rows per parallel task, at least
+constexpr int64_t kAhead = 2;   // rows prefetched ahead of the one being computed
 
 at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& y,
                                   const at::Tensor& gate, const at::Tensor& cu_seqlens) {
@@ -45,10 +46,14 @@ at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& y,
         const scalar_t* xr = xp + r * D;
         const scalar_t* yr = yp + r * D;
         scalar_t* orow = op + r * D;
-        for (int64_t j = 0; j < Dp / kLanes; ++j) {
-          store_at(orow, j, D,
-                   gated_residual_elem(load_at(xr, j, D), Vec8::loadu(g.data() + j * kLanes), load_at(yr, j, D)));
+        if (r + kAhead < end) {
+          cpu::prefetch(xr + kAhead * D, D * sizeof(scalar_t));
+          cpu::prefetch(yr + kAhead * D, D * sizeof(scalar_t));
         }
+        cpu::for_each_vec(D, [&](int64_t j, auto tag) {
+          const Vec8 gj = Vec8::loadu(g.data() + j * kLanes);
+          store_v(orow, j, D, gated_residual_elem(load_v(xr, j, D, tag), gj, load_v(yr, j, D, tag)), tag);
+        });
       });
     });
   });
@@ -81,12 +86,16 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& dout
           const scalar_t* dr = dp + r * D;
           const scalar_t* yr = yp + r * D;
           scalar_t* dyr = dyp + r * D;
-          for (int64_t j = 0; j < Dp / kLanes; ++j) {
-            const int64_t c = j * kLanes;
-            const Vec8 d = load_at(dr, j, D);
-            store_at(dyr, j, D, d * Vec8::loadu(g.data() + c));
-            cpu::fmadd(d, load_at(yr, j, D), Vec8::loadu(acc + c)).storeu(acc + c);
+          if (r + kAhead < r1) {
+            cpu::prefetch(dr + kAhead * D, D * sizeof(scalar_t));
+            cpu::prefetch(yr + kAhead * D, D * sizeof(scalar_t));
           }
+          cpu::for_each_vec(D, [&](int64_t j, auto tag) {
+            const int64_t c = j * kLanes;
+            const Vec8 d = load_v(dr, j, D, tag);
+            store_v(dyr, j, D, d * Vec8::loadu(g.data() + c), tag);
+            cpu::fmadd(d, load_v(yr, j, D, tag), Vec8::loadu(acc + c)).storeu(acc + c);
+          });
         }
       });
     });

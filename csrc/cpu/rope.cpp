@@ -31,13 +31,14 @@ namespace nit {
 namespace {
 
 using cpu::kLanes;
-using cpu::load_at;
-using cpu::store_at;
+using cpu::load_v;
+using cpu::store_v;
 using cpu::Vec8;
 
 constexpr int64_t kGrain = 8;               // tokens per parallel task, at least
 constexpr int64_t kTokenBlock = 32;         // tokens per reduction block of dweight/dbias
 constexpr int64_t kMaxTablePositions = 4096;
+constexpr int64_t kAhead = 2;               // tokens prefetched ahead of the one being computed
 
 // Rotation coefficients C, S of every token, from per-axis tables indexed by position.
 class RopeCoeffs {
@@ -123,11 +124,11 @@ struct ImageCursor {
 // y = x * C + swap_pairs(x) * S over one head row
 template <typename T>
 inline void rotate_row(const T* x, T* y, const float* C, const float* S, int64_t Dh) {
-  for (int64_t j = 0; j < cpu::padded(Dh) / kLanes; ++j) {
-    const Vec8 v = load_at(x, j, Dh);
+  cpu::for_each_vec(Dh, [&](int64_t j, auto tag) {
+    const Vec8 v = load_v(x, j, Dh, tag);
     const int64_t c = j * kLanes;
-    store_at(y, j, Dh, cpu::fmadd(v, Vec8::loadu(C + c), cpu::swap_pairs(v) * Vec8::loadu(S + c)));
-  }
+    store_v(y, j, Dh, cpu::fmadd(v, Vec8::loadu(C + c), cpu::swap_pairs(v) * Vec8::loadu(S + c)), tag);
+  });
 }
 
 struct RopeArgs {
@@ -166,6 +167,10 @@ std::tuple<at::Tensor, at::Tensor> rope_2d_cpu(const at::Tensor& q, const at::Te
       float *C = cs.data(), *S = C + Dhp;
       ImageCursor img{cu, sz, a.official};
       cpu::for_rows(cu, static_cast<int>(a.B), begin, end, [&](int seg) { img.enter(seg); }, [&](int64_t r) {
+        if (r + kAhead < end) {
+          cpu::prefetch(qp + (r + kAhead) * H * Dh, H * Dh * sizeof(scalar_t));
+          cpu::prefetch(kp + (r + kAhead) * Hk * Dh, Hk * Dh * sizeof(scalar_t));
+        }
         int64_t p0, p1;
         img.positions(r, &p0, &p1);
         coeffs.token(p0, p1, C, S);
@@ -184,19 +189,18 @@ std::tuple<at::Tensor, at::Tensor> rope_2d_cpu(const at::Tensor& q, const at::Te
 template <typename T>
 inline void norm_rope_row(const T* x, T* out, float* buf, const float* weight, const float* bias,
                           const float* C, const float* S, int64_t Dh, float eps, float* mean, float* rstd) {
-  const int64_t nv = cpu::padded(Dh) / kLanes;
-  const float sum = cpu::reduce_sum(nv, [&](int64_t j) {
-    const Vec8 v = load_at(x, j, Dh);
+  const float sum = cpu::reduce_sum(Dh, [&](int64_t j, auto tag) {
+    const Vec8 v = load_v(x, j, Dh, tag);
     v.storeu(buf + j * kLanes);
     return v;
   });
   cpu::row_stats(buf, Dh, sum, eps, mean, rstd);
   const Vec8 mv(*mean), rv(*rstd);
-  for (int64_t j = 0; j < nv; ++j) {
+  cpu::for_each_vec(Dh, [&](int64_t j, auto tag) {
     const int64_t c = j * kLanes;
     const Vec8 u = cpu::fmadd(ln_normalize(Vec8::loadu(buf + c), mv, rv), Vec8::loadu(weight + c), Vec8::loadu(bias + c));
-    store_at(out, j, Dh, cpu::fmadd(u, Vec8::loadu(C + c), cpu::swap_pairs(u) * Vec8::loadu(S + c)));
-  }
+    store_v(out, j, Dh, cpu::fmadd(u, Vec8::loadu(C + c), cpu::swap_pairs(u) * Vec8::loadu(S + c)), tag);
+  });
 }
 
 // Backward of norm_rope_row given dout, with C, S of the inverse rotation; adds du * xhat and du
@@ -205,14 +209,13 @@ template <typename T>
 inline void norm_rope_row_bwd(const T* dout, const T* x, T* dx, float mean, float rstd,
                               const float* weight, const float* C, const float* S, float* acc_w,
                               float* acc_b, float* xh, float* dxh, int64_t Dh) {
-  const int64_t nv = cpu::padded(Dh) / kLanes;
   const Vec8 mv(mean), rv(rstd);
   float sum_dxh, sum_dxh_xh;
-  cpu::reduce_sum2(nv, [&](int64_t j, Vec8& a, Vec8& b) {
+  cpu::reduce_sum2(Dh, [&](int64_t j, auto tag, Vec8& a, Vec8& b) {
     const int64_t c = j * kLanes;
-    const Vec8 g = load_at(dout, j, Dh);  // zero in the padding, which then adds nothing
+    const Vec8 g = load_v(dout, j, Dh, tag);  // zero in the padding, which then adds nothing
     const Vec8 du = cpu::fmadd(g, Vec8::loadu(C + c), cpu::swap_pairs(g) * Vec8::loadu(S + c));
-    const Vec8 xhat = ln_normalize(load_at(x, j, Dh), mv, rv);
+    const Vec8 xhat = ln_normalize(load_v(x, j, Dh, tag), mv, rv);
     const Vec8 dxhat = du * Vec8::loadu(weight + c);
     cpu::fmadd(du, xhat, Vec8::loadu(acc_w + c)).storeu(acc_w + c);
     (Vec8::loadu(acc_b + c) + du).storeu(acc_b + c);
@@ -222,10 +225,10 @@ inline void norm_rope_row_bwd(const T* dout, const T* x, T* dx, float mean, floa
     b = cpu::fmadd(dxhat, xhat, b);
   }, &sum_dxh, &sum_dxh_xh);
   const Vec8 m1(sum_dxh / static_cast<float>(Dh)), m2(sum_dxh_xh / static_cast<float>(Dh));
-  for (int64_t j = 0; j < nv; ++j) {
+  cpu::for_each_vec(Dh, [&](int64_t j, auto tag) {
     const int64_t c = j * kLanes;
-    store_at(dx, j, Dh, ln_backward_elem(Vec8::loadu(dxh + c), Vec8::loadu(xh + c), rv, m1, m2));
-  }
+    store_v(dx, j, Dh, ln_backward_elem(Vec8::loadu(dxh + c), Vec8::loadu(xh + c), rv, m1, m2), tag);
+  });
 }
 
 // fp32 copy of a [Dh] parameter padded with zeros to whole vectors
@@ -269,6 +272,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       float *C = work.data(), *S = C + Dhp, *buf = S + Dhp;
       ImageCursor img{cu, sz, a.official};
       cpu::for_rows(cu, static_cast<int>(a.B), begin, end, [&](int seg) { img.enter(seg); }, [&](int64_t r) {
+        if (r + kAhead < end) {
+          cpu::prefetch(qp + (r + kAhead) * H * Dh, H * Dh * sizeof(scalar_t));
+          cpu::prefetch(kp + (r + kAhead) * Hk * Dh, Hk * Dh * sizeof(scalar_t));
+        }
         int64_t p0, p1;
         img.positions(r, &p0, &p1);
         coeffs.token(p0, p1, C, S);
@@ -334,6 +341,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         float* acc_kb = pp + (3 * nblocks + blk) * Dhp;
         const int64_t r0 = blk * kTokenBlock, r1 = std::min(N, r0 + kTokenBlock);
         cpu::for_rows(cu, static_cast<int>(a.B), r0, r1, [&](int seg) { img.enter(seg); }, [&](int64_t r) {
+          if (r + kAhead < N) {
+            for (const scalar_t* p : {dqp, qp}) cpu::prefetch(p + (r + kAhead) * H * Dh, H * Dh * sizeof(scalar_t));
+            for (const scalar_t* p : {dkp, kp}) cpu::prefetch(p + (r + kAhead) * Hk * Dh, Hk * Dh * sizeof(scalar_t));
+          }
           int64_t p0, p1;
           img.positions(r, &p0, &p1);
           coeffs.token(p0, p1, C, S);

@@ -44,9 +44,7 @@ inline void check_tokens(const at::Tensor& x, const char* x_name, std::initializ
 template <typename T>
 inline void widen_row(const T* table, int64_t seg, int64_t D, float add, float* out) {
   const T* row = table + seg * D;
-  for (int64_t j = 0; j < cpu::padded(D) / kLanes; ++j) {
-    (load_at(row, j, D) + Vec8(add)).storeu(out + j * kLanes);
-  }
+  for_each_vec(D, [&](int64_t j, auto tag) { (load_v(row, j, D, tag) + Vec8(add)).storeu(out + j * kLanes); });
 }
 
 // Iterate rows [begin, end) image by image: enter(seg) runs when a new image starts.
@@ -71,7 +69,7 @@ inline void row_stats(float* buf, int64_t D, float sum, float eps, float* mean, 
   const int64_t Dp = padded(D);
   for (int64_t c = D; c < Dp; ++c) buf[c] = m;
   const Vec8 mv(m);
-  const float ss = reduce_sum(Dp / kLanes, [&](int64_t j) {
+  const float ss = reduce_sum(Dp, [&](int64_t j, auto) {
     const Vec8 d = Vec8::loadu(buf + j * kLanes) - mv;
     return d * d;
   });

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -154,54 +155,73 @@ inline void store_partial(T* p, Vec8 a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = from_float<T>(tmp[i]);
 }
 
-// Vector j of a row of n columns: a full load, or the zero-padded tail.
+// Vector j of a row of n columns is either Full (8 columns) or the Tail (the last n % 8 columns,
+// zero-padded on load, the padding dropped on store). Loops dispatch on the tag at compile time,
+// so the body over whole vectors carries no per-vector branch.
+using Full = std::true_type;
+using Tail = std::false_type;
+
 template <typename T>
-inline Vec8 load_at(const T* row, int64_t j, int64_t n) {
-  const int64_t c = j * kLanes;
-  return c + kLanes <= n ? load(row + c) : load_partial(row + c, n - c);
+inline Vec8 load_v(const T* row, int64_t j, int64_t, Full) { return load(row + j * kLanes); }
+template <typename T>
+inline Vec8 load_v(const T* row, int64_t j, int64_t n, Tail) {
+  return load_partial(row + j * kLanes, n - j * kLanes);
 }
 template <typename T>
-inline void store_at(T* row, int64_t j, int64_t n, Vec8 a) {
-  const int64_t c = j * kLanes;
-  if (c + kLanes <= n) store(row + c, a); else store_partial(row + c, a, n - c);
+inline void store_v(T* row, int64_t j, int64_t, Vec8 a, Full) { store(row + j * kLanes, a); }
+template <typename T>
+inline void store_v(T* row, int64_t j, int64_t n, Vec8 a, Tail) {
+  store_partial(row + j * kLanes, a, n - j * kLanes);
 }
 
-// Widen row[0..n) to fp32 into buf[0..padded(n)), zeros after n.
-template <typename T>
-inline void load_row(const T* row, int64_t n, float* buf) {
-  const int64_t nv = padded(n) / kLanes;
-  for (int64_t j = 0; j < nv; ++j) load_at(row, j, n).storeu(buf + j * kLanes);
-}
-
-// sum over j < nvec of f(j), with four accumulators combined in a fixed order (independent
-// dependency chains for the adder, and the same result on every call).
+// f(j, tag) for every vector j of a row of n columns.
 template <class F>
-inline float reduce_sum(int64_t nvec, F&& f) {
+inline void for_each_vec(int64_t n, F&& f) {
+  const int64_t nf = n / kLanes;
+  for (int64_t j = 0; j < nf; ++j) f(j, Full{});
+  if (nf * kLanes < n) f(nf, Tail{});
+}
+
+// sum over the vectors of a row of n columns of f(j, tag), with four accumulators combined in
+// a fixed order (independent dependency chains for the adder, the same result on every call).
+template <class F>
+inline float reduce_sum(int64_t n, F&& f) {
+  const int64_t nf = n / kLanes;
   Vec8 a0(0.f), a1(0.f), a2(0.f), a3(0.f);
   int64_t j = 0;
-  for (; j + 4 <= nvec; j += 4) {
-    a0 += f(j);
-    a1 += f(j + 1);
-    a2 += f(j + 2);
-    a3 += f(j + 3);
+  for (; j + 4 <= nf; j += 4) {
+    a0 += f(j, Full{});
+    a1 += f(j + 1, Full{});
+    a2 += f(j + 2, Full{});
+    a3 += f(j + 3, Full{});
   }
-  for (; j < nvec; ++j) a0 += f(j);
+  for (; j < nf; ++j) a0 += f(j, Full{});
+  if (nf * kLanes < n) a1 += f(nf, Tail{});
   return hsum((a0 + a1) + (a2 + a3));
 }
 
-// Two sums at once: f(j, a, b) adds its terms of vector j to the accumulators a and b (two
+// Two sums at once: f(j, tag, a, b) adds its terms of vector j to the accumulators a and b (two
 // accumulators per sum, fixed combination order).
 template <class F>
-inline void reduce_sum2(int64_t nvec, F&& f, float* sum_a, float* sum_b) {
+inline void reduce_sum2(int64_t n, F&& f, float* sum_a, float* sum_b) {
+  const int64_t nf = n / kLanes;
   Vec8 a0(0.f), a1(0.f), b0(0.f), b1(0.f);
   int64_t j = 0;
-  for (; j + 2 <= nvec; j += 2) {
-    f(j, a0, b0);
-    f(j + 1, a1, b1);
+  for (; j + 2 <= nf; j += 2) {
+    f(j, Full{}, a0, b0);
+    f(j + 1, Full{}, a1, b1);
   }
-  if (j < nvec) f(j, a0, b0);
+  if (j < nf) f(j, Full{}, a0, b0);
+  if (nf * kLanes < n) f(nf, Tail{}, a1, b1);
   *sum_a = hsum(a0 + a1);
   *sum_b = hsum(b0 + b1);
+}
+
+// Ask for the cache lines of bytes [p, p + n_bytes) ahead of use; rows stream through the
+// kernels faster than the hardware prefetcher ramps up within each row.
+inline void prefetch(const void* p, int64_t n_bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < n_bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
 }
 
 }  // namespace cpu
