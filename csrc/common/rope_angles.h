@@ -7,6 +7,15 @@
 
 namespace nit {
 
+// Integer positions of token t of an h x w image, the values rope_positions gives as floats
+// (for indexing per-position tables).
+NIT_HD void rope_position_indices(int64_t t, int64_t h, int64_t w, bool official, int64_t* p0,
+                                  int64_t* p1) {
+  const int64_t m = official ? h : w;
+  *p0 = t % m;
+  *p1 = t / m;
+}
+
 // Number of distinct values of p0 and p1 over an h x w image (positions of rope_positions):
 // grid: p0 < w, p1 < h; official: p0 < h, p1 < w.
 NIT_HD void rope_axis_extents(int64_t h, int64_t w, bool official, int64_t* n0, int64_t* n1) {

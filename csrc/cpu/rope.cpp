@@ -115,9 +115,7 @@ struct ImageCursor {
     w = sizes[2 * seg + 1];
   }
   void positions(int64_t r, int64_t* p0, int64_t* p1) const {
-    const int64_t t = r - start, m = official ? h : w;  // as rope_positions
-    *p0 = t % m;
-    *p1 = t / m;
+    rope_position_indices(r - start, h, w, official, p0, p1);
   }
 };
 
