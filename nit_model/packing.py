@@ -505,6 +505,12 @@ class PackedBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"drop_last with {p} pack(s) and world_size={world_size} leaves the ranks nothing")
         self.num_packs_per_rank = p // world_size if drop_last else -(-p // world_size)
 
+    @classmethod
+    def from_dataset(cls, dataset, token_budget: int, patch_size: int = 1, **kwargs) -> "PackedBatchSampler":
+        """Sampler over a dataset with ``sizes() -> [M, 2]`` (H, W per item, multiples of
+        `patch_size`), e.g. the datasets of `nit_model.data`; kwargs as for the constructor."""
+        return cls(token_lengths(dataset.sizes(), patch_size), token_budget, **kwargs)
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose packs `__iter__` yields (call before each epoch, on every rank)."""
         self.epoch = int(epoch)
