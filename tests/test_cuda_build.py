@@ -1,0 +1,256 @@
+"""Compile checks of the CUDA backend that run without a GPU (nothing here executes a kernel).
+
+1. Every csrc/cuda/*.cu compiles with plain nvcc for sm_80 and sm_90, with the flags of
+   setup.py and torch's extension builder, warnings as errors (one test per file x arch).
+2. The torch glue (csrc/cuda/*_glue.cpp, one translation unit) compiles with g++ against this
+   torch's headers, warnings as errors. CPU wheels lack c10's generated cuda_cmake_macros.h;
+   C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it (it only sets export macros).
+3. The glue, linked with the sm_80 kernel objects and link-time stand-ins for libc10_cuda,
+   loads into torch next to nit_kernels._C: every launcher is defined, and every op schema of
+   csrc/registration.cpp gets a CUDA kernel whose C++ signature torch accepts.
+
+Compiles run in a thread pool (one per core) started by the first test that needs them; the
+tests skip cleanly without nvcc or g++.
+"""
+import ast
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+CU_FILES = sorted((CSRC / "cuda").glob("*.cu"))
+GLUE_FILES = sorted((CSRC / "cuda").glob("*_glue.cpp"))
+ARCHS = ("80", "90")
+
+
+def _nvcc():
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "bin" / "nvcc").exists():
+            return str(Path(root) / "bin" / "nvcc")
+    return None
+
+
+NVCC = _nvcc()
+GXX = shutil.which("g++")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
+needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found")
+
+
+def _setup_nvcc_flags() -> list:
+    """The `nvcc = [...]` list of setup.py, read without running setup.py."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "nvcc"):
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py has no `nvcc = [...]` flag list; update tests/test_cuda_build.py")
+
+
+def _nvcc_command(src: Path, arch: str, out: Path) -> list:
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    # what torch's BuildExtension adds for .cu files, then setup.py's flags, then -Werror
+    return ([NVCC, "-c", str(src), "-o", str(out), "-std=c++20", "-Xcompiler", "-fPIC"]
+            + list(COMMON_NVCC_FLAGS) + _setup_nvcc_flags()
+            + [f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-I{CSRC}",
+               "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"])
+
+
+def _cuda_root() -> Path:
+    """The toolkit holding include/cuda_runtime.h (nvcc may be a wrapper script elsewhere)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  NVCC and str(Path(NVCC).resolve().parent.parent), "/usr/local/cuda"]
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime.h").exists():
+            return Path(c)
+    pytest.skip(f"no CUDA toolkit with include/cuda_runtime.h among {candidates}")
+
+
+def _cuda_include() -> Path:
+    return _cuda_root() / "include"
+
+
+def _torch_includes() -> list:
+    from torch.utils.cpp_extension import include_paths
+
+    return [f"-I{p}" for p in include_paths()]
+
+
+def _gxx_torch_command(src: Path, out: Path) -> list:
+    return ([GXX, "-std=c++20", "-c", "-O0", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+             "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", f"-I{CSRC}", f"-I{_cuda_include()}",
+             f"-I{sysconfig.get_paths()['include']}"] + _torch_includes() + [str(src), "-o", str(out)])
+
+
+def _run(cmd: list, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+# Link-time stand-ins for the libc10_cuda symbols the glue references (CPU wheels do not ship
+# the library). They are never called: the library is only loaded to register its kernels.
+_C10_CUDA_STUBS = textwrap.dedent("""
+    #include <c10/cuda/CUDACachingAllocator.h>
+    #include <c10/cuda/CUDAException.h>
+    #include <c10/cuda/CUDAFunctions.h>
+    #include <c10/cuda/CUDAStream.h>
+    #include <c10/util/Exception.h>
+
+    namespace c10::cuda {
+    [[noreturn]] static void absent() { TORCH_CHECK(false, "libc10_cuda is not part of this link check"); }
+    DeviceIndex device_count() noexcept { return 0; }
+    cudaError_t GetDevice(DeviceIndex*) { absent(); }
+    cudaError_t SetDevice(DeviceIndex, bool) { absent(); }
+    cudaError_t MaybeSetDevice(DeviceIndex) { absent(); }
+    DeviceIndex ExchangeDevice(DeviceIndex) { absent(); }
+    CUDAStream getStreamFromPool(const bool, DeviceIndex) { absent(); }
+    CUDAStream getStreamFromPool(const int, DeviceIndex) { absent(); }
+    CUDAStream getDefaultCUDAStream(DeviceIndex) { absent(); }
+    CUDAStream getCurrentCUDAStream(DeviceIndex) { absent(); }
+    void setCurrentCUDAStream(CUDAStream) { absent(); }
+    void c10_cuda_check_implementation(const int32_t, const char*, const char*, const uint32_t, const bool) { absent(); }
+    cudaStream_t CUDAStream::stream() const { absent(); }
+    bool CUDAStream::query() const { absent(); }
+    void CUDAStream::synchronize() const { absent(); }
+    namespace CUDACachingAllocator { std::atomic<CUDAAllocator*> allocator; }
+    }  // namespace c10::cuda
+""")
+
+
+class _Builds:
+    """All compiles of this module, submitted at once to a pool with one worker per core."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
+        self.objects = {}
+        self.futures = {}
+        # the slowest translation units first, so the pool's tail is short
+        jobs = sorted(((f, a) for f in CU_FILES for a in ARCHS) if NVCC else [],
+                      key=lambda fa: -fa[0].stat().st_size)
+        if GXX and GLUE_FILES:
+            self.futures["glue"] = self.pool.submit(self._glue)
+        for f, a in jobs:
+            out = tmp / f"{f.stem}.sm{a}.o"
+            self.objects[(f.name, a)] = out
+            self.futures[(f.name, a)] = self.pool.submit(_run, _nvcc_command(f, a, out))
+
+    def _glue(self):
+        unit = self.tmp / "cuda_glue_all.cpp"
+        # one translation unit: torch's headers are parsed once; each glue file has its own namespace
+        unit.write_text("".join(f'#include "{p}"\n' for p in GLUE_FILES))
+        return _run(_gxx_torch_command(unit, self.tmp / "cuda_glue_all.o"))
+
+    def result(self, key) -> subprocess.CompletedProcess:
+        return self.futures[key].result()
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    b = _Builds(tmp_path_factory.mktemp("cuda_build"))
+    yield b
+    b.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _report(what: str, r: subprocess.CompletedProcess) -> str:
+    return f"{what} failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}\ncommand: {' '.join(r.args)}"
+
+
+def test_there_are_cuda_sources():
+    assert CU_FILES, "no csrc/cuda/*.cu files"
+    stems = {f.stem for f in CU_FILES}
+    for op in ("adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope",
+               "varlen_attention"):
+        assert op in stems, f"csrc/cuda/{op}.cu is missing"
+        assert (CSRC / "cuda" / f"{op}_glue.cpp").exists(), f"csrc/cuda/{op}_glue.cpp is missing"
+
+
+def test_setup_builds_cuda_sources_for_both_archs():
+    text = (ROOT / "setup.py").read_text()
+    flags = _setup_nvcc_flags()
+    assert "-DNIT_WITH_CUDA" in flags
+    assert re.search(r'"csrc", "cuda", "\*\.cu"', text) and re.search(r'"csrc", "cuda", "\*\.cpp"', text)
+    assert re.search(r'NIT_CUDA_ARCHS", "80;90"', text), "default CUDA archs must be sm_80 and sm_90"
+    # .cu and .cpp of one op must not share a stem: both would compile to <stem>.o
+    cpp_stems = {p.stem for p in (CSRC / "cuda").glob("*.cpp")}
+    assert not cpp_stems & {f.stem for f in CU_FILES}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("src", [f.name for f in CU_FILES])
+def test_nvcc_compiles(builds, src, arch):
+    r = builds.result((src, arch))
+    assert r.returncode == 0, _report(f"nvcc {src} for sm_{arch}", r)
+    assert builds.objects[(src, arch)].stat().st_size > 0
+
+
+@needs_gxx
+def test_glue_compiles_against_torch_headers(builds):
+    r = builds.result("glue")
+    assert r.returncode == 0, _report("g++ of csrc/cuda/*_glue.cpp", r)
+
+
+def _schema_names() -> list:
+    text = (CSRC / "registration.cpp").read_text()
+    names = re.findall(r'm\.def\("(\w+)\(', text)
+    assert names, "no m.def(...) schemas found in csrc/registration.cpp"
+    return names
+
+
+@needs_nvcc
+@needs_gxx
+def test_glue_links_and_registers_a_cuda_kernel_for_every_schema(builds):
+    if torch.version.cuda is not None:
+        pytest.skip("CUDA build of torch: the real extension registers the kernels (see test_cuda_gpu.py)")
+    from nit_kernels import cpp
+
+    if cpp.load_error() is not None:
+        pytest.skip(f"nit_kernels._C is needed for the schemas: {cpp.load_error()}")
+    glue = builds.result("glue")
+    assert glue.returncode == 0, _report("g++ of the glue", glue)
+    for f in CU_FILES:
+        r = builds.result((f.name, "80"))
+        assert r.returncode == 0, _report(f"nvcc {f.name}", r)
+
+    tmp = builds.tmp
+    stubs = tmp / "c10_cuda_stubs.cpp"
+    stubs.write_text(_C10_CUDA_STUBS)
+    r = _run(_gxx_torch_command(stubs, tmp / "c10_cuda_stubs.o"))
+    assert r.returncode == 0, _report("g++ of the libc10_cuda stand-ins", r)
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    cuda_lib = _cuda_root() / "lib64"
+    lib = tmp / "libnit_cuda_link_check.so"
+    objects = [str(tmp / "cuda_glue_all.o"), str(tmp / "c10_cuda_stubs.o")]
+    objects += [str(builds.objects[(f.name, "80")]) for f in CU_FILES]
+    # --no-undefined: a launcher declared in launchers.h but defined nowhere fails here
+    r = _run([GXX, "-shared", "-o", str(lib), *objects, "-Wl,--no-undefined", f"-L{torch_lib}", "-lc10",
+              "-ltorch_cpu", f"-L{cuda_lib}", "-lcudart_static", "-ldl", "-lpthread", "-lrt"])
+    assert r.returncode == 0, _report("link of glue + kernels", r)
+
+    # A fresh process: torch aborts on a signature mismatch at registration.
+    script = textwrap.dedent("""
+        import sys, torch
+        import nit_kernels.cpp  # loads nit_kernels._C, which defines the schemas
+        torch.ops.load_library(sys.argv[1])
+        names = sys.argv[2:]
+        missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key("nit::" + n, "CUDA")]
+        print("registered", len(names) - len(missing), "missing", missing)
+        sys.exit(1 if missing else 0)
+    """)
+    r = _run([sys.executable, "-c", script, str(lib), *_schema_names()], timeout=300)
+    assert r.returncode == 0, _report("loading the CUDA kernels into torch", r)
+    assert f"registered {len(_schema_names())} missing []" in r.stdout
