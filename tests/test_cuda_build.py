@@ -5,7 +5,11 @@
 2. The torch glue (csrc/cuda/*_glue.cpp, one translation unit) compiles with g++ against this
    torch's headers, warnings as errors. CPU wheels lack c10's generated cuda_cmake_macros.h;
    C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it (it only sets export macros).
-3. The glue, linked with the sm_80 kernel objects and link-time stand-ins for libc10_cuda,
+3. The chunk/slot bookkeeping of the deterministic per-image sums (csrc/cuda/packed_rows.cuh,
+   host-device code) runs on the host over many packs, empty images included: every row is
+   visited once with its image, every piece gets its own slot, and each image's slot range
+   holds exactly its pieces.
+4. The glue, linked with the sm_80 kernel objects and link-time stand-ins for libc10_cuda,
    loads into torch next to nit_kernels._C: every launcher is defined, and every op schema of
    csrc/registration.cpp gets a CUDA kernel whose C++ signature torch accepts.
 
@@ -195,6 +199,100 @@ def test_nvcc_compiles(builds, src, arch):
     r = builds.result((src, arch))
     assert r.returncode == 0, _report(f"nvcc {src} for sm_{arch}", r)
     assert builds.objects[(src, arch)].stat().st_size > 0
+
+
+_SLOT_CHECK = textwrap.dedent(r"""
+    // Host run of walk_chunk / image_slots over many packs (see tests/test_cuda_build.py).
+    #include <cstdio>
+    #include <random>
+    #include <vector>
+
+    #include "cuda/packed_rows.cuh"
+
+    using namespace nit::cuda;
+
+    static int failures = 0;
+    #define EXPECT(cond, ...) do { if (!(cond)) { ++failures; std::printf(__VA_ARGS__); std::printf("\n"); return; } } while (0)
+
+    static void check(const std::vector<int32_t>& cu) {
+      const int B = static_cast<int>(cu.size()) - 1;
+      const int64_t N = cu.back();
+      const SlotLayout L = slot_layout(N, B);
+      const Pack pack{cu.data(), B, N};
+      std::vector<int> seen(N, 0), owner(L.num_slots, -1);
+      for (int64_t c = 0; c < L.num_chunks; ++c) {
+        int seg_now = -1;
+        int64_t rows = 0;
+        bool ok = true;
+        walk_chunk(pack, L.rows_per_chunk, c,
+            [&](int64_t r, int seg) {
+              ok = ok && r >= 0 && r < N && seg >= 0 && seg < B && cu[seg] <= r && r < cu[seg + 1];
+              if (r >= 0 && r < N) ++seen[r];
+              if (seg != seg_now) ok = ok && rows == 0;  // a new piece starts after a flush
+              seg_now = seg;
+              ++rows;
+            },
+            [&](int64_t slot) {
+              ok = ok && rows > 0 && slot == c + seg_now && slot >= 0 && slot < L.num_slots &&
+                   owner[slot] == -1;
+              if (slot >= 0 && slot < L.num_slots) owner[slot] = seg_now;
+              rows = 0;
+            });
+        EXPECT(ok && rows == 0, "N=%lld B=%d: bad walk of chunk %lld", (long long)N, B, (long long)c);
+      }
+      for (int64_t r = 0; r < N; ++r) EXPECT(seen[r] == 1, "N=%lld B=%d: row %lld seen %d times", (long long)N, B, (long long)r, seen[r]);
+      int64_t owned_total = 0;
+      for (int b = 0; b < B; ++b) {
+        int64_t s0, s1;
+        image_slots(cu.data(), b, N, L.rows_per_chunk, L.num_slots, &s0, &s1);
+        for (int64_t s = s0; s < s1; ++s) EXPECT(owner[s] == b, "N=%lld B=%d: slot %lld of image %d owned by %d", (long long)N, B, (long long)s, b, owner[s]);
+        owned_total += s1 - s0;
+      }
+      int64_t flushed = 0;
+      for (int o : owner) flushed += o >= 0;
+      EXPECT(owned_total == flushed, "N=%lld B=%d: %lld slots flushed, %lld read", (long long)N, B, (long long)flushed, (long long)owned_total);
+    }
+
+    static std::vector<int32_t> cu_of(const std::vector<int32_t>& lens) {
+      std::vector<int32_t> cu(1, 0);
+      for (int32_t l : lens) cu.push_back(cu.back() + l);
+      return cu;
+    }
+
+    int main() {
+      check(cu_of({1}));
+      check(cu_of({16}));
+      check(cu_of({17}));
+      check(cu_of({0, 5}));
+      check(cu_of({5, 0}));
+      check(cu_of({3, 0, 0, 40, 0, 1}));
+      check(cu_of({1, 7, 5, 15, 16, 18}));
+      check(cu_of({100000}));                 // many rows per chunk
+      check(cu_of(std::vector<int32_t>(3000, 33)));
+      std::mt19937 rng(1234);
+      for (int t = 0; t < 300; ++t) {
+        std::vector<int32_t> lens(1 + rng() % 40);
+        for (auto& l : lens) l = (rng() % 5 == 0) ? 0 : 1 + rng() % (t % 3 == 0 ? 4000 : 70);
+        check(cu_of(lens));
+      }
+      std::printf("%s\n", failures ? "FAILED" : "OK");
+      return failures ? 1 : 0;
+    }
+""")
+
+
+@needs_nvcc
+def test_chunk_slot_bookkeeping_on_host(tmp_path):
+    src = tmp_path / "slot_check.cu"
+    src.write_text(_SLOT_CHECK)
+    exe = tmp_path / "slot_check"
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    r = _run([NVCC, str(src), "-o", str(exe), "-std=c++20", *COMMON_NVCC_FLAGS, f"-I{CSRC}",
+              "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"])
+    assert r.returncode == 0, _report("nvcc of the host slot check", r)
+    r = _run([str(exe)], timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), _report("host slot check", r)
 
 
 @needs_gxx

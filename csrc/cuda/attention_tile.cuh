@@ -29,10 +29,12 @@ namespace wmma = nvcuda::wmma;
 __host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 
 // Tile shapes for element type T and padded head dim kDp (64, 80 or 128).
-//  - tensor cores: 4 warps, 64-row tiles. With 64 keys per forward step the forward needs
-//    ~79 KB of shared memory at kDp = 128 and the backward kernels (32-wide inner steps) ~76-81 KB,
-//    so two CTAs (8 warps) fit on an SM of both A100 (164 KB) and H100 (228 KB).
-//  - fp32: 2 warps, 32-row tiles, 32-wide steps: fp32 tiles are twice as large per element.
+//  - tensor cores: 4 warps, 64-row tiles, 64 keys per forward step, 32-wide backward steps.
+//    At kDp = 128 the forward takes 78 KB of shared memory, dk/dv 79 KB and dq 75 KB, so two
+//    CTAs (8 warps) fit on an SM of A100 (164 KB) and of H100 (228 KB; the 255-register cap of
+//    the forward also allows only two), and one on sm_86/89 (100 KB).
+//  - fp32: 2 warps, 32-row tiles, 32-wide steps (fp32 tiles take twice the bytes per element):
+//    at most 83 KB.
 template <typename T, int kDp>
 struct Tile {
   static_assert(kDp % 16 == 0, "padded head dim must be a multiple of 16");

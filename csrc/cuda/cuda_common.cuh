@@ -158,8 +158,7 @@ struct RowGroup {
 
 // ---- packing ------------------------------------------------------------------------------------
 // Rows [begin, end) of image b, clamped to [0, n] so that a bad cu_seqlens cannot index outside.
-__device__ __forceinline__ void segment_range(const int32_t* cu, int b, int64_t n, int64_t* begin,
-                                              int64_t* end) {
+NIT_HD void segment_range(const int32_t* cu, int b, int64_t n, int64_t* begin, int64_t* end) {
   int64_t a = cu[b], e = cu[b + 1];
   a = a < 0 ? 0 : (a > n ? n : a);
   e = e < a ? a : (e > n ? n : e);

@@ -24,13 +24,7 @@ __global__ void __launch_bounds__(kSumCols* kSumLanes)
   const int v = blockIdx.z;
   for (int b = blockIdx.y; b < B; b += gridDim.y) {
     int64_t s0 = 0, s1 = num_slots;
-    if (cu != nullptr) {
-      int64_t a, e;
-      segment_range(cu, b, N, &a, &e);
-      s0 = a / R + b;
-      s1 = e > a ? (e - 1) / R + b + 1 : s0;
-      if (s1 > num_slots) s1 = num_slots;
-    }
+    if (cu != nullptr) image_slots(cu, b, N, R, num_slots, &s0, &s1);
     float acc = 0.f;
     if (col < ncols) {
       for (int64_t s = s0 + threadIdx.y; s < s1; s += kSumLanes) {

@@ -69,7 +69,7 @@ inline SlotLayout slot_layout(int64_t N, int B) {
 // Calls body(row, seg) for the rows of chunk c in order, and flush(slot) after the last row of
 // each piece (the rows of one image inside the chunk). Pieces of empty images are never flushed.
 template <typename Body, typename Flush>
-__device__ __forceinline__ void walk_chunk(const Pack& pack, int64_t R, int64_t c, Body&& body,
+NIT_HD void walk_chunk(const Pack& pack, int64_t R, int64_t c, Body&& body,
                                            Flush&& flush) {
   const int64_t r0 = c * R;
   const int64_t r1 = r0 + R < pack.num_tokens ? r0 + R : pack.num_tokens;
@@ -89,6 +89,17 @@ __device__ __forceinline__ void walk_chunk(const Pack& pack, int64_t R, int64_t 
     open = true;
   }
   if (open) flush(c + seg);
+}
+
+// Slots [s0, s1) of the pieces of image b (empty for an empty image), within [0, num_slots).
+NIT_HD void image_slots(const int32_t* cu, int b, int64_t N, int64_t R, int64_t num_slots,
+                        int64_t* s0, int64_t* s1) {
+  int64_t a, e;
+  segment_range(cu, b, N, &a, &e);
+  *s0 = a / R + b;
+  *s1 = e > a ? (e - 1) / R + b + 1 : *s0;
+  if (*s1 > num_slots) *s1 = num_slots;
+  if (*s0 > *s1) *s0 = *s1;
 }
 
 // Grid of a chunk kernel: x = chunk, y = tile of kColThreads columns.
