@@ -101,8 +101,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              dk.data_ptr(), dparams.data_ptr<float>(), ws.data_ptr<float>(),
                              current_stream()),
       "qk_norm_rope_bwd");
+  // separate tensors (copies), in the parameters' dtypes: outputs must not alias each other
   const auto qt = q_weight.scalar_type(), kt = k_weight.scalar_type();
-  return {dq, dk, dparams[0].to(qt), dparams[1].to(qt), dparams[2].to(kt), dparams[3].to(kt)};
+  return {dq, dk, dparams[0].to(qt, false, true), dparams[1].to(qt, false, true),
+          dparams[2].to(kt, false, true), dparams[3].to(kt, false, true)};
 }
 
 }  // namespace qk_norm_rope

@@ -121,6 +121,7 @@ __global__ void __launch_bounds__(Tile<T, kDp>::kThreads)
   }
 
   // O /= l (0 for rows that saw no key); lse per valid row.
+  __syncwarp();  // every lane has applied the last step's factors
   if (lane < 16) {
     OnlineSoftmax st;
     st.m = my_m[lane];
