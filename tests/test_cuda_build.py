@@ -4,7 +4,7 @@
    setup.py and torch's extension builder, warnings as errors (one test per file x arch).
 2. The torch glue (csrc/cuda/*_glue.cpp, one translation unit) compiles with g++ against this
    torch's headers, warnings as errors. CPU wheels lack c10's generated cuda_cmake_macros.h;
-   C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it (it only sets export macros).
+   C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it (on Linux it only feeds export macros).
 3. The chunk/slot bookkeeping of the deterministic per-image sums (csrc/cuda/packed_rows.cuh,
    host-device code) runs on the host over many packs, empty images included: every row is
    visited once with its image, every piece gets its own slot, and each image's slot range

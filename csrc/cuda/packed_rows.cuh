@@ -11,7 +11,7 @@
 // buffer [num_slots][V][D]. Slots are unique: if image b ends in chunk e, image b+1 starts in a
 // chunk >= e, i.e. at a slot >= e + b + 1. So image b owns the consecutive slots
 // [cu[b]/R + b, (cu[b+1]-1)/R + b], which slot_sums adds in a fixed order. R depends on N only:
-// the same call gives bitwise identical results on every run and every GPU.
+// the same call gives bitwise identical results on every run.
 #pragma once
 #include <type_traits>
 
