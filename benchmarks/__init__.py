@@ -17,7 +17,8 @@ Adding a suite:
      or tokens done by one call of a pass) and ``verify``; its providers are ``ProviderSpec``s whose
      set-up returns a ``Prepared`` or raises ``Skip(reason)``. For anything else (e.g. packing
      efficiency) implement ``Suite.run`` and yield lists of row dicts with the columns you fill.
-  2. Append its module to ``harness.SUITE_MODULES``.
+  2. Nothing else: every benchmarks/bench_*.py is imported by ``harness.load_suites()`` (an import
+     error is reported as an ``error`` row, not hidden); ``harness.SUITE_MODULES`` only fixes the order.
   3. ``python -m benchmarks --quick --suite <name>`` must run in seconds: tests/test_benchmarks.py
      runs every registered suite in quick mode.
 """

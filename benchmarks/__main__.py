@@ -85,8 +85,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "pass": "copy", "status": "ok", "throughput": gbps, "unit": "GB/s", "frac_of_copy": 1.0})
         print(f"copy bandwidth on {dev}: {gbps:.1f} GB/s (read + write, 256 MiB)")
     ctx = harness.RunContext(opts, copy_gbps)
+    for mod, why in harness.LOAD_ERRORS.items():
+        print(f"error: {mod} could not be imported: {why}")
+        copy_rows.append({"suite": mod.rsplit(".", 1)[-1], "workload": "-", "provider": "-", "pass": "-",
+                          "status": "error", "reason": f"import failed: {why}"})
     n_rows = report.append_rows(args.out, [dict(r, **info) for r in copy_rows])
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {"error": len(harness.LOAD_ERRORS)} if harness.LOAD_ERRORS else {}
     for suite in chosen:
         for rows in suite.run(ctx):
             report.print_rows(rows)

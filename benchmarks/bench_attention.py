@@ -48,7 +48,7 @@ def _qkv(case: OpCase):
 
 
 def sdpa_loop_setup(case: OpCase) -> Prepared:
-    inp, q, k, v = _qkv(case)
+    _, q, k, v = _qkv(case)
     lens = _seqlens(case)
     scale = case.dims[2] ** -0.5
 
@@ -140,7 +140,7 @@ def flex_setup(case: OpCase) -> Prepared:
     block_mask = create_block_mask(document, None, None, n, n, device=case.device)
     mask_ms = (time.perf_counter() - t0) * 1e3
     no_bwd = _flex_backward_error(case.device, case.dtype)
-    inp, q, k, v = _qkv(case)
+    _, q, k, v = _qkv(case)
     if no_bwd:
         q, k, v = (t.detach() for t in (q, k, v))
     flex, scale = _compiled_flex(), case.dims[2] ** -0.5
@@ -170,7 +170,7 @@ def torch_varlen_setup(case: OpCase) -> Prepared:
         msg = describe_error(e).split(". ")[0]
         raise Skip(f"torch.nn.attention.varlen.varlen_attn cannot run {case.dtype} on {case.device.type} "
                    f"in torch {torch.__version__}: {msg}") from None
-    inp, q, k, v = _qkv(case)
+    _, q, k, v = _qkv(case)
     cu, m, scale = case.packed.cu_seqlens, case.packed.max_seqlen, case.dims[2] ** -0.5
     return Prepared(fn=lambda: varlen_attn(q, k, v, cu, cu, m, m, scale=scale), leaves=[q, k, v],
                     grad_outs=case.grad_outs, leaf_names=["q", "k", "v"])

@@ -8,8 +8,8 @@ when it cannot run here. Before a provider is timed its forward output (and its 
 it has a backward) is checked against the reference; a provider that disagrees is recorded as
 ``mismatch`` and never timed.
 
-Timing: warm-up calls, then repetitions until both a minimum count and a time budget are reached;
-the median with the 20th and 80th percentiles is reported. CUDA work is timed with CUDA events
+Timing: warm-up calls, then repetitions until both a minimum count and a time budget are reached
+(slow calls: 3 repetitions); the median with the 20th and 80th percentiles is reported. CUDA work is timed with CUDA events
 after a synchronize. The ``bwd`` pass reruns the forward before every repetition, untimed, so each
 backward starts from a fresh graph (compiled backwards refuse ``retain_graph=True``).
 
@@ -52,9 +52,11 @@ COLUMNS = (
 PASSES = ("fwd", "bwd", "fwd+bwd")
 STATUSES = ("ok", "skipped", "error", "mismatch")
 
-# The modules that define suites; each registers its suites on import. Add new modules here.
+# Modules that define suites register them on import. These come first, in this order; any other
+# benchmarks/bench_*.py is found and imported after them (alphabetically).
 SUITE_MODULES = ["benchmarks.bench_adaln", "benchmarks.bench_rope", "benchmarks.bench_attention"]
 SUITES: dict[str, "Suite"] = {}
+LOAD_ERRORS: dict[str, str] = {}  # module -> why it could not be imported
 
 
 class Skip(Exception):
@@ -208,16 +210,22 @@ def time_calls(run: Callable[[Any], Any], before: Optional[Callable[[], Any]], d
                opts: RunOptions) -> list[float]:
     """Milliseconds of each timed call of ``run(before())``; ``before`` (untimed) may be None.
 
-    Warm-up calls first; then repetitions until at least ``min_reps`` were made and ``time_budget``
-    seconds were spent, or ``max_reps`` were made.
+    Up to ``warmup`` warm-up calls (one when a call outlasts the time budget); then repetitions
+    until at least ``min_reps`` were made and ``time_budget`` seconds were spent, or ``max_reps``
+    were made. Slow calls stop earlier: 3 repetitions once 5x the budget is spent.
     """
     arg = None
     for _ in range(opts.warmup):
         arg = before() if before else None
+        t0 = time.perf_counter()
         run(arg)
-    _sync(device)
+        _sync(device)
+        if time.perf_counter() - t0 > opts.time_budget:
+            break
     times, spent = [], 0.0
     while len(times) < opts.max_reps and (len(times) < opts.min_reps or spent < opts.time_budget):
+        if len(times) >= 3 and spent >= 5 * opts.time_budget:
+            break
         arg = before() if before else None
         _sync(device)
         if device.type == "cuda":
@@ -320,9 +328,21 @@ def register(suite: Suite) -> Suite:
     return suite
 
 
+def suite_modules() -> list[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = sorted(f"benchmarks.{f[:-3]}" for f in os.listdir(here) if f.startswith("bench_") and f.endswith(".py"))
+    return SUITE_MODULES + [m for m in found if m not in SUITE_MODULES]
+
+
 def load_suites() -> dict[str, Suite]:
-    for mod in SUITE_MODULES:
-        importlib.import_module(mod)
+    """Import every suite module (once) and return the registry; import failures go to LOAD_ERRORS."""
+    for mod in suite_modules():
+        if mod in LOAD_ERRORS:
+            continue
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # one broken suite must not hide the others
+            LOAD_ERRORS[mod] = describe_error(e)
     return SUITES
 
 

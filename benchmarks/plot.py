@@ -166,14 +166,19 @@ def _measured_table(srows: list[dict]) -> list[str]:
 def _not_measured(rows: list[dict]) -> list[str]:
     """Skipped providers, one line per (provider, reason), with the suites and passes it covers."""
     groups: OrderedDict = OrderedDict()
+    workloads: dict = {}
     for r in rows:
+        workloads.setdefault(r["suite"], set()).add(r["workload"])
         if r["status"] == "skipped":
-            groups.setdefault((r["provider"], r["reason"]), set()).add((r["suite"], r["pass"]))
+            groups.setdefault((r["provider"], r["reason"]), set()).add((r["suite"], r["workload"], r["pass"]))
     out = []
     for (prov, reason), where in groups.items():
-        suites = sorted({s for s, _ in where})
-        passes = sorted({p for _, p in where}, key=lambda p: PASSES.index(p) if p in PASSES else 9)
+        suites = sorted({s for s, _, _ in where})
+        passes = sorted({p for _, _, p in where}, key=lambda p: PASSES.index(p) if p in PASSES else 9)
         scope = ", ".join(suites) + ("" if len(passes) == 3 else f" ({', '.join(passes)} only)")
+        some = sorted({w for s, w, _ in where})
+        if any({w for s2, w, _ in where if s2 == s} != workloads[s] for s in suites):
+            scope += f" on {', '.join(some)}"
         out.append(f"- **{prov}** in {scope}: {reason}")
     return out
 

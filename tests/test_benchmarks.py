@@ -18,17 +18,21 @@ from benchmarks.__main__ import main  # noqa: E402
 from benchmarks.bench_adaln import GatedResidual  # noqa: E402
 from benchmarks.bench_attention import attention_flops, padding_waste  # noqa: E402
 from benchmarks.opsuite import OpCase  # noqa: E402
-from nit_kernels import backends  # noqa: E402
-from nit_kernels.testing import call_op, cast_inputs  # noqa: E402
+from nit_kernels import PackedSeqs, backends  # noqa: E402
+from nit_kernels.testing import call_op, cast_inputs, op_inputs  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # on a shared 2-core machine, two OpenMP threads competing with other jobs run up to 10x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _run_cli(args):
-    # one thread: on a shared 2-core machine, two OpenMP threads competing with other jobs run 10x slower
-    threads = torch.get_num_threads()
-    try:
-        return main(list(args) + ["--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    return main(list(args) + ["--threads", "1"])
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +80,7 @@ def test_nothing_failed_and_skips_say_why(quick):
     _, rc, rows = quick
     bad = [(r["suite"], r["workload"], r["provider"], r["pass"], r["status"], r["check"] or r["reason"])
            for r in rows if r["status"] not in ("ok", "skipped")]
+    assert not harness.LOAD_ERRORS, harness.LOAD_ERRORS
     assert not bad, f"providers failed or disagreed with the reference: {bad[:5]}"
     assert rc == 0
     for r in rows:
@@ -184,7 +189,10 @@ def test_byte_counts_match_the_tensors_of_the_forward():
     opts = harness.RunOptions(quick=True)
     for name in ("adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope"):
         suite = harness.load_suites()[name]
-        case = suite.make_case(suite.workloads(opts)[0], torch.device("cpu"), torch.float32, opts)
+        wl = suite.workloads(opts)[0]
+        packed = PackedSeqs.from_sizes(list(wl.params["sizes"]))
+        d, h, dh = wl.params["dims"]
+        case = OpCase(name, wl, packed, torch.float32, op_inputs(name, packed, **suite.input_shape(d, h, dh)), (), {})
         inp = cast_inputs(name, case.inputs, torch.float32, requires_grad=False)
         out = call_op(name, case.packed, inp, "reference")
         touched = sum(v.nbytes for k, v in inp.items() if k not in ("freqs", "q_weight", "q_bias", "k_weight", "k_bias"))
