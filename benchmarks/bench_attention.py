@@ -176,6 +176,16 @@ def torch_varlen_setup(case: OpCase) -> Prepared:
                     grad_outs=case.grad_outs, leaf_names=["q", "k", "v"])
 
 
+def attention_in_dtype(q, k, v, lens, scale):
+    """Per-image attention with every matmul and the softmax in the inputs' dtype: flash-attention's
+    low-precision test reference (upcast=False), the baseline of the accuracy rule for fp16/bf16."""
+    outs = []
+    for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens)):
+        s = (qi.transpose(0, 1) @ ki.transpose(0, 1).transpose(-1, -2)) * scale
+        outs.append((torch.softmax(s, dim=-1).to(vi.dtype) @ vi.transpose(0, 1)).transpose(0, 1))
+    return torch.cat(outs)
+
+
 class VarlenAttention(KernelSuite):
     op = "varlen_attention"
     description = "softmax(q k^T / sqrt(Dh)) v inside each image only; q, k, v [N, H, Dh], non-causal"
@@ -199,6 +209,15 @@ class VarlenAttention(KernelSuite):
 
     def input_shape(self, d, h, dh):
         return {"heads": h, "head_dim": dh}
+
+    def lowp_baselines(self, case: OpCase) -> list:
+        # the reference upcasts internally, so its fp16/bf16 error is only the rounding of the output;
+        # kernels that keep P in low precision (flash-attn, SDPA) are judged against low-precision math
+        inp = case.activation_leaves()
+        with torch.enable_grad():
+            out = attention_in_dtype(inp["q"], inp["k"], inp["v"], _seqlens(case), case.dims[2] ** -0.5)
+            grads = torch.autograd.grad(out, [inp[n] for n in "qkv"], case.grad_outs)
+        return [((out.detach(),), dict(zip("qkv", grads)))]
 
     def work(self, case: OpCase, pass_: str):
         _, h, dh = case.dims

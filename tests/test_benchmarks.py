@@ -257,3 +257,13 @@ def test_pytest_benchmark_entry_point():
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     assert "3 passed" in out and "skipped" in out, out[-3000:]
+
+
+def test_low_precision_peers_pass_the_check(tmp_path):
+    # GPU runs default to bf16; here the same check runs on CPU bf16 (SDPA keeps P in bf16)
+    path = tmp_path / "bf16.csv"
+    rc = _run_cli(["--quick", "--dtype", "bf16", "--filter", "varlen_attention/tiny-images", "--providers",
+                   "reference,sdpa_loop,sdpa_padded", "--no-memory", "--out", str(path)])
+    rows = [r for r in report.read_rows(str(path)) if r["suite"] == "varlen_attention"]
+    assert rc == 0 and len(rows) == 9
+    assert all(r["status"] == "ok" and r["dtype"] == "bfloat16" and r["check"].startswith("ok") for r in rows)
