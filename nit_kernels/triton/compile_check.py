@@ -7,8 +7,9 @@ each launch (every autotune config, after pruning, for the attention kernels) fo
 architectures with Triton's own compiler and bundled ptxas: no driver, no GPU. Reports registers
 per thread, spills (stack/local memory) and shared memory from the cubins against each
 architecture's limits, and exits non-zero if a build fails or could not launch (shared memory or
-registers beyond the limit); spills are reported, not failed (they cost speed, not correctness). It proves that the GPU path compiles
-and fits; it runs nothing, so it says nothing about speed or numerical results on a GPU.
+registers beyond the limit); spills are reported, not failed (they cost speed, not correctness).
+It shows that the GPU path compiles and fits; it runs nothing, so it says nothing about speed or
+numerical results on a GPU.
 
 Built on Triton 3.x internals (the JIT's argument binder); with another Triton it reports that.
 """
@@ -33,39 +34,42 @@ REGS_PER_SM = 65536
 
 @dataclasses.dataclass
 class Launch:
-    kernel: object
+    kernel: object  # the JITFunction or Autotuner handed to wrap_triton
     grid: object
     args: tuple
     kwargs: dict
-    label: str
+    label: str      # shapes and dtype of the call
+    op: object      # the launcher (op implementation) that made the launch
 
 
 class _Recorder:
     """Stands in for wrap_triton(kernel)[grid](...): records the launch instead of running it."""
 
-    def __init__(self, sink: list, label: list):
-        self.sink, self.label = sink, label
+    def __init__(self, sink: list, context: dict):
+        self.sink, self.context = sink, context
 
     def __call__(self, kernel):
         rec = self
 
         class _Grid:
             def __getitem__(self, grid):
-                return lambda *args, **kwargs: rec.sink.append(Launch(kernel, grid, args, kwargs, rec.label[0]))
+                return lambda *args, **kwargs: rec.sink.append(
+                    Launch(kernel, grid, args, kwargs, rec.context.get("label", ""), rec.context.get("op")))
 
         return _Grid()
 
 
 @contextlib.contextmanager
-def recording(sink: list, label: list):
+def recording(sink: list, context: dict | None = None):
+    """Within the block, the op launchers record their kernel launches in `sink` instead of running them."""
     from . import adaln, attention, rope
     mods = (adaln, attention, rope)
     saved = [m.wrap_triton for m in mods]
-    rec = _Recorder(sink, label)
+    rec = _Recorder(sink, {} if context is None else context)
     for m in mods:
         m.wrap_triton = rec
     try:
-        yield
+        yield rec.context
     finally:
         for m, w in zip(mods, saved):
             m.wrap_triton = w
@@ -82,42 +86,59 @@ def collect(dtypes=("fp16", "bf16", "fp32"), dims=(384, 1152), head_dims=(64, 72
     from ..packed import PackedSeqs
 
     packed = PackedSeqs.from_sizes([(16, 16), (12, 20), (1, 1)])
-    n, b, cu = packed.total_tokens, packed.num_seqs, packed.cu_seqlens
+    n, b, cu, sizes = packed.total_tokens, packed.num_seqs, packed.cu_seqlens, packed.sizes
     launches: list[Launch] = []
-    label = [""]
-    with recording(launches, label):
+    with recording(launches) as ctx:
+        def call(fn, *args):
+            ctx["op"] = fn
+            return fn(*args)
+
         for dt in (_DTYPES[name] for name in dtypes):
             for d in dims:
                 x, y = torch.randn(n, d, dtype=dt), torch.randn(n, d, dtype=dt)
                 rows = [torch.randn(b, d, dtype=dt) for _ in range(3)]
                 stats = torch.ones(n)
-                label[0] = f"modulation {dt} D={d}"
-                adaln.residual_fwd(x, y, *rows, cu, 1e-6)  # the fullest variant first (see --quick)
-                adaln.adaln_fwd(x, rows[0], rows[1], cu, 1e-6)
-                adaln.gated_fwd(x, y, rows[0], cu)
+                ctx["label"] = f"modulation {dt} D={d}"
+                call(adaln.residual_fwd, x, y, *rows, cu, 1e-6)  # the fullest variant first (see --quick)
+                call(adaln.adaln_fwd, x, rows[0], rows[1], cu, 1e-6)
+                call(adaln.gated_fwd, x, y, rows[0], cu)
                 for det in (False, True):
                     torch.use_deterministic_algorithms(det)
                     try:
-                        adaln.residual_bwd(x, x, x, y, rows[0], rows[1], stats, stats, cu)
-                        adaln.adaln_bwd(x, x, rows[1], stats, stats, cu)
-                        adaln.gated_bwd(x, y, rows[0], cu)
+                        call(adaln.residual_bwd, x, x, x, y, rows[0], rows[1], stats, stats, cu)
+                        call(adaln.adaln_bwd, x, x, rows[1], stats, stats, cu)
+                        call(adaln.gated_bwd, x, y, rows[0], cu)
                     finally:
                         torch.use_deterministic_algorithms(False)
             for hd in head_dims:
                 q, k = torch.randn(n, 16, hd, dtype=dt), torch.randn(n, 16, hd, dtype=dt)
-                f = rope_freqs(hd)
-                w = torch.ones(hd)
-                st = torch.ones(2, n, 16)
-                label[0] = f"rope {dt} Dh={hd}"
-                rope.qk_norm_rope_fwd(q, k, cu, packed.sizes, f, w, w, w, w, 1e-5, "official", 1.0)
-                rope.rope_2d_op(q, k, cu, packed.sizes, f, "grid", 1.0, False)
-                rope.qk_norm_rope_bwd(q, k, q, k, cu, packed.sizes, f, w, w, st, st, "grid", 1.0)
+                f, w, st = rope_freqs(hd), torch.ones(hd), torch.ones(2, n, 16)
+                ctx["label"] = f"rope {dt} Dh={hd}"
+                call(rope.qk_norm_rope_fwd, q, k, cu, sizes, f, w, w, w, w, 1e-5, "official", 1.0)
+                call(rope.rope_2d_op, q, k, cu, sizes, f, "grid", 1.0, False)
+                call(rope.qk_norm_rope_bwd, q, k, q, k, cu, sizes, f, w, w, st, st, "grid", 1.0)
                 for c in causal:
-                    label[0] = f"attention {dt} D={hd} causal={c}"
+                    ctx["label"] = f"attention {dt} D={hd} causal={c}"
                     m = packed.max_seqlen
-                    out, lse = attention.attention_fwd(q, k, k, cu, cu, m, m, hd ** -0.5, c)
-                    attention.attention_bwd(q, q, k, k, out, lse, cu, cu, m, m, hd ** -0.5, c)
+                    out, lse = call(attention.attention_fwd, q, k, k, cu, cu, m, m, hd ** -0.5, c)
+                    call(attention.attention_bwd, q, q, k, k, out, lse, cu, cu, m, m, hd ** -0.5, c)
     return launches
+
+
+def check_discovery(launches: list[Launch]) -> int:
+    """torch.library.triton_op finds an op's kernels by reading its source (they then key
+    torch.compile's caches): every kernel an op launched must be among those it finds."""
+    from torch._library.triton import get_inner_triton_kernels
+
+    missing = 0
+    for op in {lch.op for lch in launches}:
+        found = {id(k) for k in get_inner_triton_kernels(op)}
+        lost = {lch.kernel for lch in launches if lch.op is op and id(lch.kernel) not in found}
+        for kernel in lost:
+            missing += 1
+            print(f"FAIL  {op.__name__} launches {getattr(kernel, 'fn', kernel)} but triton_op's source scan "
+                  f"does not find it")
+    return missing
 
 
 def _variants(launch: Launch, quick: bool):
@@ -182,7 +203,9 @@ def main(argv=None) -> int:
         launches = collect(("bf16",), (1152,), (72,), (False,))
     else:
         launches = collect(opts.dtypes.split(","), (384, 1152), [int(h) for h in opts.head_dims.split(",")])
-    seen, builds, failures, spills = set(), 0, 0, 0
+    failures = check_discovery(launches)
+    print(f"triton_op source scan: {len({lch.op for lch in launches})} ops checked, {failures} kernels not found")
+    seen, builds, spills = set(), 0, 0
     t0 = time.time()
     for launch in launches:
         for fn, args, kwargs, cfg in _variants(launch, opts.quick):
