@@ -10,6 +10,13 @@ def _kernels(args):
     run(tokens=args.tokens, reps=args.reps)
 
 
+def _train(args):
+    from .train import main_train
+    code = main_train(args)
+    if code:
+        sys.exit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nit", description="NiT: native-resolution diffusion transformer, packed and fused.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -17,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--tokens", type=int, default=4096, help="token budget of the ImageNet-like pack (default 4096)")
     k.add_argument("--reps", type=int, default=5, help="timed repetitions per op and backend (median reported)")
     k.set_defaults(func=_kernels)
+    from .train import add_train_arguments
+    t = sub.add_parser("train", help="train NiT on native-resolution packs from a YAML config (torchrun for DDP)")
+    add_train_arguments(t)
+    t.set_defaults(func=_train)
     d = sub.add_parser("demo", help="the main job on built-in defaults (currently: the kernel tour)")
     d.add_argument("--tokens", type=int, default=4096)
     d.add_argument("--reps", type=int, default=5)
