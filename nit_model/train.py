@@ -74,7 +74,7 @@ class TrainResult:
 
 def train(config: Union[TrainConfig, Mapping, str], *, out_dir: str, resume: Optional[str] = None,
           overrides: Sequence[str] = (), progress: bool = True, encoder=None,
-          callback: Optional[Callable[[dict], None]] = None) -> TrainResult:
+          callback: Optional[Callable[[dict], None]] = None, overwrite: bool = False) -> TrainResult:
     """Train a NiT as `config` says; write logs and checkpoints under `out_dir`.
 
     Args:
@@ -87,6 +87,8 @@ def train(config: Union[TrainConfig, Mapping, str], *, out_dir: str, resume: Opt
         encoder: a REPA encoder ``(x_clean [N, C, p, p], packed) -> [N, z_dim]`` (overrides
             flow.repa_encoder); None and no flow.repa_encoder means no projection loss.
         callback: called with every row written to log.jsonl (a dict), on every rank.
+        overwrite: start afresh in an out_dir that holds checkpoints of an earlier run (deleting
+            them); without it that is an error (resume it or choose another out_dir).
     Raises ConfigError, CheckpointNotFound or CheckpointMismatchError before the first step when
     the configuration, the data or the checkpoint is unusable.
     """
@@ -98,7 +100,8 @@ def train(config: Union[TrainConfig, Mapping, str], *, out_dir: str, resume: Opt
         cfg = cfg.apply_overrides(overrides)
     dist = setup_distributed(cfg.train.device)
     try:
-        trainer = Trainer(cfg, out_dir, dist, resume=resume, encoder=encoder, progress=progress, callback=callback)
+        trainer = Trainer(cfg, out_dir, dist, resume=resume, encoder=encoder, progress=progress, callback=callback,
+                          overwrite=overwrite)
         ckpt = trainer.run()
         dist.barrier()
         return TrainResult(checkpoint=ckpt, out_dir=trainer.out_dir, step=trainer.step, losses=trainer.losses,
@@ -121,6 +124,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", help="'latest' (newest checkpoint in --out) or a checkpoint / run directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
@@ -142,7 +146,7 @@ def main_train(args) -> int:
             return 0
         stem = os.path.splitext(os.path.basename(resolve_config_path(args.config)))[0]
         out = args.out or os.path.join("runs", stem)
-        result = train(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress)
+        result = train(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     except (ConfigError, CheckpointNotFound, CheckpointMismatchError) as e:
         print(f"nit train: error: {e}", file=sys.stderr)
         return 2

@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 import os
+import shutil
 import time
 from typing import Callable, Optional
 
@@ -116,8 +118,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str, dist: DistInfo, *, resume: Optional[str] = None,
-                 encoder=None, progress: bool = True, callback: Optional[Callable[[dict], None]] = None):
+                 encoder=None, progress: bool = True, callback: Optional[Callable[[dict], None]] = None,
+                 overwrite: bool = False):
         self.cfg, self.dist, self.progress, self.callback = cfg, dist, progress, callback
+        self.overwrite = overwrite
         self.out_dir = os.path.abspath(os.fspath(out_dir))
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
         self.log_path = os.path.join(self.out_dir, "log.jsonl")
@@ -136,6 +140,9 @@ class Trainer:
             self.resume_notes = check_resume_config(saved, cfg, self.resume_path)
             self._resume_state = ck.load_pt(os.path.join(self.resume_path, "trainer.pt"))
             self._check_trainer_state(self._resume_state)
+        elif ck.list_checkpoints(self.ckpt_root) and not overwrite:
+            raise ConfigError(f"{self.out_dir} already holds checkpoints of a run: resume it (resume='latest', "
+                              f"--resume latest), choose another out_dir, or pass overwrite=True (--overwrite) to replace it")
 
         # 2. the data: opened and checked against the model
         ds = build_dataset(cfg)
@@ -166,7 +173,10 @@ class Trainer:
             self._load_resume()
         self.ddp = None
         if dist.enabled:
-            self.ddp = DDP(self.model, device_ids=None, broadcast_buffers=False, gradient_as_bucket_view=True)
+            # the model's buffers are constants (RoPE frequencies): no per-forward broadcast
+            sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                    else {"broadcast_buffers": False})
+            self.ddp = DDP(self.model, device_ids=None, gradient_as_bucket_view=True, **sync)
         self.fwd = _Forward(self.ddp if self.ddp is not None else self.model, self.nit_config)
         if self.use_repa:
             self._check_encoder(ds)
@@ -221,6 +231,9 @@ class Trainer:
             self.opt.load_state_dict(opt_sd)
         except (ValueError, KeyError) as e:
             raise ConfigError(f"resume from {path}: the optimizer state does not fit this model: {e}") from None
+        o = self.cfg.optim
+        for g in self.opt.param_groups:  # the config's hyper-parameters win over the saved ones
+            g.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.step, self.tokens_seen = int(st["step"]), int(st["tokens"])
         self.elapsed_before = float(st["wall_time"])
         self.stream.load_state({"epoch": st["epoch"], "pos": st["pos"]})
@@ -269,9 +282,9 @@ class Trainer:
                     out = self.loss_fn(self.fwd, x, y, packed, generator=gen)
                 weight = (n_local[m] * world / n_step).float()
                 (out.loss.float() * weight).backward()
+            zero = torch.zeros((), dtype=torch.float64, device=self.device)
             parts = [out.loss.detach(), out.mse, out.dir, out.proj]
-            stats += torch.stack([torch.zeros((), device=self.device) if v is None else v.detach().double()
-                                  for v in parts] + [torch.ones((), device=self.device)]).double() * n_local[m]
+            stats += n_local[m] * torch.stack([zero if v is None else v.detach().double() for v in parts] + [zero + 1])
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm, foreach=True)
         lr = self.lr_at(self.step)
@@ -291,6 +304,8 @@ class Trainer:
         with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
             f.write(self.cfg.to_yaml())
         if self.resume_path:
+            print(f"resuming from {self.resume_path} (step {self.step})"
+                  + (f"; changed: {', '.join(self.resume_notes)}" if self.resume_notes else ""))
             self._set_aside_newer_checkpoints()
         if self.resume_path and os.path.isfile(self.log_path):  # drop rows of steps after the checkpoint
             with open(self.log_path) as f:
@@ -298,8 +313,11 @@ class Trainer:
             with open(self.log_path + ".tmp", "w") as f:
                 f.writelines(rows)
             os.replace(self.log_path + ".tmp", self.log_path)
-        elif not self.resume_path and os.path.exists(self.log_path):
-            os.remove(self.log_path)
+        elif not self.resume_path:
+            if os.path.exists(self.log_path):
+                os.remove(self.log_path)
+            if self.overwrite and os.path.isdir(self.ckpt_root):
+                shutil.rmtree(self.ckpt_root)
 
     def _set_aside_newer_checkpoints(self) -> None:
         """Resuming this run from an older checkpoint starts a new timeline: its later checkpoints

@@ -111,6 +111,11 @@ def test_keep_last_and_latest(tmp_path):
     assert kept == ["step-00000003", "step-00000004"]
     aside = [d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("abandoned-")]
     assert len(aside) == 1 and os.listdir(tmp_path / "checkpoints" / aside[0]) == ["step-00000004"]
+    # a fresh run does not silently mix with (or prune) the checkpoints of an earlier one
+    with pytest.raises(ConfigError, match="already holds checkpoints of a run: resume it"):
+        train(small(train={"steps": 1}), out_dir=tmp_path, progress=False)
+    r = train(small(train={"steps": 1}), out_dir=tmp_path, progress=False, overwrite=True)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "checkpoints")] == [1] and _steps_logged(tmp_path) == [1]
 
 
 # ------------------------------------------------------------------------------ atomic checkpoints
@@ -172,6 +177,11 @@ def test_checkpoint_of_another_config_fails_before_training(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"train\.init_from.*missing key\(s\).*blocks\.4"):
         train(small(model={"depth": 6}, train={"init_from": r.checkpoint}), out_dir=tmp_path / "b", progress=False)
     assert not os.path.exists(tmp_path / "b" / "checkpoints")
+    # optimizer hyper-parameters may change on resume, and the new ones apply
+    more = train(small(train={"steps": 2}, optim={"weight_decay": 0.5, "lr": 2e-3}), out_dir=tmp_path / "a",
+                 resume="latest", progress=False)
+    groups = torch.load(os.path.join(more.checkpoint, "optimizer.pt"), weights_only=True)["param_groups"]
+    assert (groups[0]["weight_decay"], groups[0]["lr"]) == (0.5, 2e-3)
     # init_from a checkpoint of the same architecture starts from its EMA weights
     fine = train(small(train={"steps": 1, "init_from": r.checkpoint}), out_dir=tmp_path / "c", progress=False)
     assert fine.step == 1
@@ -266,6 +276,15 @@ def test_bad_data_fails_before_the_first_step(tmp_path):
         train(nit_s.replace(data={"path": str(root)}, model={"in_channels": 4}), out_dir=tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match=r"exceed the budget of 16 tokens"):
         train(nit_s.replace(data={"path": str(root), "token_budget": 16}), out_dir=tmp_path / "run", progress=False)
+    assert not os.path.exists(tmp_path / "run")
+    # an image folder with an image smaller than one patch (tiny: 4 px)
+    from PIL import Image
+    (tmp_path / "img" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 12)).save(tmp_path / "img" / "cat" / "ok.png")
+    Image.new("RGB", (3, 9)).save(tmp_path / "img" / "cat" / "small.png")
+    folder = small(data={"kind": "folder", "path": str(tmp_path / "img")})
+    with pytest.raises(ConfigError, match=r"small\.png.*smaller than one stride \(4 px\)"):
+        train(folder, out_dir=tmp_path / "run", progress=False)
     assert not os.path.exists(tmp_path / "run")
 
 
