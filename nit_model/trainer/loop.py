@@ -301,8 +301,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         os.makedirs(self.out_dir, exist_ok=True)
-        with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
-            f.write(self.cfg.to_yaml())
+        self._write_config(os.path.join(self.out_dir, "config.yaml"))
         if self.resume_path:
             print(f"resuming from {self.resume_path} (step {self.step})"
                   + (f"; changed: {', '.join(self.resume_notes)}" if self.resume_notes else ""))
@@ -377,6 +376,10 @@ class Trainer:
                 "sampler": {"seed": self.cfg.train.seed, "token_budget": self.cfg.data.token_budget,
                             "packs_per_epoch_per_rank": self.stream.packs_per_epoch}}
 
+    def _write_config(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write(self.cfg.to_yaml())
+
     def save(self) -> Optional[str]:
         """Write a checkpoint of the current step (rank 0 writes; every rank takes part)."""
         state = self.trainer_state()  # a collective: every rank calls it
@@ -388,7 +391,7 @@ class Trainer:
                 ("ema.safetensors", lambda p: save_weights(self.ema.state_dict(), p, metadata=meta)),
                 ("optimizer.pt", lambda p: torch.save(self.opt.state_dict(), p)),
                 ("trainer.pt", lambda p: torch.save(state, p)),
-                ("config.yaml", lambda p: open(p, "w").write(self.cfg.to_yaml())),
+                ("config.yaml", self._write_config),
             ]
             path = ck.save_checkpoint(self.ckpt_root, self.step, writers, keep_last=self.cfg.train.keep_last)
         path = self.dist.broadcast_object(path)

@@ -54,6 +54,11 @@ def test_tiny_shapes_loss_decreases(tmp_path):
     m = load_model(os.path.join(r.checkpoint, "model.safetensors"))
     for k, v in m.state_dict().items():
         assert torch.equal(v, r.model.state_dict()[k].cpu()), k
+    ema = r.ema_model()  # the EMA weights, in a NiT for sampling; equal to the checkpoint's
+    saved = load_model(os.path.join(r.checkpoint, "ema.safetensors")).state_dict()
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, r.ema[k]) and torch.equal(v, saved[k]), k
+    assert not torch.equal(ema.final_layer.linear.weight, r.model.final_layer.linear.weight)
     for name in ("optimizer.pt", "trainer.pt"):  # no arbitrary pickles
         torch.load(os.path.join(r.checkpoint, name), weights_only=True)
 
