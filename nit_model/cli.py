@@ -22,6 +22,13 @@ def _bench(args, rest):
     return bench_main(rest)
 
 
+def _train(args):
+    from .train import main_train
+    code = main_train(args)
+    if code:
+        sys.exit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nit", description="NiT: native-resolution diffusion transformer, packed and fused.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -32,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="the benchmark harness (python -m benchmarks); `nit bench --help` for its options",
                        add_help=False)
     b.set_defaults(func=_bench, passthrough=True)
+    from .train import add_train_arguments
+    t = sub.add_parser("train", help="train NiT on native-resolution packs from a YAML config (torchrun for DDP)")
+    add_train_arguments(t)
+    t.set_defaults(func=_train)
     d = sub.add_parser("demo", help="the main job on built-in defaults (currently: the kernel tour)")
     d.add_argument("--tokens", type=int, default=4096)
     d.add_argument("--reps", type=int, default=5)
