@@ -20,18 +20,90 @@ __attribute__((always_inline)) inline vf vload(const float* p) {
   return v;
 }
 __attribute__((always_inline)) inline void vstore(float* p, vf v) { memcpy(p, &v, sizeof(v)); }
-__attribute__((always_inline)) inline vf vsplat(float x) { return vf{} + x; }
+// x - 0 is exactly x for every x (x + 0 is not, for x = -0), so this folds to one broadcast.
+__attribute__((always_inline)) inline vf vsplat(float x) { return x - vf{}; }
 
-inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kVec; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+// Lane i + w (mod kVec) moved to lane i: one permute with GCC, a loop through memory elsewhere.
+struct LaneTable {
+  int32_t v[2 * kVec];
+  constexpr LaneTable() : v() {
+    for (int i = 0; i < 2 * kVec; ++i) v[i] = i % kVec;
+  }
+};
+constexpr LaneTable kLanes{};
+__attribute__((always_inline)) inline vf vdown(vf v, int w) {
+#if defined(__GNUC__) && !defined(__clang__)
+  vi idx;
+  memcpy(&idx, kLanes.v + w, sizeof(idx));
+  return __builtin_shuffle(v, idx);
+#else
+  vf r;
+  for (int i = 0; i < kVec; ++i) r[i] = v[(i + w) % kVec];
+  return r;
+#endif
 }
-inline float hsum(vf v) {  // pairwise halving, a fixed order
+// Pairwise halving reductions, a fixed order.
+__attribute__((always_inline)) inline float hmax(vf v) {
   for (int w = kVec / 2; w > 0; w /= 2) {
-    for (int i = 0; i < w; ++i) v[i] += v[i + w];
+    const vf u = vdown(v, w);
+    v = u > v ? u : v;
   }
   return v[0];
+}
+__attribute__((always_inline)) inline float hsum(vf v) {
+  for (int w = kVec / 2; w > 0; w /= 2) v += vdown(v, w);
+  return v[0];
+}
+
+// Butterfly masks of the in-register transpose: stage s (w = 2^s) swaps bit s of the row index
+// with bit s of the column index, through two-input shuffles of row pairs (i, i + w).
+struct TransposeMasks {
+  int32_t lo[6][kVec], hi[6][kVec];
+  constexpr TransposeMasks() : lo(), hi() {
+    for (int st = 0, w = 1; w < kVec; ++st, w *= 2) {
+      for (int j = 0; j < kVec; ++j) {
+        lo[st][j] = (j & w) ? kVec + j - w : j;
+        hi[st][j] = (j & w) ? kVec + j : j + w;
+      }
+    }
+  }
+};
+constexpr TransposeMasks kTMasks{};
+
+// dst[c * ldd + r] = src[r * lds + c] for r, c < kVec.
+__attribute__((always_inline)) inline void transpose_block(const float* src, int64_t lds,
+                                                           float* dst, int64_t ldd) {
+#if defined(__GNUC__) && !defined(__clang__)
+  vf r[kVec];
+#pragma GCC unroll 16
+  for (int i = 0; i < kVec; ++i) r[i] = vload(src + i * lds);
+#pragma GCC unroll 4
+  for (int st = 0, w = 1; w < kVec; ++st, w *= 2) {
+    vi lo, hi;
+    memcpy(&lo, kTMasks.lo[st], sizeof(lo));
+    memcpy(&hi, kTMasks.hi[st], sizeof(hi));
+#pragma GCC unroll 16
+    for (int i = 0; i < kVec; ++i) {
+      if (i & w) continue;
+      const vf a = r[i], b = r[i + w];
+      r[i] = __builtin_shuffle(a, b, lo);
+      r[i + w] = __builtin_shuffle(a, b, hi);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kVec; ++i) vstore(dst + i * ldd, r[i]);
+#else
+  for (int i = 0; i < kVec; ++i)
+    for (int j = 0; j < kVec; ++j) dst[j * ldd + i] = src[i * lds + j];
+#endif
+}
+
+// dst[d * ldd + j] = src[j * lds + d] for j < nj, d < nd (both multiples of kVec).
+inline void transpose(const float* src, int64_t lds, int64_t nj, int64_t nd, float* dst,
+                      int64_t ldd) {
+  for (int64_t j = 0; j < nj; j += kVec) {
+    for (int64_t d = 0; d < nd; d += kVec) transpose_block(src + j * lds + d, lds, dst + d * ldd + j, ldd);
+  }
 }
 
 // 2^x for x <= 0 (x = -inf gives 0): n = round(x), f = x - n in [-1/2, 1/2], 2^f by the Taylor
@@ -96,38 +168,45 @@ __attribute__((always_inline)) inline void gemm_tile(int64_t K, const float* A, 
     for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * kVec, c[r][v]);
 }
 
-template <int NV, bool ACC>
-inline void gemm_panel(int64_t M, int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
-                       const float* B, int64_t ldb, float* C, int64_t ldc) {
-  int64_t m = 0;
-  for (; m + kMR <= M; m += kMR) {
-    gemm_tile<kMR, NV, ACC>(K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc);
-  }
-  const float* At = A + m * a_rs;
-  float* Ct = C + m * ldc;
-  switch (M - m) {  // row tail: a shorter tile of the same width
-    case 1: gemm_tile<1, NV, ACC>(K, At, a_rs, a_ks, B, ldb, Ct, ldc); break;
-    case 2: gemm_tile<2, NV, ACC>(K, At, a_rs, a_ks, B, ldb, Ct, ldc); break;
-    case 3: gemm_tile<3, NV, ACC>(K, At, a_rs, a_ks, B, ldb, Ct, ldc); break;
-    case 4: gemm_tile<4, NV, ACC>(K, At, a_rs, a_ks, B, ldb, Ct, ldc); break;
-    case 5: gemm_tile<5, NV, ACC>(K, At, a_rs, a_ks, B, ldb, Ct, ldc); break;
-    default: break;
+// A row tail of R < MR rows: the tile of exactly R rows.
+template <int R, int NV, bool ACC>
+__attribute__((always_inline)) inline void gemm_row_tail(int64_t rem, int64_t K, const float* A,
+                                                         int64_t a_rs, int64_t a_ks, const float* B,
+                                                         int64_t ldb, float* C, int64_t ldc) {
+  if constexpr (R > 0) {
+    if (rem == R) return gemm_tile<R, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc);
+    gemm_row_tail<R - 1, NV, ACC>(rem, K, A, a_rs, a_ks, B, ldb, C, ldc);
   }
 }
 
-// Column panels of kNV vectors are swept over all rows, so a panel of B stays in L1.
+template <int MR, int NV, bool ACC>
+inline void gemm_panel(int64_t M, int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
+                       const float* B, int64_t ldb, float* C, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) {
+    gemm_tile<MR, NV, ACC>(K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc);
+  }
+  gemm_row_tail<MR - 1, NV, ACC>(M - m, K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc);
+}
+
+// Column panels of kNV vectors are swept over all rows, so a panel of B stays in L1. A last
+// single vector joins the panel before it (kNV + 1 vectors, 4 rows): a one-vector panel would
+// spend one broadcast per FMA (head_dim 72 padded to 80 with AVX-512, 72 = 9 x 8 with AVX2).
 template <bool ACC>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
                  const float* B, int64_t ldb, float* C, int64_t ldc) {
   if (M <= 0) return;
   int64_t n = 0;
-  for (; n + kNV * kVec <= N; n += kNV * kVec) {
-    gemm_panel<kNV, ACC>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc);
+  for (; N - n >= kNV * kVec; n += kNV * kVec) {
+    if (N - n == (kNV + 1) * kVec) {
+      return gemm_panel<4, kNV + 1, ACC>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc);
+    }
+    gemm_panel<kMR, kNV, ACC>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc);
   }
   switch ((N - n) / kVec) {
-    case 1: gemm_panel<1, ACC>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc); break;
-    case 2: gemm_panel<2, ACC>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc); break;
-    case 3: gemm_panel<3, ACC>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc); break;
+    case 1: gemm_panel<kMR, 1, ACC>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc); break;
+    case 2: gemm_panel<kMR, 2, ACC>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc); break;
+    case 3: gemm_panel<kMR, 3, ACC>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc); break;
     default: break;
   }
 }
@@ -151,6 +230,17 @@ inline Carver carve(std::vector<float>& buf, int64_t total) {
 }
 
 inline int64_t pad(int64_t n) { return round_up(n, 16); }
+
+// Rows of one head are D-element pieces strided by H*D: software prefetch a few rows ahead
+// hides the latency the hardware prefetchers leave at each jump.
+constexpr int64_t kAhead = 4;
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n, bool write = false) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) {
+    if (write) __builtin_prefetch(c + b, 1); else __builtin_prefetch(c + b, 0);
+  }
+}
 
 template <typename T>
 inline void load_row(float* dst, const T* src, int64_t n, int64_t padded, float mul = 1.f) {
@@ -185,35 +275,45 @@ void fwd_task(const Geometry& g, const T* q, const T* k, const T* v, T* out, flo
   const int64_t q0 = g.cq[t.b], sq = g.cq[t.b + 1] - q0;
   const int64_t k0 = g.ck[t.b], sk = g.ck[t.b + 1] - k0;
   const int64_t off = sk - sq, h = t.head, hk = h / g.G;
-  const int64_t D = g.D, Dv = g.Dv, Dvp = round_up(Dv, kVec), H = g.H, Hk = g.Hk;
+  const int64_t D = g.D, Dv = g.Dv, H = g.H, Hk = g.Hk;
+  const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
   const int64_t nvis = visible_keys(g.causal, t.r1, sq, sk);
   const int64_t nkb = (nvis + kBk - 1) / kBk;
-  // K^T tiles [nkb][D][kBk] and V rows [nkb*kBk][Dvp], shared by all query tiles of the task
-  Carver c = carve(buf, pad(nkb * D * kBk) + pad(nkb * kBk * Dvp) + pad(kBq * D) +
-                            pad(kBq * kBk) + pad(kBq * Dvp) + 2 * pad(kBq));
-  float* kt = c.take(nkb * D * kBk);
+  // K^T tiles [nkb][Dp][kBk] and V rows [nkb*kBk][Dvp], shared by all query tiles of the task
+  Carver c = carve(buf, pad(nkb * Dp * kBk) + pad(nkb * kBk * Dvp) + pad(kBk * Dp) +
+                            pad(kBq * D) + pad(kBq * kBk) + pad(kBq * Dvp) + 2 * pad(kBq));
+  float* kt = c.take(nkb * Dp * kBk);
   float* vp = c.take(nkb * kBk * Dvp);
+  float* krows = c.take(kBk * Dp);
   float* qs = c.take(kBq * D);
   float* S = c.take(kBq * kBk);
   float* O = c.take(kBq * Dvp);
   float* m = c.take(kBq);
   float* l = c.take(kBq);
 
-  for (int64_t j = 0; j < nkb * kBk; ++j) {
-    float* kcol = kt + (j / kBk) * D * kBk + j % kBk;
-    if (j < nvis) {
-      const T* kr = k + ((k0 + j) * Hk + hk) * D;
-      for (int64_t d = 0; d < D; ++d) kcol[d * kBk] = static_cast<float>(kr[d]);
-      load_row(vp + j * Dvp, v + ((k0 + j) * Hk + hk) * Dv, Dv, Dvp);
-    } else {
-      for (int64_t d = 0; d < D; ++d) kcol[d * kBk] = 0.f;
+  for (int64_t j0 = 0; j0 < nvis; j0 += kBk) {
+    const int64_t nk = std::min(kBk, nvis - j0), N = round_up(nk, kVec);
+    for (int64_t j = 0; j < N; ++j) {
+      if (j + kAhead < nk) {
+        prefetch_row(k + ((k0 + j0 + j + kAhead) * Hk + hk) * D, D);
+        prefetch_row(v + ((k0 + j0 + j + kAhead) * Hk + hk) * Dv, Dv);
+      }
+      if (j < nk) {
+        load_row(krows + j * Dp, k + ((k0 + j0 + j) * Hk + hk) * D, D, Dp);
+        load_row(vp + (j0 + j) * Dvp, v + ((k0 + j0 + j) * Hk + hk) * Dv, Dv, Dvp);
+      } else {
+        std::fill(krows + j * Dp, krows + (j + 1) * Dp, 0.f);
+      }
     }
+    transpose(krows, Dp, N, Dp, kt + (j0 / kBk) * Dp * kBk, kBk);
   }
 
   const float qmul = g.scale * kLog2e;  // scores in base 2: exp(s) = 2^(s log2 e)
   for (int64_t i0 = t.r0; i0 < t.r1; i0 += kBq) {
     const int64_t rows = std::min(kBq, t.r1 - i0);
     for (int64_t r = 0; r < rows; ++r) {
+      if (r + kAhead < rows) prefetch_row(q + ((q0 + i0 + r + kAhead) * H + h) * D, D);
+      prefetch_row(out + ((q0 + i0 + r) * H + h) * Dv, Dv, true);  // written after the key loop
       load_row(qs + r * D, q + ((q0 + i0 + r) * H + h) * D, D, D, qmul);
       m[r] = -INFINITY;
       l[r] = 0.f;
@@ -222,7 +322,7 @@ void fwd_task(const Geometry& g, const T* q, const T* k, const T* v, T* out, flo
     const int64_t kend = visible_keys(g.causal, i0 + rows, sq, sk);
     for (int64_t j0 = 0; j0 < kend; j0 += kBk) {
       const int64_t nk = std::min(kBk, nvis - j0), N = round_up(nk, kVec);
-      gemm<false>(rows, N, D, qs, D, 1, kt + (j0 / kBk) * D * kBk, kBk, S, kBk);
+      gemm<false>(rows, N, D, qs, D, 1, kt + (j0 / kBk) * Dp * kBk, kBk, S, kBk);
       mask_tile(S, kBk, rows, N, nk, g.causal, i0, j0, off, -INFINITY);
       for (int64_t r = 0; r < rows; ++r) {
         float* s = S + r * kBk;
@@ -279,8 +379,7 @@ void bwd_task(const Geometry& g, const T* dout, const T* q, const T* k, const T*
   const int64_t D = g.D, Dv = g.Dv, Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
   const int64_t rows = t.r1 - t.r0, nvis = visible_keys(g.causal, t.r1, sq, sk);
   Carver c = carve(buf, pad(G * rows * Dp) * 2 + pad(G * rows * Dvp) + pad(G * rows) * 2 +
-                            pad(kBk * Dp) * 2 + pad(kBk * Dvp) + pad(D * kBk) + pad(Dv * kBk) +
-                            pad(kBq * kBk) * 2);
+                            pad(kBk * Dp) * 3 + pad(kBk * Dvp) * 3 + pad(kBq * kBk) * 2);
   float* Qp = c.take(G * rows * Dp);
   float* dQ = c.take(G * rows * Dp);
   float* dOp = c.take(G * rows * Dvp);
@@ -289,8 +388,9 @@ void bwd_task(const Geometry& g, const T* dout, const T* q, const T* k, const T*
   float* Kr = c.take(kBk * Dp);
   float* dKa = c.take(kBk * Dp);
   float* dVa = c.take(kBk * Dvp);
-  float* Kt = c.take(D * kBk);
-  float* Vt = c.take(Dv * kBk);
+  float* Vr = c.take(kBk * Dvp);
+  float* Kt = c.take(Dp * kBk);
+  float* Vt = c.take(Dvp * kBk);
   float* P = c.take(kBq * kBk);
   float* dS = c.take(kBq * kBk);
 
@@ -298,6 +398,12 @@ void bwd_task(const Geometry& g, const T* dout, const T* q, const T* k, const T*
     const int64_t h = hk * G + gi;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = q0 + t.r0 + r, e = gi * rows + r;
+      if (r + kAhead < rows) {
+        const int64_t ia = i + kAhead;
+        prefetch_row(q + (ia * H + h) * D, D);
+        prefetch_row(dout + (ia * H + h) * Dv, Dv);
+        prefetch_row(out + (ia * H + h) * Dv, Dv);
+      }
       load_row(Qp + e * Dp, q + (i * H + h) * D, D, Dp);
       load_row(dOp + e * Dvp, dout + (i * H + h) * Dv, Dv, Dvp);
       const T* o = out + (i * H + h) * Dv;
@@ -314,19 +420,26 @@ void bwd_task(const Geometry& g, const T* dout, const T* q, const T* k, const T*
     const int64_t nk = std::min(kBk, sk - j0), N = round_up(nk, kVec);
     std::fill(dKa, dKa + nk * Dp, 0.f);
     std::fill(dVa, dVa + nk * Dvp, 0.f);
+    for (int64_t j = 0; j < nk && t.chunk < 0; ++j) {  // written after the query loop
+      prefetch_row(dk + ((k0 + j0 + j) * Hk + hk) * D, D, true);
+      prefetch_row(dv + ((k0 + j0 + j) * Hk + hk) * Dv, Dv, true);
+    }
     if (j0 < nvis) {
       for (int64_t j = 0; j < N; ++j) {
+        if (j + kAhead < nk) {
+          prefetch_row(k + ((k0 + j0 + j + kAhead) * Hk + hk) * D, D);
+          prefetch_row(v + ((k0 + j0 + j + kAhead) * Hk + hk) * Dv, Dv);
+        }
         if (j < nk) {
-          const T* kr = k + ((k0 + j0 + j) * Hk + hk) * D;
-          const T* vr = v + ((k0 + j0 + j) * Hk + hk) * Dv;
-          load_row(Kr + j * Dp, kr, D, Dp);
-          for (int64_t d = 0; d < D; ++d) Kt[d * N + j] = Kr[j * Dp + d];
-          for (int64_t d = 0; d < Dv; ++d) Vt[d * N + j] = static_cast<float>(vr[d]);
+          load_row(Kr + j * Dp, k + ((k0 + j0 + j) * Hk + hk) * D, D, Dp);
+          load_row(Vr + j * Dvp, v + ((k0 + j0 + j) * Hk + hk) * Dv, Dv, Dvp);
         } else {
-          for (int64_t d = 0; d < D; ++d) Kt[d * N + j] = 0.f;
-          for (int64_t d = 0; d < Dv; ++d) Vt[d * N + j] = 0.f;
+          std::fill(Kr + j * Dp, Kr + (j + 1) * Dp, 0.f);
+          std::fill(Vr + j * Dvp, Vr + (j + 1) * Dvp, 0.f);
         }
       }
+      transpose(Kr, Dp, N, Dp, Kt, N);
+      transpose(Vr, Dvp, N, Dvp, Vt, N);
       for (int64_t gi = 0; gi < G; ++gi) {
         for (int64_t i0 = t.r0; i0 < t.r1; i0 += kBq) {
           const int64_t mr = std::min(kBq, t.r1 - i0);
@@ -376,6 +489,7 @@ void bwd_task(const Geometry& g, const T* dout, const T* q, const T* k, const T*
   for (int64_t gi = 0; gi < G; ++gi) {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = q0 + t.r0 + r;
+      if (r + kAhead < rows) prefetch_row(dq + ((i + kAhead) * H + hk * G + gi) * D, D, true);
       store_row(dq + (i * H + hk * G + gi) * D, dQ + (gi * rows + r) * Dp, D);
     }
   }
