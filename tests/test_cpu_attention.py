@@ -7,6 +7,8 @@ thread-count determinism, both vector widths, registration (opcheck, torch.compi
 and bad input. Forward and gradients are judged against the float64 reference by the accuracy
 rule of nit_kernels.testing (error <= 2x that of the float32 reference + a small atol).
 """
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,6 +24,17 @@ CPU = backends.get("cpu")
 pytestmark = pytest.mark.skipif(not CPU.implements("varlen_attention"),
                                 reason=f"cpu backend has no varlen_attention: {CPU.load_error()}")
 ENV_BITS = "NIT_CPU_ATTENTION_VECTOR_BITS"
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The float64 oracle runs thousands of tiny ops; one thread keeps it fast on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cu(lens):
@@ -81,13 +94,14 @@ def check_pack(lq, lk=None, *, heads=2, kv_heads=None, head_dim=64, dv=None, cau
     grads = _bwd(f32[3], *f32[:3], out, lse, cu_q, cu_k, scale, causal)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     assert out.shape == (sum(lq), heads, dv) and lse.shape == (heads, sum(lq))
-    ref64 = attention_math(q, k, v, cu_q, cu_k, scale, causal)
-    ref32 = attention_math(*f32[:3], cu_q, cu_k, scale, causal)
+    with _one_thread():
+        ref64 = attention_math(q, k, v, cu_q, cu_k, scale, causal)
+        ref32 = attention_math(*f32[:3], cu_q, cu_k, scale, causal)
+        ref_lse = _reference_lse(q, k, cu_q, cu_k, scale, causal)
+        g64 = attention_math_backward(do, q, k, v, cu_q, cu_k, scale, causal)
+        g32 = attention_math_backward(f32[3], *f32[:3], cu_q, cu_k, scale, causal)
     assert_accuracy(out, ref64, ref32, name="out", atol=1e-5 * _scale_of(ref64))
-    ref_lse = _reference_lse(q, k, cu_q, cu_k, scale, causal)
     assert_close(lse, ref_lse, atol=1e-5 * _scale_of(ref_lse[torch.isfinite(ref_lse)]), name="lse")
-    g64 = attention_math_backward(do, q, k, v, cu_q, cu_k, scale, causal)
-    g32 = attention_math_backward(f32[3], *f32[:3], cu_q, cu_k, scale, causal)
     for name, gk, gh, gl in zip(("dq", "dk", "dv"), grads, g64, g32):
         assert gk.shape == gh.shape and gk.dtype == torch.float32
         assert_accuracy(gk, gh, gl, name=name, atol=1e-5 * _scale_of(gh))
@@ -174,11 +188,12 @@ def test_low_precision_cross_lengths(dtype):
     out, lse = _fwd(*lo[:3], cu_q, cu_k, scale, True)
     grads = _bwd(lo[3], *lo[:3], out, lse, cu_q, cu_k, scale, True)
     assert out.dtype == dtype and lse.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
-    ref = attention_math(q, k, v, cu_q, cu_k, scale, True)
-    ref_lo = attention_math(*lo[:3], cu_q, cu_k, scale, True)
+    with _one_thread():
+        ref = attention_math(q, k, v, cu_q, cu_k, scale, True)
+        ref_lo = attention_math(*lo[:3], cu_q, cu_k, scale, True)
+        g_ref = attention_math_backward(do, q, k, v, cu_q, cu_k, scale, True)
+        g_lo = attention_math_backward(lo[3], *lo[:3], cu_q, cu_k, scale, True)
     assert_accuracy(out, ref, ref_lo, name="out", atol=1e-3 * _scale_of(ref))
-    g_ref = attention_math_backward(do, q, k, v, cu_q, cu_k, scale, True)
-    g_lo = attention_math_backward(lo[3], *lo[:3], cu_q, cu_k, scale, True)
     for name, gk, gh, gl in zip(("dq", "dk", "dv"), grads, g_ref, g_lo):
         assert_accuracy(gk, gh, gl, name=name, atol=1e-3 * _scale_of(gh))
 
