@@ -79,8 +79,9 @@ inline int64_t visible_keys(bool causal, int64_t r1, int64_t sq, int64_t sk) {
 }  // namespace
 }  // namespace nit
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"  // vectors passed to inline functions: no ABI crosses
+// Vectors are passed only between inline functions of this file, so no ABI is crossed; GCC
+// reports -Wpsabi at the end of the translation unit, hence no push/pop around it.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace nit {
 namespace {
@@ -109,8 +110,6 @@ typedef int32_t vi __attribute__((vector_size(64)));
 #else
 #define NIT_ATTENTION_AVX512 0
 #endif
-
-#pragma GCC diagnostic pop
 
 namespace nit {
 namespace {

@@ -19,7 +19,7 @@ __attribute__((always_inline)) inline vf vload(const float* p) {
   memcpy(&v, p, sizeof(v));  // unaligned load
   return v;
 }
-__attribute__((always_inline)) inline void vstore(float* p, vf v) { memcpy(p, &v, sizeof(v)); }
+__attribute__((always_inline)) inline void vstore(float* p, const vf& v) { memcpy(p, &v, sizeof(v)); }
 // x - 0 is exactly x for every x (x + 0 is not, for x = -0), so this folds to one broadcast.
 __attribute__((always_inline)) inline vf vsplat(float x) { return x - vf{}; }
 
@@ -31,7 +31,7 @@ struct LaneTable {
   }
 };
 constexpr LaneTable kLanes{};
-__attribute__((always_inline)) inline vf vdown(vf v, int w) {
+__attribute__((always_inline)) inline vf vdown(const vf& v, int w) {
 #if defined(__GNUC__) && !defined(__clang__)
   vi idx;
   memcpy(&idx, kLanes.v + w, sizeof(idx));
@@ -43,14 +43,16 @@ __attribute__((always_inline)) inline vf vdown(vf v, int w) {
 #endif
 }
 // Pairwise halving reductions, a fixed order.
-__attribute__((always_inline)) inline float hmax(vf v) {
+__attribute__((always_inline)) inline float hmax(const vf& v0) {
+  vf v = v0;
   for (int w = kVec / 2; w > 0; w /= 2) {
     const vf u = vdown(v, w);
     v = u > v ? u : v;
   }
   return v[0];
 }
-__attribute__((always_inline)) inline float hsum(vf v) {
+__attribute__((always_inline)) inline float hsum(const vf& v0) {
+  vf v = v0;
   for (int w = kVec / 2; w > 0; w /= 2) v += vdown(v, w);
   return v[0];
 }
@@ -110,7 +112,7 @@ inline void transpose(const float* src, int64_t lds, int64_t nj, int64_t nd, flo
 // series of e^(f ln2) to degree 7 (truncation error < 6e-9 relative), then n is added to the
 // exponent bits. Results below 2^-126 flush to 0: far below what a softmax weight contributes
 // next to its row maximum (weight 1).
-__attribute__((always_inline)) inline vf vexp2(vf x) {
+__attribute__((always_inline)) inline vf vexp2(const vf& x) {
   const vf magic = vsplat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
   const vf xc = x < vsplat(-126.f) ? vsplat(-126.f) : x;
   const vf r = xc + magic;
