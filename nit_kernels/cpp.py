@@ -64,8 +64,7 @@ def refuse(call: Call) -> Optional[str]:
 
 
 def _refuse_cpu(call: Call) -> Optional[str]:
-    if call.op == "varlen_attention" and call.gqa:
-        return "grouped-query attention (fewer k/v heads than q heads) is not supported"
+    # varlen_attention: every head_dim, causal or not, and grouped-query heads are served
     return None
 
 
