@@ -19,7 +19,8 @@ ResidualAdaLN          (x, y, gate, shift, scale, packed) -> (x + gate[seg]*y, P
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import contextlib
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -28,7 +29,47 @@ from . import ops
 from .freqs import rope_freqs
 from .packed import PackedSeqs
 
-__all__ = ["AxialRoPE2D", "VarlenSelfAttention", "PackedAdaLN", "GatedResidual", "ResidualAdaLN"]
+__all__ = ["AxialRoPE2D", "VarlenSelfAttention", "PackedAdaLN", "GatedResidual", "ResidualAdaLN",
+           "rebuild_in_backward"]
+
+
+class _Recipe:
+    """Stands in a saved-tensor slot for target ``index``; rebuilds every target once, on first use."""
+
+    def __init__(self, index: int, shared: dict):
+        self.index, self.shared = index, shared
+
+    def get(self) -> torch.Tensor:
+        if "values" not in self.shared:
+            with torch.no_grad():
+                self.shared["values"] = tuple(self.shared["rebuild"]())
+        return self.shared["values"][self.index]
+
+
+def _key(t: torch.Tensor):
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+
+
+def rebuild_in_backward(targets: Sequence[torch.Tensor], rebuild: Callable[[], Sequence[torch.Tensor]]):
+    """Context manager: tensors in `targets` that autograd saves inside the block are not kept;
+    ``rebuild()`` (run without grad, once) recomputes them when backward needs them.
+
+    For activations that are cheap to recompute from tensors kept anyway (e.g. a normalised,
+    rotated q from the q that qk_norm_rope saves). `rebuild` must return the targets' values in
+    order and must not capture tensors that require grad (detach them). Other saved tensors are
+    stored as usual. Do not use it inside torch.utils.checkpoint (which has its own hooks).
+    """
+    keys = {_key(t): i for i, t in enumerate(targets)}
+    shared = {"rebuild": rebuild}
+
+    def pack(t):
+        i = keys.get(_key(t))
+        return t if i is None else _Recipe(i, shared)
+
+    def unpack(obj):
+        return obj.get() if isinstance(obj, _Recipe) else obj
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 class AxialRoPE2D(nn.Module):
@@ -92,10 +133,15 @@ class VarlenSelfAttention(nn.Module):
         qkv_bias: bias in the qkv projection. qk_norm: LayerNorm of q and k over Dh (eps 1e-5).
         rope: an :class:`AxialRoPE2D` (may be shared between layers) or None for no RoPE.
         backend: passed to every nit_kernels op.
+        selective_recompute: do not keep the normalised, rotated q and k for the attention
+            backward; rebuild them there from the q and k that qk_norm_rope keeps (one extra
+            element-wise pass; saves 2 x [N, D] activations per layer). Ignored under
+            torch.compile and torch.utils.checkpoint.
     """
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, qk_norm: bool = True,
-                 qk_norm_eps: float = 1e-5, rope: Optional[AxialRoPE2D] = None, backend: Optional[str] = None):
+                 qk_norm_eps: float = 1e-5, rope: Optional[AxialRoPE2D] = None, backend: Optional[str] = None,
+                 selective_recompute: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -108,22 +154,40 @@ class VarlenSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rope = rope
         self.qk_norm = qk_norm
+        self.selective_recompute = selective_recompute
+        self.in_checkpoint = False  # set by a model that wraps this layer in torch.utils.checkpoint
+
+    def _transform_qk(self, q, k, packed):
+        """qk-norm and RoPE as configured, q [N, H, Dh], k [N, H, Dh]."""
+        if self.qk_norm and self.rope is not None:
+            r = self.rope
+            return ops.qk_norm_rope(q, k, packed, r.freqs, q_weight=self.q_norm.weight, q_bias=self.q_norm.bias,
+                                    k_weight=self.k_norm.weight, k_bias=self.k_norm.bias, eps=self.q_norm.eps,
+                                    positions=r.positions, mscale=r.mscale, backend=self.backend)
+        if self.qk_norm:
+            return self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            return self.rope(q, k, packed)
+        return q, k
 
     def forward(self, x: torch.Tensor, packed: PackedSeqs) -> torch.Tensor:
         """x [N, D] -> [N, D]; attention never crosses images."""
         n, d = x.shape
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        if self.qk_norm and self.rope is not None:
-            r = self.rope
-            q, k = ops.qk_norm_rope(q, k, packed, r.freqs, q_weight=self.q_norm.weight, q_bias=self.q_norm.bias,
-                                    k_weight=self.k_norm.weight, k_bias=self.k_norm.bias, eps=self.q_norm.eps,
-                                    positions=r.positions, mscale=r.mscale, backend=self.backend)
-        elif self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        elif self.rope is not None:
-            q, k = self.rope(q, k, packed)
-        o = ops.varlen_attention(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
-                                 backend=self.backend)
+        recompute = (self.selective_recompute and (self.qk_norm or self.rope is not None) and not self.in_checkpoint
+                     and torch.is_grad_enabled() and not torch.compiler.is_compiling())
+        ctx = contextlib.nullcontext()
+        if recompute:
+            # own storages, so the [N, 3D] qkv output is not kept alive by views
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            q0, k0 = q.detach(), k.detach()
+            q, k = self._transform_qk(q, k, packed)
+            ctx = rebuild_in_backward((q, k), lambda: self._transform_qk(q0, k0, packed))
+        else:
+            q, k = self._transform_qk(q, k, packed)
+        with ctx:
+            o = ops.varlen_attention(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
+                                     packed.max_seqlen, backend=self.backend)
         return self.proj(o.reshape(n, d))
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointMismatchError", "load_state_dict_file", "unwrap_state_dict", "check_state_dict",
-           "load_weights", "save_weights", "read_config", "infer_config", "load_model"]
+           "load_weights", "save_weights", "read_config", "infer_config", "config_from_state_dict", "load_model"]
 
 PathLike = Union[str, os.PathLike]
 WRAPPER_KEYS = ("ema", "model", "state_dict", "module")
@@ -183,16 +183,36 @@ def read_config(path: PathLike):
     return NiTConfig.from_dict(json.loads(meta[CONFIG_KEY])) if CONFIG_KEY in meta else None
 
 
+def config_from_state_dict(sd: Mapping[str, torch.Tensor], **overrides):
+    """A NiTConfig for a state dict without NiT metadata (e.g. an official checkpoint).
+
+    Sizes come from the tensor shapes; ``rope_positions`` is "official" (the order the released
+    checkpoints were trained with); encoder_depth follows the preset of the same width and depth.
+    """
+    from .config import PRESETS, NiTConfig
+    inferred = infer_config(sd)
+    if "hidden_size" not in inferred or "num_heads" not in inferred:
+        raise ValueError("cannot infer a NiT config from this state dict (no x_embedder / qk-norm keys)")
+    rows = inferred.pop("num_label_rows")
+    cfg = dict(inferred, num_classes=rows - 1, class_dropout_prob=0.1, rope_positions="official")
+    preset = next((p for p in PRESETS.values() if (p.get("depth"), p.get("hidden_size")) ==
+                   (cfg["depth"], cfg["hidden_size"])), {})
+    cfg["encoder_depth"] = min(preset.get("encoder_depth", 4), cfg["depth"])
+    return NiTConfig.from_dict({**cfg, **overrides})
+
+
 def load_model(path: PathLike, config=None, **overrides):
-    """A NiT built from `config` (default: the config saved in the file), with the file's weights."""
-    from .config import NiTConfig
+    """A NiT with the weights of `path`.
+
+    The config is, in order: `config`; the NiTConfig saved in the file by save_weights; or one
+    inferred from the tensor shapes (official checkpoints; see config_from_state_dict).
+    `overrides` replace fields (e.g. backend="reference", rope_method=...).
+    """
     from .model import NiT
+    if config is None and os.fspath(path).endswith(".safetensors"):
+        config = read_config(path)
     if config is None:
-        config = read_config(path) if os.fspath(path).endswith(".safetensors") else None
-        if config is None:
-            raise ValueError(f"{path} holds no NiT config; pass config=NiTConfig.from_name(...)")
-    if overrides:
+        config = config_from_state_dict(load_state_dict_file(path), **overrides)
+    elif overrides:
         config = config.replace(**overrides)
-    if not isinstance(config, NiTConfig):
-        raise TypeError(f"config must be a NiTConfig, got {type(config).__name__}")
     return load_weights(NiT(config), path)

@@ -34,6 +34,10 @@ class NiTConfig:
     trained with; equal to "grid" on square images).
 
     ``backend`` is passed to every nit_kernels op (None = automatic choice).
+    ``gradient_checkpointing`` recomputes each block in backward (torch.utils.checkpoint);
+    ``selective_recompute`` recomputes only cheap element-wise results in backward instead of
+    storing them: the MLP's GELU output ([N, 4D] per block) and the modulated LayerNorm outputs
+    that feed the qkv, fc1 and final Linears (rebuilt from the residual the fused kernels keep).
     """
 
     in_channels: int = 32
@@ -59,6 +63,7 @@ class NiTConfig:
     rope_decouple: bool = False
     backend: Optional[str] = None
     gradient_checkpointing: bool = False
+    selective_recompute: bool = True
 
     def __post_init__(self):
         self.validate()

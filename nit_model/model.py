@@ -13,10 +13,15 @@ What differs from the official formulation is where the work happens, not the ma
   and MLP residuals to the following norms, ``gated_residual`` closes the last block, and
   ``adaln_modulate`` opens the final layer;
 * qk-norm and RoPE are one op (``qk_norm_rope``) whose angles come from the pack's sizes (no
-  per-token cos/sin tables), feeding ``varlen_attention``; ``max_seqlen`` is computed once per pack.
+  per-token cos/sin tables), feeding ``varlen_attention``; ``max_seqlen`` is computed once per pack;
+* with ``selective_recompute`` (default) backward rebuilds, instead of storing, the activations
+  that one element-wise pass recomputes from tensors kept anyway: the modulated LayerNorm outputs
+  feeding the qkv, fc1 and final Linears, the normalised rotated q and k, and the GELU output.
+  Per block that keeps about 12 [N, D] activations where the official formulation keeps ~35.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Union
 
@@ -26,7 +31,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import nit_kernels as nk
-from nit_kernels.nn import AxialRoPE2D, GatedResidual, PackedAdaLN, ResidualAdaLN, VarlenSelfAttention
+from nit_kernels.nn import (AxialRoPE2D, GatedResidual, PackedAdaLN, ResidualAdaLN, VarlenSelfAttention,
+                            rebuild_in_backward)
 
 from .config import NiTConfig
 
@@ -98,16 +104,50 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
-class Mlp(nn.Module):
-    """fc1 -> tanh-GELU -> fc2 (timm's Mlp names)."""
+class _GeluFc2(torch.autograd.Function):
+    """``fc2(gelu_tanh(a))`` that keeps only ``a`` for backward and recomputes the GELU there.
 
-    def __init__(self, dim: int, hidden: int):
+    The GELU output is the largest activation of a block ([N, 4D]); recomputing it costs one
+    element-wise pass and saves 4D floats per token per block (selective recomputation,
+    Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models", 2022).
+    """
+
+    @staticmethod
+    def forward(ctx, a, weight, bias):
+        ctx.save_for_backward(a, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(a, approximate="tanh"), weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, weight = ctx.saved_tensors
+        act = F.gelu(a, approximate="tanh").to(g.dtype)  # under autocast g may be lower precision
+        g2, act2 = g.reshape(-1, g.shape[-1]), act.reshape(-1, act.shape[-1])
+        dw = (g2.t() @ act2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = g2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        da = None
+        if ctx.needs_input_grad[0]:
+            dact = (g @ weight.to(g.dtype)).to(a.dtype)
+            da = torch.ops.aten.gelu_backward(dact, a, approximate="tanh")
+        return da, dw, db
+
+
+class Mlp(nn.Module):
+    """fc1 -> tanh-GELU -> fc2 (timm's Mlp names). With ``recompute_gelu`` the GELU output is not
+    stored for backward but recomputed (same values and gradients, less memory)."""
+
+    def __init__(self, dim: int, hidden: int, recompute_gelu: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.recompute_gelu = recompute_gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        a = self.fc1(x)
+        # under torch.compile the partitioner already recomputes cheap element-wise ops
+        if self.recompute_gelu and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return _GeluFc2.apply(a, self.fc2.weight, self.fc2.bias)
+        return self.fc2(F.gelu(a, approximate="tanh"))
 
 
 def _adaln_linear(dim: int, out: int, lora_dim: Optional[int]) -> nn.Sequential:
@@ -115,6 +155,22 @@ def _adaln_linear(dim: int, out: int, lora_dim: Optional[int]) -> nn.Sequential:
     if lora_dim is None:
         return nn.Sequential(nn.SiLU(), nn.Linear(dim, out))
     return nn.Sequential(nn.SiLU(), nn.Linear(dim, lora_dim), nn.Linear(lora_dim, out))
+
+
+def _recompute_modulated(enabled: bool, h, x, shift, scale, norm: PackedAdaLN, packed):
+    """While active, a tensor saved for backward that is ``h = norm(x, shift, scale, packed)`` (the
+    input of the Linear that follows a packed AdaLN) is not kept but rebuilt in backward from x,
+    which the fused kernels keep for their own backward (one element-wise pass)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    x, shift, scale = x.detach(), shift.detach(), scale.detach()
+    return rebuild_in_backward((h,), lambda: (norm(x, shift, scale, packed),))
+
+
+def _selective_recompute(module: nn.Module) -> bool:
+    # not under torch.utils.checkpoint (it installs its own saved-tensor hooks) nor torch.compile
+    return (module.selective_recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not module.in_checkpoint)
 
 
 class NiTBlock(nn.Module):
@@ -131,11 +187,14 @@ class NiTBlock(nn.Module):
     def __init__(self, cfg: NiTConfig, rope: Optional[AxialRoPE2D]):
         super().__init__()
         d, b = cfg.hidden_size, cfg.backend
-        self.attn = VarlenSelfAttention(d, cfg.num_heads, qkv_bias=True, qk_norm=cfg.qk_norm, rope=rope, backend=b)
-        self.mlp = Mlp(d, cfg.mlp_hidden)
+        self.attn = VarlenSelfAttention(d, cfg.num_heads, qkv_bias=True, qk_norm=cfg.qk_norm, rope=rope, backend=b,
+                                        selective_recompute=cfg.selective_recompute)
+        self.mlp = Mlp(d, cfg.mlp_hidden, recompute_gelu=cfg.selective_recompute)
         self.adaLN_modulation = _adaln_linear(d, 6 * d, cfg.adaln_lora_dim)
+        self.norm = PackedAdaLN(eps=1e-6, backend=b)
         self.residual_adaln = ResidualAdaLN(eps=1e-6, backend=b)
         self.gated_residual = GatedResidual(backend=b)
+        self.selective_recompute, self.in_checkpoint = cfg.selective_recompute, False
 
     def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """c [B, D] -> (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each [B, D]."""
@@ -144,9 +203,13 @@ class NiTBlock(nn.Module):
     def forward(self, x, h, mod, next_mod, packed):
         """x [N, D] residual stream, h [N, D] = its modulated LayerNorm; mod: this block's six rows;
         next_mod: (shift, scale) opening the next block, or None. Returns (x_out, h_next or None)."""
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x, h = self.residual_adaln(x, self.attn(h, packed), gate_msa, shift_mlp, scale_mlp, packed)
-        y = self.mlp(h)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        recompute = _selective_recompute(self)
+        with _recompute_modulated(recompute, h, x, shift_msa, scale_msa, self.norm, packed):
+            a = self.attn(h, packed)
+        x, h = self.residual_adaln(x, a, gate_msa, shift_mlp, scale_mlp, packed)
+        with _recompute_modulated(recompute, h, x, shift_mlp, scale_mlp, self.norm, packed):
+            y = self.mlp(h)
         if next_mod is None:
             return self.gated_residual(x, y, gate_mlp, packed), None
         return self.residual_adaln(x, y, gate_mlp, next_mod[0], next_mod[1], packed)
@@ -155,15 +218,19 @@ class NiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """``linear(LN(x) * (1 + scale[seg]) + shift[seg])`` -> [N, C*p*p]; (shift, scale) from c per image."""
 
-    def __init__(self, hidden_size: int, out_dim: int, backend: Optional[str] = None):
+    def __init__(self, hidden_size: int, out_dim: int, backend: Optional[str] = None,
+                 selective_recompute: bool = True):
         super().__init__()
         self.linear = nn.Linear(hidden_size, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.norm = PackedAdaLN(eps=1e-6, backend=backend)
+        self.selective_recompute, self.in_checkpoint = selective_recompute, False
 
     def forward(self, x, c, packed):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(self.norm(x, shift, scale, packed))
+        h = self.norm(x, shift, scale, packed)
+        with _recompute_modulated(_selective_recompute(self), h, x, shift, scale, self.norm, packed):
+            return self.linear(h)
 
 
 class NiT(nn.Module):
@@ -193,10 +260,16 @@ class NiT(nn.Module):
                                        nn.Linear(cfg.projector_dim, cfg.projector_dim), nn.SiLU(),
                                        nn.Linear(cfg.projector_dim, cfg.z_dim))
         self.blocks = nn.ModuleList(NiTBlock(cfg, self.rope) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(d, cfg.patch_dim, cfg.backend)
+        self.final_layer = FinalLayer(d, cfg.patch_dim, cfg.backend, cfg.selective_recompute)
         self.first_norm = PackedAdaLN(eps=1e-6, backend=cfg.backend)
-        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.set_gradient_checkpointing(cfg.gradient_checkpointing)
         self.initialize_weights()
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute every block in backward (torch.utils.checkpoint, use_reentrant=False)."""
+        self.gradient_checkpointing = bool(enabled)
+        for blk in self.blocks:
+            blk.in_checkpoint = blk.attn.in_checkpoint = bool(enabled)
 
     def initialize_weights(self) -> None:
         """The official initialisation: xavier-uniform Linears with zero bias, the patch embedding

@@ -213,16 +213,36 @@ def test_hw_list_and_layouts():
     assert torch.equal(model(x, torch.tensor(0.3), y, packed), model(x, torch.full_like(t, 0.3), y, packed))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("variant", [dict(gradient_checkpointing=True), dict(selective_recompute=False),
+                                     dict(gradient_checkpointing=True, selective_recompute=False)],
+                         ids=["checkpointing", "no-selective-recompute", "checkpointing-only"])
+def test_recomputation_gives_the_same_gradients(variant):
     plain = randomize(NiT(small_cfg()))
-    ckpt = NiT(small_cfg(gradient_checkpointing=True))
-    ckpt.load_state_dict(plain.state_dict())
+    other = NiT(small_cfg(**variant))
+    other.load_state_dict(plain.state_dict())
     x, t, y, packed = inputs(plain.config, NON_SQUARE)
-    for m in (plain, ckpt):
+    for m in (plain, other):
         m(x, t, y, packed).square().sum().backward()
-    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+    for (n, a), (_, b) in zip(plain.named_parameters(), other.named_parameters()):
         if a.grad is not None:
             assert_close(b.grad, a.grad, atol=1e-6 * (a.grad.abs().max().item() + 1e-3), rtol=1e-6, name=n)
+
+
+def test_recomputed_gelu_gives_the_same_values_and_gradients():
+    from nit_model.model import Mlp
+    torch.manual_seed(0)
+    plain, recomputed = Mlp(16, 64, recompute_gelu=False), Mlp(16, 64, recompute_gelu=True)
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randn(10, 16, requires_grad=True)
+    g = torch.randn(10, 16)
+    outs, grads = [], []
+    for m in (plain, recomputed):
+        out = m(x)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, [x, *m.parameters()], g))
+    assert torch.equal(outs[0], outs[1])
+    for name, a, b in zip(["x", "fc1.w", "fc1.b", "fc2.w", "fc2.b"], *grads):
+        assert_close(b, a, atol=1e-6, rtol=1e-6, name=name)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -275,6 +295,19 @@ def test_pt_checkpoints_with_wrappers(tmp_path):
         assert torch.equal(fresh.state_dict()[k], v), k
     fresh = load_weights(NiT(small_cfg()), tmp_path / "ckpt.pt", prefer=("model",))
     assert torch.equal(fresh.blocks[0].attn.qkv.weight, other.blocks[0].attn.qkv.weight)
+
+
+def test_official_checkpoint_without_metadata_gets_an_inferred_config(tmp_path):
+    from safetensors.torch import save_file
+    cfg = small_cfg(num_classes=9, rope_positions="official", encoder_depth=3)
+    model = randomize(NiT(cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "official.safetensors")
+    loaded = load_model(tmp_path / "official.safetensors", encoder_depth=3)
+    for f in ("hidden_size", "depth", "num_heads", "in_channels", "patch_size", "num_classes", "z_dim",
+              "projector_dim", "rope_positions", "adaln_lora_dim", "encoder_depth"):
+        assert getattr(loaded.config, f) == getattr(cfg, f), f
+    x, t, y, packed = inputs(cfg, NON_SQUARE)
+    assert torch.equal(loaded(x, t, y, packed), model(x, t, y, packed))
 
 
 class _Payload:

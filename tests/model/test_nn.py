@@ -1,10 +1,14 @@
 """nit_kernels.nn drop-in modules against explicit per-image PyTorch code."""
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nit_kernels as nk
-from nit_kernels.nn import AxialRoPE2D, GatedResidual, PackedAdaLN, ResidualAdaLN, VarlenSelfAttention
+from nit_kernels.nn import (AxialRoPE2D, GatedResidual, PackedAdaLN, ResidualAdaLN, VarlenSelfAttention,
+                            rebuild_in_backward)
 from nit_kernels.testing import assert_close
 
 SIZES = [(3, 5), (1, 1), (4, 2), (2, 2)]
@@ -96,6 +100,46 @@ def test_varlen_self_attention_matches_per_image_attention(qk_norm, use_rope):
     for name, a, b in zip(("dx", "dqkv"), got, want):
         assert_close(a, b, atol=1e-4, rtol=1e-4, name=name)
     assert {n for n, _ in mod.named_parameters()} >= {"qkv.weight", "proj.weight"}
+
+
+@pytest.mark.parametrize("qk_norm,use_rope", [(True, True), (False, True), (True, False)])
+def test_selective_recompute_keeps_values_and_gradients(qk_norm, use_rope):
+    torch.manual_seed(0)
+    packed = nk.PackedSeqs.from_sizes(SIZES)
+    rope = AxialRoPE2D(12, positions="official") if use_rope else None
+    plain = VarlenSelfAttention(48, 4, qk_norm=qk_norm, rope=rope)
+    lean = VarlenSelfAttention(48, 4, qk_norm=qk_norm, rope=rope, selective_recompute=True)
+    lean.load_state_dict(plain.state_dict())
+    x = torch.randn(packed.total_tokens, 48, requires_grad=True)
+    g = torch.randn(packed.total_tokens, 48)
+    outs, grads = [], []
+    for m in (plain, lean):
+        out = m(x, packed)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, [x, *m.parameters()], g))
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+def test_rebuild_in_backward_drops_the_target_and_rebuilds_it():
+    a = torch.randn(50, requires_grad=True)
+    base = torch.randn(50)
+    calls = []
+
+    def rebuild():
+        calls.append(1)
+        return (base.exp(),)
+
+    b = base.exp()
+    ref = weakref.ref(b)
+    with rebuild_in_backward((b,), rebuild):
+        y = (a * b).sum()
+    del b
+    gc.collect()
+    assert ref() is None  # the graph did not keep it
+    (ga,) = torch.autograd.grad(y, [a])
+    assert torch.equal(ga, base.exp()) and calls == [1]
 
 
 def test_varlen_self_attention_rejects_a_mismatched_rope():
