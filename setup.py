@@ -66,7 +66,10 @@ def _extensions():
         sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
         archs = os.environ.get("NIT_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-DNIT_WITH_CUDA"]
-        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+        archs = [a for a in archs if a]
+        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        # PTX of the newest arch as well, so GPUs newer than the list can JIT-compile the kernels
+        nvcc += [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"] if archs else []
         ext = CUDAExtension(
             "nit_kernels._C",
             sources,

@@ -64,14 +64,15 @@ def refuse(call: Call) -> Optional[str]:
 
 
 def _refuse_cpu(call: Call) -> Optional[str]:
-    if call.op == "varlen_attention" and call.gqa:
-        return "grouped-query attention (fewer k/v heads than q heads) is not supported"
+    # varlen_attention: every head_dim, causal or not, and grouped-query heads are served
     return None
 
 
 def _refuse_cuda(call: Call) -> Optional[str]:
-    if call.op == "varlen_attention" and call.gqa:
-        return "grouped-query attention (fewer k/v heads than q heads) is not supported"
+    # limits of the CUDA kernels (csrc/cuda/launchers.h); grouped-query attention is supported
+    limit = {"varlen_attention": 128, "qk_norm_rope": 256}.get(call.op)
+    if limit is not None and call.head_dim is not None and call.head_dim > limit:
+        return f"the CUDA {call.op} kernel supports head_dim <= {limit}, got {call.head_dim}"
     return None
 
 

@@ -1,17 +1,29 @@
 """The triton backend: Triton kernels of every op (nit_kernels/triton/<op>.py).
 
-On a GPU these are the portable fast path. On a CPU they run only under the Triton interpreter
-(``TRITON_INTERPRET=1`` set before the first kernel launch), which is how CI verifies them.
-Importing this package never queries a device.
+On a GPU these are the portable fast path. On a CPU they run only under the Triton interpreter,
+which is how CI verifies them: set ``TRITON_INTERPRET=1`` before this package is first imported
+(``@triton.jit`` reads it when it decorates the kernels). Importing this package never queries a
+device, and ``import nit_kernels`` works without Triton (the backend then reports why it is
+unavailable).
+
+Each op is a ``torch.library`` op (namespace ``nit_triton``) with a registered backward, so
+``torch.compile(fullgraph=True)`` keeps it in the graph: a ``triton_op`` on a GPU (the compiler
+sees the kernels), an opaque ``custom_op`` with a fake kernel under the interpreter.
+
+Determinism: the backward of the modulation ops reduces per-image gradients with atomics unless
+``torch.use_deterministic_algorithms(True)`` is on, in which case it uses per-tile partial sums
+and a fixed-order reduction (bitwise repeatable). Every other kernel is deterministic always.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from ..backends import FLOAT_DTYPES, Call
+
+# head dims the attention kernels accept: padded to a power of two >= 16 inside the kernel
+MAX_ATTENTION_HEAD_DIM = 128
 
 try:
     import triton  # noqa: F401
@@ -19,25 +31,50 @@ try:
 except Exception as e:
     _ERROR = f"triton is not importable ({type(e).__name__}: {e}); pip install 'nit-kernels[triton]'"
 
+OPS: dict = {}
+INTERPRETED = False
+if _ERROR is None:
+    try:
+        from . import adaln, attention, rope
+        from ._common import INTERPRETED
+        OPS = {
+            "adaln_modulate": adaln.adaln_modulate,
+            "gated_residual": adaln.gated_residual,
+            "residual_adaln": adaln.residual_adaln,
+            "rope_2d": rope.rope_2d,
+            "qk_norm_rope": rope.qk_norm_rope,
+            "varlen_attention": attention.varlen_attention,
+        }
+    except Exception as e:  # an incompatible triton or torch must not break `import nit_kernels`
+        _ERROR = f"the Triton kernels failed to load ({type(e).__name__}: {e})"
+
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the kernels were loaded for the Triton interpreter (they then run on CPU tensors)."""
+    return _ERROR is None and INTERPRETED
 
 
 def load_error() -> Optional[str]:
-    if _ERROR is None and not (interpreting() or torch.cuda.is_available()):
-        return "no CUDA device, and TRITON_INTERPRET=1 is not set (the interpreter runs Triton on CPU tensors)"
+    if _ERROR is None and not (INTERPRETED or torch.cuda.is_available()):
+        return ("no CUDA device, and the kernels were not loaded for the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before nit_kernels.triton is imported to run them on CPU tensors)")
     return _ERROR
 
 
 def refuse(call: Call) -> Optional[str]:
-    if call.device.type == "cpu" and not interpreting():
-        return "CPU tensors run under the Triton interpreter only (set TRITON_INTERPRET=1)"
+    if call.device.type == "cpu" and not INTERPRETED:
+        return ("CPU tensors run under the Triton interpreter only (set TRITON_INTERPRET=1 before "
+                "nit_kernels.triton is imported)")
+    if call.device.type == "cuda" and INTERPRETED:
+        return ("the kernels were loaded for the Triton interpreter (TRITON_INTERPRET=1), which runs on CPU "
+                "tensors; unset TRITON_INTERPRET to run CUDA tensors on the GPU")
     if call.device.type not in ("cpu", "cuda"):
         return f"needs CUDA tensors, got {call.device}"
     if call.dtype not in FLOAT_DTYPES:
         return f"dtype {call.dtype} is not supported (float32, float16, bfloat16)"
+    if call.op == "varlen_attention" and call.head_dim is not None and call.head_dim > MAX_ATTENTION_HEAD_DIM:
+        return f"head_dim {call.head_dim} is not supported (at most {MAX_ATTENTION_HEAD_DIM})"
+    if call.op == "varlen_attention" and call.dtype == torch.bfloat16 and INTERPRETED:
+        return ("bfloat16 attention is wrong under the Triton interpreter (its tl.dot multiplies the raw bf16 "
+                "bits); use float16 or float32 on CPU, or run on a GPU")
     return None
-
-
-OPS: dict = {}

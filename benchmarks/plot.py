@@ -1,0 +1,260 @@
+"""Plots (PNG) and the markdown summary (results/SUMMARY.md) of one run in the benchmark CSV.
+
+    python -m benchmarks.plot [--csv results/results.csv] [--out-dir results] [--run TIMESTAMP]
+
+The run shown is the newest in the CSV (rows sharing its timestamp) unless --run names another.
+Plots: speed-up over the reference per suite, one panel per pass; suites that report tokens/s
+(the training step) get a throughput plot. The summary states the machine, shows every measured
+figure as tables, lists what disagreed with the reference or failed, and lists plainly what could
+not be measured here and why (on a machine without a GPU: every GPU provider).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+from .report import DEFAULT_CSV, fnum, read_rows
+
+RESULTS_DIR = os.path.dirname(DEFAULT_CSV)
+PASSES = ("fwd", "bwd", "fwd+bwd")
+
+
+def latest_run(rows: list[dict], run: Optional[str] = None) -> list[dict]:
+    if not rows:
+        return []
+    stamp = run or max(r["timestamp"] for r in rows)
+    return [r for r in rows if r["timestamp"] == stamp]
+
+
+def _f(v) -> Optional[float]:
+    try:
+        return float(v) if v not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _suites(rows) -> "OrderedDict[str, list[dict]]":
+    out: OrderedDict = OrderedDict()
+    for r in rows:
+        if r["suite"] != "machine":
+            out.setdefault(r["suite"], []).append(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------
+def plot_speedups(rows: list[dict], out_dir: str) -> list[str]:
+    """One PNG per suite: bars of speed-up over the reference, per workload and provider, per pass."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    written = []
+    for suite, srows in _suites(rows).items():
+        ok = [r for r in srows if r["status"] == "ok" and _f(r.get("speedup_vs_reference")) is not None]
+        if not ok:
+            continue
+        workloads = list(OrderedDict.fromkeys(r["workload"] for r in ok))
+        providers = [p for p in OrderedDict.fromkeys(r["provider"] for r in ok) if p != "reference"]
+        if not providers:
+            continue
+        fig, axes = plt.subplots(1, len(PASSES), figsize=(5 * len(PASSES), 0.5 * len(workloads) + 2.5),
+                                 sharey=True, squeeze=False)
+        width = 0.8 / len(providers)
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for ax, p in zip(axes[0], PASSES):
+            drawn = 0
+            for j, prov in enumerate(providers):
+                ys, vals = [], []
+                for i, w in enumerate(workloads):
+                    hit = [r for r in ok if r["workload"] == w and r["provider"] == prov and r["pass"] == p]
+                    if hit:
+                        ys.append(i + j * width)
+                        vals.append(_f(hit[0]["speedup_vs_reference"]))
+                # bars start at 1x: to the right when faster than the reference, to the left when slower
+                ax.barh(ys, [v - 1 for v in vals], left=1.0, height=width, label=prov,
+                        color=colors[j % len(colors)])
+                drawn += len(vals)
+            if not drawn:
+                ax.text(0.5, 0.5, f"no {p} measured\n(see SUMMARY.md)", transform=ax.transAxes, ha="center")
+            ax.axvline(1.0, color="k", lw=0.8)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            ax.set_title(f"{suite}: {p}")
+            ax.set_xlabel("speed-up over the eager reference (log scale)")
+        axes[0][0].set_yticks([i + 0.4 - width / 2 for i in range(len(workloads))], workloads)
+        axes[0][0].invert_yaxis()
+        axes[0][0].legend(fontsize="small", loc="best")
+        if srows[0].get("mode") == "quick":
+            fig.suptitle("quick mode: smoke test, not results", color="red")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"speedup_{suite}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_throughput(rows: list[dict], out_dir: str, unit: str = "tokens/s") -> list[str]:
+    """One PNG per suite that reports `unit` (e.g. tokens/s per model size for the training step)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for suite, srows in _suites(rows).items():
+        ok = [r for r in srows if r["status"] == "ok" and r.get("unit") == unit]
+        if not ok:
+            continue
+        labels = [f"{r['workload']} / {r['provider']} / {r['pass']}" for r in ok]
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(ok) + 1.5))
+        ax.barh(range(len(ok)), [_f(r["throughput"]) for r in ok])
+        ax.set_yticks(range(len(ok)), labels, fontsize="small")
+        ax.invert_yaxis()
+        ax.set_xlabel(unit)
+        ax.set_title(suite)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"throughput_{suite}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# markdown summary
+# ---------------------------------------------------------------------------------------------
+def _measured_table(srows: list[dict]) -> list[str]:
+    ok = [r for r in srows if r["status"] == "ok"]
+    if not ok:
+        return ["Nothing in this suite was measured in this run (see below for why)."]
+    unit = ok[0].get("unit", "")
+    mem_bound = unit == "GB/s"
+    head = ["workload", "provider", "fwd ms", "bwd ms", "fwd+bwd ms", f"fwd+bwd {unit}"]
+    head += ["% of copy"] if mem_bound else []
+    head += ["x reference", "x best peer (which)", "peak MB"]
+    if any(r.get("padding_waste") for r in ok):
+        head.append("padding waste")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = list(OrderedDict.fromkeys((r["workload"], r["provider"]) for r in ok))
+    for w, prov in keys:
+        by = {r["pass"]: r for r in ok if r["workload"] == w and r["provider"] == prov}
+        main = by.get("fwd+bwd") or by.get("fwd")
+        tag = "" if "fwd+bwd" in by else " (fwd)"
+        cells = [w, prov] + [fnum(by[p]["median_ms"]) if p in by else "-" for p in PASSES]
+        cells.append(fnum(main.get("throughput"), ".4g") + tag)
+        if mem_bound:
+            frac = _f(main.get("frac_of_copy"))
+            cells.append(f"{100 * frac:.0f}%" if frac is not None else "-")
+        peer = fnum(main.get("speedup_vs_best_peer"), ".2f")
+        cells += [fnum(main.get("speedup_vs_reference"), ".2f"),
+                  f"{peer} ({main['best_peer']})" if main.get("best_peer") else peer,
+                  fnum(by["fwd+bwd"].get("peak_mem_mb"), ".1f") if "fwd+bwd" in by else "-"]
+        if "padding waste" in head:
+            cells.append(fnum(main.get("padding_waste"), ".2f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _not_measured(rows: list[dict]) -> list[str]:
+    """Skipped providers, one line per (provider, reason), with the suites and passes it covers."""
+    groups: OrderedDict = OrderedDict()
+    workloads: dict = {}
+    for r in rows:
+        workloads.setdefault(r["suite"], set()).add(r["workload"])
+        if r["status"] == "skipped":
+            groups.setdefault((r["provider"], r["reason"]), set()).add((r["suite"], r["workload"], r["pass"]))
+    out = []
+    for (prov, reason), where in groups.items():
+        suites = sorted({s for s, _, _ in where})
+        passes = sorted({p for _, _, p in where}, key=lambda p: PASSES.index(p) if p in PASSES else 9)
+        scope = ", ".join(suites) + ("" if len(passes) == 3 else f" ({', '.join(passes)} only)")
+        some = sorted({w for s, w, _ in where})
+        if any({w for s2, w, _ in where if s2 == s} != workloads[s] for s in suites):
+            scope += f" on {', '.join(some)}"
+        out.append(f"- **{prov}** in {scope}: {reason}")
+    return out
+
+
+def write_summary(rows: list[dict], path: str, plots: Sequence[str] = ()) -> str:
+    """Write the markdown summary of one run's rows to `path`; returns the text."""
+    if not rows:
+        raise ValueError("no rows to summarise")
+    r0 = rows[0]
+    copy = [r for r in rows if r["suite"] == "machine"]
+    loads = [_f(r.get("load_avg")) for r in rows if _f(r.get("load_avg")) is not None]
+    lines = ["# Benchmark results", ""]
+    if r0.get("mode") == "quick":
+        lines += ["> **Quick mode (smoke test): tiny shapes, one repetition, compiled providers only with "
+                  "--compile. These numbers are not results.**", ""]
+    lines += [
+        f"- Run: {r0['timestamp']}, commit `{r0['commit']}`, {r0.get('mode', '')} mode",
+        f"- Machine: {r0['machine']}",
+        f"- GPU: {r0['gpu']}",
+        f"- torch {r0['torch']}, triton {r0['triton']}",
+    ]
+    for c in copy:
+        lines.append(f"- Copy bandwidth ({c['device']}, 256 MiB, read + write): {fnum(c['throughput'], '.1f')} GB/s")
+    if loads:
+        lines.append(f"- 1-minute load average during the run: {min(loads):.1f} to {max(loads):.1f} "
+                     "(above the CPU count, other processes competed for the cores)")
+    lines += ["", "Medians of repeated calls (p20/p80 are in the CSV). Byte and FLOP counts, the accuracy check "
+              "and the memory method are described in benchmarks/results/README.md. Speed-ups are measured side "
+              "by side in this run; 'best peer' is the fastest provider that is not one of this package's "
+              "kernels.", ""]
+    if r0["gpu"] == "none":
+        lines += ["**No GPU on this machine: nothing was measured on a GPU.** The `cuda`, `triton`, `flash_attn` "
+                  "and `torch_varlen` providers (and every GPU figure) do not exist for this run; they are listed "
+                  "under 'Not measured' with the reason.", ""]
+    for suite, srows in _suites(rows).items():
+        lines += [f"## {suite}", ""]
+        lines += _measured_table(srows)
+        bad = [r for r in srows if r["status"] in ("mismatch", "error")]
+        seen = set()
+        for r in bad:
+            key = (r["workload"], r["provider"], r["status"])
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"\n**{r['status']}**: {r['provider']} on {r['workload']}: "
+                             f"{r.get('check') or r.get('reason')}")
+        plot = os.path.join(os.path.dirname(path), f"speedup_{suite}.png")
+        if plot in plots:
+            lines += ["", f"![{suite} speed-ups]({os.path.basename(plot)})"]
+        lines.append("")
+    missing = _not_measured(rows)
+    if missing:
+        lines += ["## Not measured in this run, and why", ""] + missing + [""]
+    text = "\n".join(lines)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n")[0])
+    p.add_argument("--csv", default=DEFAULT_CSV)
+    p.add_argument("--out-dir", default=RESULTS_DIR, help="where the PNGs and SUMMARY.md go")
+    p.add_argument("--run", default=None, help="timestamp of the run to show (default: the newest)")
+    args = p.parse_args(argv)
+    rows = latest_run(read_rows(args.csv), args.run)
+    if not rows:
+        raise SystemExit(f"{args.csv}: no rows" + (f" with timestamp {args.run}" if args.run else ""))
+    os.makedirs(args.out_dir, exist_ok=True)
+    plots = plot_speedups(rows, args.out_dir) + plot_throughput(rows, args.out_dir)
+    summary = os.path.join(args.out_dir, "SUMMARY.md")
+    write_summary(rows, summary, plots)
+    for path in plots + [summary]:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+// Host interface of the CUDA kernels: plain functions on raw device pointers, sizes and a
+// stream. This header needs only the CUDA runtime API, so the kernels (.cu) compile with plain
+// nvcc and the torch glue (<op>_glue.cpp) stays thin: it checks arguments, allocates outputs
+// and workspaces with torch's caching allocator, and calls one of these on the current stream.
+//
+// Conventions shared by every launcher:
+//   - tensors are contiguous and row-major; x [N, D], per-image rows [B, D], q [N, H, Dh];
+//   - cu_seqlens int32 [B+1] and sizes int32 [B, 2] live on the device; they are trusted (the
+//     host validates them once per pack), but kernels clamp every row index to [0, N) so a bad
+//     cu_seqlens gives wrong numbers, never an out-of-bounds access;
+//   - statistics (mean, rstd, lse) and workspaces are fp32; all math is fp32;
+//   - the return value is the first CUDA error met (cudaSuccess otherwise); launches are async.
+#pragma once
+#include <cuda_runtime_api.h>
+#include <stddef.h>
+#include <stdint.h>
+
+namespace nit {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Packing metadata as the kernels see it.
+struct Pack {
+  const int32_t* cu_seqlens;  // [B+1]
+  int num_seqs;               // B
+  int64_t num_tokens;         // N
+};
+
+// ---- adaln_modulate: y = LN(x) * (1 + scale[seg]) + shift[seg] -----------------------------
+cudaError_t adaln_modulate_fwd(DType dt, const void* x, const void* shift, const void* scale,
+                               Pack pack, int64_t D, float eps, void* y, float* mean,
+                               float* rstd, cudaStream_t stream);
+// Workspace (fp32 elements) of adaln_modulate_bwd.
+int64_t adaln_modulate_bwd_workspace(Pack pack, int64_t D);
+cudaError_t adaln_modulate_bwd(DType dt, const void* dy, const void* x, const void* scale,
+                               const float* mean, const float* rstd, Pack pack, int64_t D,
+                               void* dx, void* dshift, void* dscale, float* workspace,
+                               cudaStream_t stream);
+
+// ---- gated_residual: out = x + gate[seg] * y --------------------------------------------------
+cudaError_t gated_residual_fwd(DType dt, const void* x, const void* y, const void* gate, Pack pack,
+                               int64_t D, void* out, cudaStream_t stream);
+int64_t gated_residual_bwd_workspace(Pack pack, int64_t D);
+cudaError_t gated_residual_bwd(DType dt, const void* dout, const void* y, const void* gate,
+                               Pack pack, int64_t D, void* dy, void* dgate, float* workspace,
+                               cudaStream_t stream);
+
+// ---- residual_adaln: x_new = x + gate[seg] * y; h = LN(x_new) * (1 + scale[seg]) + shift[seg] -
+cudaError_t residual_adaln_fwd(DType dt, const void* x, const void* y, const void* gate,
+                               const void* shift, const void* scale, Pack pack, int64_t D,
+                               float eps, void* x_new, void* h, float* mean, float* rstd,
+                               cudaStream_t stream);
+int64_t residual_adaln_bwd_workspace(Pack pack, int64_t D);
+cudaError_t residual_adaln_bwd(DType dt, const void* dx_new, const void* dh, const void* x_new,
+                               const void* y, const void* gate, const void* scale,
+                               const float* mean, const float* rstd, Pack pack, int64_t D,
+                               void* dx, void* dy, void* dgate, void* dshift, void* dscale,
+                               float* workspace, cudaStream_t stream);
+
+// ---- axial 2D RoPE ------------------------------------------------------------------------------
+struct RopeArgs {
+  const int32_t* sizes;  // [B, 2] (h, w)
+  const float* freqs;    // [2, Dh/4]
+  bool official;         // positions="official" (p0 = t % h) instead of "grid" (p0 = t % w)
+  float mscale;
+};
+// q_out = rotate(q), k_out = rotate(k); inverse rotates by the negated angle (the backward).
+cudaError_t rope_2d(DType dt, const void* q, const void* k, Pack pack, int64_t H, int64_t Hk,
+                    int64_t Dh, RopeArgs rope, bool inverse, void* q_out, void* k_out,
+                    cudaStream_t stream);
+
+// ---- qk_norm_rope: LayerNorm over Dh with affine (fp32 weight/bias), then RoPE -------------------
+constexpr int64_t kQkNormMaxHeadDim = 256;
+cudaError_t qk_norm_rope_fwd(DType dt, const void* q, const void* k, Pack pack, int64_t H,
+                             int64_t Hk, int64_t Dh, RopeArgs rope, const float* q_weight,
+                             const float* q_bias, const float* k_weight, const float* k_bias,
+                             float eps, void* q_out, void* k_out, float* q_mean, float* q_rstd,
+                             float* k_mean, float* k_rstd, cudaStream_t stream);
+int64_t qk_norm_rope_bwd_workspace(Pack pack, int64_t Dh);
+// dparams: fp32 [4, Dh] = (dq_weight, dq_bias, dk_weight, dk_bias).
+cudaError_t qk_norm_rope_bwd(DType dt, const void* dq_rot, const void* dk_rot, const void* q,
+                             const void* k, Pack pack, int64_t H, int64_t Hk, int64_t Dh,
+                             RopeArgs rope, const float* q_weight, const float* k_weight,
+                             const float* q_mean, const float* q_rstd, const float* k_mean,
+                             const float* k_rstd, void* dq, void* dk, float* dparams,
+                             float* workspace, cudaStream_t stream);
+
+// ---- varlen attention (flash_attn_varlen_func semantics) ---------------------------------------
+constexpr int64_t kAttnMaxHeadDim = 128;
+struct AttnArgs {
+  const int32_t* cu_q;  // [B+1]
+  const int32_t* cu_k;  // [B+1]
+  int num_seqs;
+  int64_t nq, nk;       // total query / key tokens
+  int64_t max_seqlen_q, max_seqlen_k;
+  int64_t H, Hk, D;     // query heads, k/v heads (H % Hk == 0), head_dim <= kAttnMaxHeadDim
+  float softmax_scale;
+  bool causal;          // bottom-right aligned; rows that see no key output 0 (lse = -inf)
+};
+// out [nq, H, D] (input dtype), lse fp32 [H, nq] (natural log).
+cudaError_t varlen_attention_fwd(DType dt, const void* q, const void* k, const void* v,
+                                 AttnArgs a, void* out, float* lse, cudaStream_t stream);
+// Workspace (fp32 elements) of the backward: delta = rowsum(dO * O), [H, nq].
+int64_t varlen_attention_bwd_workspace(const AttnArgs& a);
+cudaError_t varlen_attention_bwd(DType dt, const void* dout, const void* q, const void* k,
+                                 const void* v, const void* out, const float* lse, AttnArgs a,
+                                 void* dq, void* dk, void* dv, float* workspace,
+                                 cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace nit

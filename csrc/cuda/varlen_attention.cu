@@ -1,0 +1,169 @@
+// Varlen attention forward (flash_attn_varlen_func semantics) for GPUs without flash-attn:
+// tiled, online softmax (Milakov & Gimelshein 2018; FlashAttention-2, Dao 2023), nothing of
+// size seqlen^2 in memory. Per image b and query head h:
+//   S = scale * Q K^T,  P = softmax(S) (causal: bottom-right aligned mask),  O = P V
+//   lse = log(sum exp(S)) per query row (natural log), -inf for a row that sees no key (O = 0)
+//
+// Grid (ceil(max_seqlen_q / kRows), H, B): one CTA per tile of query rows of one head of one
+// image; tiles past the image's length exit at once. Each warp owns 16 query rows; per step of
+// kFwdCols keys: S strip = Q K^T (tensor cores for fp16/bf16), online softmax on the strip
+// (row max/sum by warp shuffles), P rounded to the input dtype, O = alpha * O + P V.
+#include "cuda/attention_tile.cuh"
+
+namespace nit {
+namespace cuda {
+namespace attn {
+namespace {
+
+template <typename T, int kDp>
+struct FwdLayout {
+  using Tl = Tile<T, kDp>;
+  static constexpr int BM = Tl::kRows, BN = Tl::kFwdCols;
+  static constexpr int LDI = Tl::kLdIn, LDS = Tl::ld_s(BN), LDP = Tl::ld_p(BN);
+  static constexpr size_t q = 0;
+  static constexpr size_t k = align128(q + sizeof(T) * BM * LDI);
+  static constexpr size_t v = align128(k + sizeof(T) * BN * LDI);
+  static constexpr size_t s = align128(v + sizeof(T) * BN * LDI);
+  static constexpr size_t p = align128(s + sizeof(float) * BM * LDS);
+  static constexpr size_t row = align128(p + sizeof(T) * BM * LDP);
+  static constexpr size_t bytes = align128(row + sizeof(float) * 3 * BM);  // factor, m, l
+};
+
+template <typename T, int kDp>
+__global__ void __launch_bounds__(Tile<T, kDp>::kThreads)
+    attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                    AttnArgs a, bool vec, T* __restrict__ out, float* __restrict__ lse) {
+  using L = FwdLayout<T, kDp>;
+  constexpr int BM = L::BM, BN = L::BN, LDI = L::LDI, LDS = L::LDS, LDP = L::LDP;
+  constexpr int kThreads = Tile<T, kDp>::kThreads;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem + L::q);
+  T* sK = reinterpret_cast<T*>(smem + L::k);
+  T* sV = reinterpret_cast<T*>(smem + L::v);
+  float* sS = reinterpret_cast<float*>(smem + L::s);
+  T* sP = reinterpret_cast<T*>(smem + L::p);
+  float* sRow = reinterpret_cast<float*>(smem + L::row);  // [3][BM]: row factor, max m, sum l
+
+  const Ranges rg = image_ranges(a, blockIdx.z);
+  const int64_t m0 = int64_t(blockIdx.x) * BM;
+  if (m0 >= rg.sq) return;  // uniform: the whole CTA leaves before any barrier
+  const int64_t h = blockIdx.y, hk = h / (a.H / a.Hk);
+  const int64_t D = a.D;
+  const int64_t q_stride = a.H * D, k_stride = a.Hk * D;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rows_valid = static_cast<int>(rg.sq - m0 < BM ? rg.sq - m0 : BM);
+
+  load_tile<T, BM, kDp, LDI, kThreads>(sQ, q + (rg.q_begin + m0) * q_stride + h * D, q_stride,
+                                       rows_valid, static_cast<int>(D), vec);
+
+  float* my_S = sS + warp * 16 * LDS;
+  T* my_P = sP + warp * 16 * LDP;
+  float* my_factor = sRow + warp * 16;
+  // Online-softmax state of the strip's rows lives in shared memory (registers are needed for
+  // the accumulators); every lane computes the same update, lane 0 stores it.
+  float* my_m = sRow + BM + warp * 16;
+  float* my_l = sRow + 2 * BM + warp * 16;
+  if (lane < 16) {
+    my_m[lane] = -INFINITY;
+    my_l[lane] = 0.f;
+  }
+  StripAcc<T, kDp> acc;
+  acc.zero();
+  acc.init_rows(my_S, LDS);  // ends with __syncwarp
+
+  const int64_t n_end = keys_end(a.causal, m0, BM, rg.sq, rg.sk);
+  for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
+    __syncthreads();  // every warp is done with the previous K/V tiles
+    const int keys = static_cast<int>(rg.sk - n0 < BN ? rg.sk - n0 : BN);
+    const int64_t kv_off = (rg.k_begin + n0) * k_stride + hk * D;
+    load_tile<T, BN, kDp, LDI, kThreads>(sK, k + kv_off, k_stride, keys, static_cast<int>(D), vec);
+    load_tile<T, BN, kDp, LDI, kThreads>(sV, v + kv_off, k_stride, keys, static_cast<int>(D), vec);
+    __syncthreads();
+
+    strip_nt<T, kDp, BN>(my_S, LDS, sQ + warp * 16 * LDI, LDI, sK, LDI);
+    __syncwarp();
+#pragma unroll 1
+    for (int r = 0; r < 16; ++r) {
+      const int64_t i = m0 + warp * 16 + r;  // query row in the image
+      int64_t lim = rg.sk - n0;              // keys n0 + c with c < lim are visible to row i
+      if (a.causal && i + rg.sk - rg.sq + 1 - n0 < lim) lim = i + rg.sk - rg.sq + 1 - n0;
+      float s[BN / 32];
+      float block_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < BN / 32; ++j) {
+        const int c = lane + 32 * j;
+        s[j] = c < lim ? my_S[r * LDS + c] * a.softmax_scale : -INFINITY;
+        block_max = fmaxf(block_max, s[j]);
+      }
+      OnlineSoftmax st;
+      st.m = my_m[r];
+      st.l = my_l[r];
+      const float alpha = st.rescale_to(warp_max(block_max));
+      float row_sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < BN / 32; ++j) {
+        // a row with no visible key so far keeps m = -inf; its p must be 0, not exp(nan)
+        const float pj = st.m == -INFINITY ? 0.f : expf(s[j] - st.m);
+        row_sum += pj;
+        my_P[r * LDP + lane + 32 * j] = from_float<T>(pj);
+      }
+      st.l += warp_sum(row_sum);
+      __syncwarp();  // every lane has read my_m[r], my_l[r]
+      if (lane == 0) {
+        my_m[r] = st.m;
+        my_l[r] = st.l;
+        my_factor[r] = alpha;
+      }
+    }
+    __syncwarp();
+    acc.scale_rows(my_factor);
+    acc.template mma<BN>(my_P, LDP, sV, LDI);
+  }
+
+  // O /= l (0 for rows that saw no key); lse per valid row.
+  __syncwarp();  // every lane has applied the last step's factors
+  if (lane < 16) {
+    OnlineSoftmax st;
+    st.m = my_m[lane];
+    st.l = my_l[lane];
+    const int64_t i = m0 + warp * 16 + lane;
+    my_factor[lane] = st.l > 0.f ? 1.f / st.l : 0.f;
+    if (i < rg.sq) lse[h * a.nq + rg.q_begin + i] = st.lse();
+  }
+  __syncwarp();
+  acc.scale_rows(my_factor);
+  acc.for_each(my_S, LDS, [&](int r, int c, float val) {
+    const int64_t i = m0 + warp * 16 + r;
+    if (i < rg.sq && c < D) out[(rg.q_begin + i) * q_stride + h * D + c] = from_float<T>(val);
+  });
+}
+
+}  // namespace
+}  // namespace attn
+
+cudaError_t varlen_attention_fwd(DType dt, const void* q, const void* k, const void* v,
+                                 AttnArgs a, void* out, float* lse, cudaStream_t stream) {
+  if (a.H <= 0 || a.Hk <= 0 || a.H % a.Hk != 0) return cudaErrorInvalidValue;
+  if (a.H > 65535 || a.num_seqs > 65535) return cudaErrorInvalidConfiguration;
+  if (a.nq == 0 || a.max_seqlen_q == 0) return cudaSuccess;
+  using namespace attn;
+  NIT_DISPATCH_DTYPE(dt, T, {
+    const bool vec = can_vectorize<T>(a.D, q, k, v, out);
+    return with_padded_head_dim(a.D, [&](auto P) -> cudaError_t {
+      constexpr int kDp = decltype(P)::value;
+      using L = FwdLayout<T, kDp>;
+      auto kernel = attn_fwd_kernel<T, kDp>;
+      cudaError_t err = allow_smem(kernel, L::bytes);
+      if (err != cudaSuccess) return err;
+      const dim3 grid(static_cast<unsigned>(cdiv(a.max_seqlen_q, int64_t(L::BM))),
+                      static_cast<unsigned>(a.H), static_cast<unsigned>(a.num_seqs));
+      kernel<<<grid, Tile<T, kDp>::kThreads, L::bytes, stream>>>(
+          static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), a, vec,
+          static_cast<T*>(out), lse);
+      return cudaGetLastError();
+    });
+  })
+}
+
+}  // namespace cuda
+}  // namespace nit

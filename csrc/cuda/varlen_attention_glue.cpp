@@ -1,0 +1,106 @@
+// Torch glue of the CUDA varlen attention kernels (varlen_attention.cu, varlen_attention_bwd.cu).
+// cu_seqlens and max_seqlen are trusted as flash-attn does (PackedSeqs validates them on the
+// host once per pack); reading them here would synchronise the stream in every call.
+#include <torch/library.h>
+
+#include "cuda/glue.h"
+
+namespace nit {
+namespace cuda_glue {
+namespace varlen_attention {
+
+constexpr int64_t kMaxGridDim = 65535;  // heads and images index grid dims y and z
+
+cuda::AttnArgs check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
+                          int64_t max_k, double softmax_scale, bool causal) {
+  check_cuda(q, "q");
+  check_float_input(q, "q");
+  check_float_input(k, "k");
+  check_float_input(v, "v");
+  check_like(k, q, "k", "q");
+  check_like(v, q, "v", "q");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
+              "q, k, v must be [N, H, D], got shapes ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  const int64_t H = q.size(1), Hk = k.size(1), D = q.size(2);
+  TORCH_CHECK(k.size(2) == D && v.size(2) == D, "q, k, v must share head_dim, got ", D, ", ",
+              k.size(2), ", ", v.size(2));
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == Hk, "v must have k's tokens and heads ",
+              k.sizes().slice(0, 2), ", got ", v.sizes().slice(0, 2));
+  TORCH_CHECK(D >= 1 && D <= cuda::kAttnMaxHeadDim,
+              "the CUDA attention kernel supports head_dim 1..", cuda::kAttnMaxHeadDim, ", got ", D);
+  TORCH_CHECK(H >= 1 && Hk >= 1 && H % Hk == 0, "q heads (", H,
+              ") must be a positive multiple of k/v heads (", Hk, ")");
+  TORCH_CHECK(H <= kMaxGridDim, "at most ", kMaxGridDim, " heads are supported, got ", H);
+  const int64_t B = check_cu_seqlens(cu_q, q.size(0), q, "cu_seqlens_q");
+  const int64_t Bk = check_cu_seqlens(cu_k, k.size(0), q, "cu_seqlens_k");
+  TORCH_CHECK(B == Bk, "cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got ",
+              B, " and ", Bk);
+  TORCH_CHECK(B <= kMaxGridDim, "at most ", kMaxGridDim, " sequences per call are supported, got ", B);
+  TORCH_CHECK(max_q >= 0 && max_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0, got ", max_q,
+              " and ", max_k);
+  cuda::AttnArgs a;
+  a.cu_q = cu_q.data_ptr<int32_t>();
+  a.cu_k = cu_k.data_ptr<int32_t>();
+  a.num_seqs = static_cast<int>(B);
+  a.nq = q.size(0);
+  a.nk = k.size(0);
+  a.max_seqlen_q = max_q;
+  a.max_seqlen_k = max_k;
+  a.H = H;
+  a.Hk = Hk;
+  a.D = D;
+  a.softmax_scale = static_cast<float>(softmax_scale);
+  a.causal = causal;
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& cu_q,
+                                       const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
+                                       double softmax_scale, bool causal) {
+  const cuda::AttnArgs a = check_args(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto out = at::empty_like(q);
+  auto lse = at::empty({a.H, a.nq}, q.options().dtype(at::kFloat));
+  check_launch(cuda::varlen_attention_fwd(dtype_of(q), q.data_ptr(), k.data_ptr(), v.data_ptr(), a,
+                                          out.data_ptr(), lse.data_ptr<float>(), current_stream()),
+               "varlen_attention_fwd");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    int64_t max_q, int64_t max_k, double softmax_scale, bool causal) {
+  const cuda::AttnArgs a = check_args(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal);
+  check_float_input(dout, "dout");
+  check_float_input(out, "out");
+  check_like(dout, q, "dout", "q");
+  check_like(out, q, "out", "q");
+  check_shape(dout, q.sizes(), "dout");
+  check_shape(out, q.sizes(), "out");
+  check_stats(lse, {a.H, a.nq}, q, "lse");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto dq = at::empty_like(q);
+  auto dk = at::empty_like(k);
+  auto dv = at::empty_like(v);
+  auto ws = at::empty({cuda::varlen_attention_bwd_workspace(a)}, q.options().dtype(at::kFloat));
+  check_launch(cuda::varlen_attention_bwd(dtype_of(q), dout.data_ptr(), q.data_ptr(), k.data_ptr(),
+                                          v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(), a,
+                                          dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                                          ws.data_ptr<float>(), current_stream()),
+               "varlen_attention_bwd");
+  return {dq, dk, dv};
+}
+
+}  // namespace varlen_attention
+}  // namespace cuda_glue
+
+TORCH_LIBRARY_IMPL(nit, CUDA, m) {
+  m.impl("varlen_attention_fwd", &cuda_glue::varlen_attention::fwd);
+  m.impl("varlen_attention_bwd", &cuda_glue::varlen_attention::bwd);
+}
+
+}  // namespace nit

@@ -1,0 +1,269 @@
+"""The benchmark harness cannot rot: quick mode of every suite writes the documented rows, skips are
+reported with reasons, every timed provider was checked against the reference, a wrong kernel is
+caught and not timed, and the plot/summary and pytest-benchmark entry points run."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness, plot, report  # noqa: E402
+from benchmarks.__main__ import main  # noqa: E402
+from benchmarks.bench_adaln import GatedResidual  # noqa: E402
+from benchmarks.bench_attention import attention_flops, padding_waste  # noqa: E402
+from benchmarks.opsuite import OpCase  # noqa: E402
+from nit_kernels import PackedSeqs, backends  # noqa: E402
+from nit_kernels.testing import call_op, cast_inputs, op_inputs  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # on a shared 2-core machine, two OpenMP threads competing with other jobs run up to 10x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run_cli(args):
+    return main(list(args) + ["--threads", "1"])
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "quick.csv"
+    rc = _run_cli(["--quick", "--out", str(path)])
+    return path, rc, report.read_rows(str(path))
+
+
+def _provider_suites():
+    return [s for s in harness.load_suites().values() if isinstance(s, harness.ProviderSuite)]
+
+
+def test_quick_run_writes_the_documented_columns(quick):
+    path, rc, rows = quick
+    with open(path) as f:
+        assert f.readline().strip().split(",") == list(harness.COLUMNS)
+    readme = (ROOT / "benchmarks" / "results" / "README.md").read_text()
+    undocumented = [c for c in harness.COLUMNS if f"`{c}`" not in readme]
+    assert not undocumented, f"columns missing from benchmarks/results/README.md: {undocumented}"
+    assert rows and all(r["mode"] == "quick" for r in rows)
+    copy = [r for r in rows if r["suite"] == "machine"]
+    assert len(copy) == 1 and float(copy[0]["throughput"]) > 0 and copy[0]["unit"] == "GB/s"
+    for r in rows:
+        assert r["machine"] and r["torch"] == torch.__version__ and r["commit"] and r["timestamp"]
+        assert r["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+
+
+def test_every_suite_provider_and_pass_has_a_row(quick):
+    _, _, rows = quick
+    seen = {}
+    for r in rows:
+        key = (r["suite"], r["workload"], r["provider"], r["pass"])
+        seen[key] = seen.get(key, 0) + 1
+    opts = harness.RunOptions(quick=True)
+    for suite in _provider_suites():
+        for wl in suite.workloads(opts):
+            for prov in suite.providers:
+                for p in suite.passes:
+                    assert seen.get((suite.name, wl.name, prov, p)) == 1, \
+                        f"{suite.name}/{wl.name}/{prov}/{p} has {seen.get((suite.name, wl.name, prov, p), 0)} rows"
+
+
+def test_nothing_failed_and_skips_say_why(quick):
+    _, rc, rows = quick
+    bad = [(r["suite"], r["workload"], r["provider"], r["pass"], r["status"], r["check"] or r["reason"])
+           for r in rows if r["status"] not in ("ok", "skipped")]
+    assert not harness.LOAD_ERRORS, harness.LOAD_ERRORS
+    assert not bad, f"providers failed or disagreed with the reference: {bad[:5]}"
+    assert rc == 0
+    for r in rows:
+        if r["status"] == "skipped":
+            assert len(r["reason"]) > 10, f"skip without a reason: {r}"
+            assert not r["median_ms"]
+    if not torch.cuda.is_available():
+        for prov in ("cuda", "triton", "flash_attn", "torch_varlen"):
+            mine = [r for r in rows if r["provider"] == prov]
+            assert mine and all(r["status"] == "skipped" for r in mine), prov
+
+
+def test_timed_rows_were_checked_and_have_figures(quick):
+    _, _, rows = quick
+    ok = [r for r in rows if r["status"] == "ok" and r["suite"] != "machine"]
+    assert ok
+    for r in ok:
+        med, p20, p80 = float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"])
+        assert 0 < p20 <= med <= p80 and int(r["reps"]) >= 1
+        assert float(r["throughput"]) > 0 and r["unit"] in ("GB/s", "GFLOP/s")
+        assert r["check"].startswith("ok"), r
+        if r["pass"] == "fwd+bwd":
+            assert float(r["peak_mem_mb"]) > 0 and r["mem_method"]
+        if r["provider"] == "reference":
+            assert float(r["speedup_vs_reference"]) == 1.0
+    assert all(r["status"] == "ok" for r in rows if r["provider"] == "reference" and r["suite"] != "machine")
+
+
+def test_kernels_that_exist_are_picked_up(quick):
+    _, _, rows = quick
+    cpu = backends.get("cpu")
+    if cpu.load_error() is not None:
+        pytest.skip(f"the C++ extension is not usable here: {cpu.load_error()}")
+    for suite in _provider_suites():
+        mine = [r for r in rows if r["suite"] == suite.name and r["provider"] == "cpu"]
+        if cpu.implements(suite.name):
+            assert mine and all(r["status"] == "ok" for r in mine), suite.name
+        else:
+            assert all(r["status"] == "skipped" and "not implemented" in r["reason"] for r in mine)
+
+
+# ---------------------------------------------------------------------------------------------
+# a wrong kernel is reported as a mismatch and never timed
+# ---------------------------------------------------------------------------------------------
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+def _custom(kind):
+    def setup(case: OpCase):
+        if kind == "absent":
+            raise harness.Skip("this provider is not installed here")
+        inp = case.activation_leaves()
+        names = [k for k, v in inp.items() if v.requires_grad]
+
+        def fn():
+            if kind == "crash":
+                raise RuntimeError("kernel launch failed")
+            x = _ScaleGrad.apply(inp["x"]) if kind == "wrong_grad" else inp["x"]
+            out = call_op(case.op, case.packed, dict(inp, x=x), "reference")
+            return out + 1e-2 if kind == "wrong_out" else out
+
+        return harness.Prepared(fn=fn, leaves=[inp[k] for k in names], grad_outs=case.grad_outs, leaf_names=names)
+    return setup
+
+
+def test_wrong_kernels_are_caught_and_not_timed():
+    suite = GatedResidual()
+    for kind in ("wrong_out", "wrong_grad", "crash", "absent"):
+        suite.providers[kind] = harness.ProviderSpec(kind, _custom(kind), ours=True)
+    opts = harness.RunOptions(quick=True, filter="fixed-256px", memory=False)
+    rows = [r for group in suite.run(harness.RunContext(opts, {"cpu": 10.0})) for r in group]
+    by = {}
+    for r in rows:
+        by.setdefault(r["provider"], []).append(r)
+    assert {r["status"] for r in by["reference"]} == {"ok"}
+    for kind, status in (("wrong_out", "mismatch"), ("wrong_grad", "mismatch"), ("crash", "error"),
+                         ("absent", "skipped")):
+        assert len(by[kind]) == 3 and {r["status"] for r in by[kind]} == {status}, (kind, by[kind])
+        assert all(r.get("median_ms") is None for r in by[kind])
+    assert "output 0" in by["wrong_out"][0]["check"]
+    assert "dx" in by["wrong_grad"][0]["check"]
+    assert "kernel launch failed" in by["crash"][0]["reason"]
+    assert by["absent"][0]["reason"] == "this provider is not installed here"
+
+
+def test_peak_memory_counts_temporaries_not_inputs():
+    held = torch.ones(8 * 2**20)  # 32 MiB allocated before the pass: not counted
+
+    def work():
+        tmp = torch.empty(16 * 2**20).fill_(1.0)  # 64 MiB temporary
+        return float(tmp[0]) + float(held[0])
+
+    peak, method = harness.peak_memory(work, torch.device("cpu"))
+    assert 64 * 2**20 <= peak < 72 * 2**20, peak / 2**20
+    assert "profiler" in method
+
+
+def test_byte_counts_match_the_tensors_of_the_forward():
+    opts = harness.RunOptions(quick=True)
+    for name in ("adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope"):
+        suite = harness.load_suites()[name]
+        wl = suite.workloads(opts)[0]
+        packed = PackedSeqs.from_sizes(list(wl.params["sizes"]))
+        d, h, dh = wl.params["dims"]
+        case = OpCase(name, wl, packed, torch.float32, op_inputs(name, packed, **suite.input_shape(d, h, dh)), (), {})
+        inp = cast_inputs(name, case.inputs, torch.float32, requires_grad=False)
+        out = call_op(name, case.packed, inp, "reference")
+        touched = sum(v.nbytes for k, v in inp.items() if k not in ("freqs", "q_weight", "q_bias", "k_weight", "k_bias"))
+        touched += sum(o.nbytes for o in (out if isinstance(out, tuple) else (out,)))
+        assert suite.work(case, "fwd") == (touched, "bytes"), name
+        assert suite.work(case, "bwd")[0] >= sum(o.nbytes for o in (out if isinstance(out, tuple) else (out,)))
+
+
+def test_attention_flops_and_padding_waste():
+    fwd, bwd = attention_flops([4, 9], heads=2, head_dim=8)
+    assert fwd == 4 * (16 + 81) * 2 * 8 and bwd == 2.5 * fwd
+    assert padding_waste([4, 9]) == (2 * 9 - 13) / 13
+    assert padding_waste([64] * 3) == 0.0
+
+
+def test_compiled_providers_run_with_compile(tmp_path):
+    path = tmp_path / "compiled.csv"
+    rc = _run_cli(["--quick", "--compile", "--filter", "(gated_residual|varlen_attention)/fixed",
+                   "--providers", "reference,reference_compiled,flex", "--out", str(path)])
+    rows = report.read_rows(str(path))
+    assert rc == 0
+    comp = [r for r in rows if r["suite"] == "gated_residual" and r["provider"] == "reference_compiled"]
+    assert len(comp) == 3 and all(r["status"] == "ok" and r["check"].startswith("ok") for r in comp)
+    flex = {r["pass"]: r for r in rows if r["provider"] == "flex"}
+    assert flex["fwd"]["status"] == "ok" and flex["fwd"]["check"].startswith("ok")
+    if not torch.cuda.is_available():  # FlexAttention has no CPU backward in the torch used here
+        assert flex["bwd"]["status"] in ("ok", "skipped") and (flex["bwd"]["status"] == "ok" or flex["bwd"]["reason"])
+
+
+def test_plots_and_summary(quick, tmp_path):
+    path, _, rows = quick
+    assert plot.main(["--csv", str(path), "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "Quick mode" in text and rows[0]["machine"] in text
+    assert "## Not measured in this run, and why" in text
+    if not torch.cuda.is_available():
+        assert "No GPU on this machine" in text
+    for suite in _provider_suites():
+        assert f"## {suite.name}" in text
+    pngs = sorted(tmp_path.glob("speedup_*.png"))
+    assert pngs, "no plot was written"
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_csv_with_other_columns_is_not_appended_to(tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="columns"):
+        report.append_rows(str(path), [{"suite": "x"}])
+    with pytest.raises(ValueError, match="not in COLUMNS"):
+        report.append_rows(str(tmp_path / "new.csv"), [{"nonsense": 1}])
+
+
+def test_pytest_benchmark_entry_point():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "--bench-quick", "-q", "-p",
+         "no:cacheprovider", "-k", "gated_residual and fixed-256px and (reference or cuda)"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "3 passed" in out and "skipped" in out, out[-3000:]
+
+
+def test_low_precision_peers_pass_the_check(tmp_path):
+    # GPU runs default to bf16; here the same check runs on CPU bf16 (SDPA keeps P in bf16)
+    path = tmp_path / "bf16.csv"
+    rc = _run_cli(["--quick", "--dtype", "bf16", "--filter", "varlen_attention/tiny-images", "--providers",
+                   "reference,sdpa_loop,sdpa_padded", "--no-memory", "--out", str(path)])
+    rows = [r for r in report.read_rows(str(path)) if r["suite"] == "varlen_attention"]
+    assert rc == 0 and len(rows) == 9
+    assert all(r["status"] == "ok" and r["dtype"] == "bfloat16" and r["check"].startswith("ok") for r in rows)

@@ -1,0 +1,281 @@
+"""The triton backend inside PyTorch: determinism, torch.library registration (opcheck,
+torch.compile), refusals, the GPU-only paths, and a compile check of the GPU kernels.
+
+Tests marked `gpu` need a CUDA device and the compiled kernels: on a GPU machine run
+``TRITON_INTERPRET=0 pytest -m gpu tests/test_triton_integration.py``.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nit_kernels as nk
+from nit_kernels import PackedSeqs, backends
+from nit_kernels.backends import Call
+from nit_kernels.testing import ODD_PACKS, call_op, cast_inputs, check_against_reference, op_inputs
+
+_WHY = backends.get("triton").load_error()
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"triton backend unavailable: {_WHY}")
+
+if _WHY is None:
+    import nit_kernels.triton as nkt
+    from nit_kernels.triton import _common
+
+    if nkt.interpreting():
+        _common.contiguous_interpreter_transpose()
+    DEVICE = "cpu" if nkt.interpreting() else "cuda"
+    COMPILED_GPU = not nkt.interpreting() and torch.cuda.is_available()
+else:
+    DEVICE, COMPILED_GPU = "cpu", False
+
+needs_compiled_gpu = pytest.mark.skipif(
+    not COMPILED_GPU, reason="needs the compiled kernels on a GPU (run with TRITON_INTERPRET=0 on a CUDA machine)")
+SHAPES = {"adaln_modulate": {"dim": 40}, "gated_residual": {"dim": 40}, "residual_adaln": {"dim": 40},
+          "rope_2d": {"heads": 2, "kv_heads": 1, "head_dim": 16}, "qk_norm_rope": {"heads": 2, "head_dim": 16},
+          "varlen_attention": {"heads": 2, "head_dim": 24}}
+
+
+def _packed(sizes=ODD_PACKS[4]):
+    return PackedSeqs.from_sizes(sizes, device=DEVICE)
+
+
+def _grads(op, packed, seed=0, **kw):
+    inp = cast_inputs(op, op_inputs(op, packed, seed=seed, **SHAPES[op]), torch.float32)
+    inp = {k: v.to(DEVICE).detach().requires_grad_(v.requires_grad) for k, v in inp.items()}
+    outs = call_op(op, packed, inp, "triton", **kw)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed + 1)
+    gos = [torch.randn(o.shape, generator=g).to(DEVICE) for o in outs]
+    names = [k for k, v in inp.items() if v.requires_grad]
+    return dict(zip(names, torch.autograd.grad(outs, [inp[k] for k in names], gos)))
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", list(SHAPES))
+def test_deterministic_mode_gives_bitwise_repeatable_gradients(op):
+    packed = _packed(ODD_PACKS[4] + ODD_PACKS[5])
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = _grads(op, packed), _grads(op, packed)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{op}: d{name} differs between two runs"
+
+
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual", "residual_adaln"])
+def test_atomic_and_deterministic_reductions_agree(op):
+    """The two reduction paths of the per-image gradients compute the same sums (up to order)."""
+    packed = _packed(ODD_PACKS[4] + ODD_PACKS[5])
+    fast = _grads(op, packed)
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = _grads(op, packed)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name in fast:
+        torch.testing.assert_close(fast[name], det[name], rtol=1e-5, atol=1e-5, msg=f"{op}: d{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration
+# ---------------------------------------------------------------------------------------------
+def _opcheck_cases():
+    from nit_kernels.triton import adaln, attention, rope
+    p = _packed(((2, 3), (1, 4), (3, 1)))
+    n, b, cu, sizes = p.total_tokens, p.num_seqs, p.cu_seqlens, p.sizes
+    r = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=True)  # noqa: E731
+    f = nk.rope_freqs(16).to(DEVICE)
+    w = lambda: torch.randn(16, device=DEVICE, requires_grad=True)  # noqa: E731
+    return {
+        "adaln_modulate_fwd": (adaln._adaln_fwd, (r(n, 24), r(b, 24), r(b, 24), cu, 1e-6)),
+        "gated_residual_fwd": (adaln._gated_fwd, (r(n, 24), r(n, 24), r(b, 24), cu)),
+        "residual_adaln_fwd": (adaln._residual_fwd, (r(n, 24), r(n, 24), r(b, 24), r(b, 24), r(b, 24), cu, 1e-6)),
+        "rope_2d": (rope._rope, (r(n, 2, 16), r(n, 1, 16), cu, sizes, f, "official", 1.5, False)),
+        "qk_norm_rope_fwd": (rope._qkn_fwd, (r(n, 2, 16), r(n, 2, 16), cu, sizes, f, w(), w(), w(), w(), 1e-5,
+                                             "grid", 1.0)),
+        "varlen_attention_fwd": (attention._fwd, (r(n, 2, 24), r(n, 1, 24), r(n, 1, 24), cu, cu, p.max_seqlen,
+                                                  p.max_seqlen, 0.3, True)),
+    }
+
+
+@pytest.mark.parametrize("name", ["adaln_modulate_fwd", "gated_residual_fwd", "residual_adaln_fwd", "rope_2d",
+                                  "qk_norm_rope_fwd", "varlen_attention_fwd"])
+def test_opcheck(name):
+    """Schema, fake kernel, autograd registration and AOT dispatch of each nit_triton op."""
+    op, args = _opcheck_cases()[name]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
+                                                "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph_through_the_public_api():
+    """A block's worth of ops, backend="triton", compiled with fullgraph=True: same values and gradients."""
+    p = _packed(((2, 3), (1, 4), (3, 3)))
+    n, b, d, h, hd = p.total_tokens, p.num_seqs, 32, 2, 16
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in
+              [(n, d), (n, d), (b, d), (b, d), (b, d), (n, h, hd), (n, h, hd), (n, h, hd), (hd,), (hd,)]]
+    freqs = nk.rope_freqs(hd).to(DEVICE)
+
+    def block(x, y, gate, shift, scale, q, k, v, w, bias):
+        x, hmod = nk.residual_adaln(x, y, gate, shift, scale, p, backend="triton")
+        hmod = nk.adaln_modulate(hmod, shift, scale, p, backend="triton")
+        x = nk.gated_residual(x, hmod, gate, p, backend="triton")
+        q, k = nk.qk_norm_rope(q, k, p, freqs, q_weight=w, q_bias=bias, k_weight=w, k_bias=bias, backend="triton")
+        q, k = nk.rope_2d(q, k, p, freqs, positions="official", backend="triton")
+        o = nk.varlen_attention(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_seqlen, p.max_seqlen, backend="triton")
+        return x.square().sum() + (o * o.detach().sign()).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    want = block(*leaves)
+    want_grads = torch.autograd.grad(want, leaves)
+    got = compiled(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for i, (a, e) in enumerate(zip(got_grads, want_grads)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=f"gradient of input {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+# ---------------------------------------------------------------------------------------------
+def test_refuses_cpu_tensors_without_the_interpreter():
+    """End to end in a fresh process without TRITON_INTERPRET: a clear reason, not a driver error."""
+    code = (
+        "import torch, nit_kernels as nk\n"
+        "p = nk.PackedSeqs.from_sizes([(2, 2)])\n"
+        "try:\n"
+        "    nk.adaln_modulate(torch.randn(4, 8), torch.zeros(1, 8), torch.zeros(1, 8), p, backend='triton')\n"
+        "except nk.BackendUnavailable as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "REFUSED" in r.stdout and "TRITON_INTERPRET=1" in r.stdout, r.stdout
+
+
+def test_refusal_reasons(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(nkt, "INTERPRETED", True)
+    assert "head_dim 160 is not supported" in nkt.refuse(Call("varlen_attention", cpu, torch.float16, head_dim=160))
+    assert "bfloat16 attention" in nkt.refuse(Call("varlen_attention", cpu, torch.bfloat16, head_dim=64))
+    assert "unset TRITON_INTERPRET" in nkt.refuse(Call("rope_2d", cuda, torch.float16, head_dim=64))
+    assert "float64" in nkt.refuse(Call("adaln_modulate", cpu, torch.float64))
+    assert nkt.refuse(Call("adaln_modulate", cpu, torch.bfloat16)) is None
+    assert nkt.refuse(Call("varlen_attention", cpu, torch.float16, head_dim=72)) is None
+    monkeypatch.setattr(nkt, "INTERPRETED", False)
+    assert "TRITON_INTERPRET=1" in nkt.refuse(Call("adaln_modulate", cpu, torch.float32))
+    assert nkt.refuse(Call("varlen_attention", cuda, torch.bfloat16, head_dim=128)) is None
+
+
+def test_explicit_request_explains_the_refusal():
+    q = torch.randn(4, 1, 256, device=DEVICE)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(nk.BackendUnavailable, match=r"backend 'triton'.*head_dim 256 is not supported"):
+        nk.varlen_attention(q, q, q, cu, cu, 4, 4, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: bf16 attention (the interpreter's tl.dot is wrong on bf16), autotune, triton_op
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@needs_compiled_gpu
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bf16_attention_gpu(head_dim, causal):
+    packed = _packed(ODD_PACKS[4] + ((13, 21),))
+    check_against_reference("varlen_attention", "triton", packed, torch.bfloat16,
+                            shape={"heads": 4, "kv_heads": 2, "head_dim": head_dim}, causal=causal)
+
+
+@pytest.mark.gpu
+@needs_compiled_gpu
+def test_autotune_path_gpu():
+    """On a GPU the attention kernels run through their autotuners, which pick and cache a config."""
+    from nit_kernels.triton import attention
+    packed = _packed(((24, 24), (7, 40)))
+    check_against_reference("varlen_attention", "triton", packed, torch.float16,
+                            shape={"heads": 2, "head_dim": 72}, causal=True)
+    for tuner in (attention._attn_fwd_tuned, attention._attn_bwd_dkdv_tuned, attention._attn_bwd_dq_tuned):
+        assert tuner.cache, f"{tuner.fn.__name__} did not autotune"
+        assert any(cfg in tuner.configs for cfg in tuner.cache.values())
+
+
+@pytest.mark.gpu
+@needs_compiled_gpu
+def test_triton_op_path_gpu():
+    """On a GPU each op is a triton_op, whose kernels torch.compile sees; compiled equals eager."""
+    from torch._library.triton import get_triton_kernels_for_op
+    assert _common.USE_TRITON_OP
+    assert get_triton_kernels_for_op("nit_triton::varlen_attention_fwd")
+    test_torch_compile_fullgraph_through_the_public_api()
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU kernels compile and fit on sm_80 and sm_90 (no GPU needed: Triton's bundled ptxas)
+# ---------------------------------------------------------------------------------------------
+def test_gpu_kernels_compile_for_ampere_and_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "nit_kernels.triton.compile_check", "--quick", "--arch", "80,90"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "0 failing or not fitting" in r.stdout
+
+
+def test_gpu_launchers_trace_with_fake_tensors_and_symbolic_sizes(monkeypatch):
+    """On a GPU each op is a triton_op, which torch.compile traces with fake tensors and symbolic
+    sizes. The launchers' GPU branch (autotuned kernels, GPU tile sizes) is traced here the same way
+    (make_fx, symbolic), with the kernel launches recorded instead of run."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from nit_kernels.triton import adaln, attention, compile_check, rope
+    for mod in (_common, adaln, attention, rope):
+        monkeypatch.setattr(mod, "INTERPRETED", False)
+    p = PackedSeqs.from_sizes([(3, 5), (2, 2), (1, 1)])
+    n, b, cu, sizes = p.total_tokens, p.num_seqs, p.cu_seqlens, p.sizes
+    r = torch.randn
+    x, rows, st = r(n, 40), r(b, 40), torch.ones(n)
+    q, k, f, w, qs = r(n, 4, 16), r(n, 2, 16), nk.rope_freqs(16), r(16), torch.ones(2, n, 4)
+    ks = torch.ones(2, n, 2)
+    out, lse = r(n, 4, 16), torch.zeros(4, n)
+    cases = [
+        (adaln.adaln_fwd, (x, rows, rows, cu, 1e-6)), (adaln.adaln_bwd, (x, x, rows, st, st, cu)),
+        (adaln.gated_fwd, (x, x, rows, cu)), (adaln.gated_bwd, (x, x, rows, cu)),
+        (adaln.residual_fwd, (x, x, rows, rows, rows, cu, 1e-6)),
+        (adaln.residual_bwd, (x, x, x, x, rows, rows, st, st, cu)),
+        (rope.rope_2d_op, (q, k, cu, sizes, f, "grid", 1.0, False)),
+        (rope.qk_norm_rope_fwd, (q, k, cu, sizes, f, w, w, w, w, 1e-5, "official", 1.0)),
+        (rope.qk_norm_rope_bwd, (q, k, q, k, cu, sizes, f, w, w, qs, ks, "grid", 1.0)),
+        (attention.attention_fwd, (q, k, k, cu, cu, p.max_seqlen, p.max_seqlen, 0.25, True)),
+        (attention.attention_bwd, (q, q, k, k, out, lse, cu, cu, p.max_seqlen, p.max_seqlen, 0.25, False)),
+    ]
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            for fn, args in cases:
+                launches = []
+                with compile_check.recording(launches):
+                    def call(*ts, fn=fn, args=args):  # tensors traced, other arguments fixed
+                        it = iter(ts)
+                        return fn(*[next(it) if isinstance(a, torch.Tensor) else a for a in args])
+
+                    make_fx(call, tracing_mode="symbolic")(*[a for a in args if isinstance(a, torch.Tensor)])
+                assert launches, f"{fn.__name__} launched nothing"
+                for launch in launches:
+                    grid = launch.grid({**launch.kwargs, "BLOCK_M": 64, "BLOCK_N": 64}) if callable(launch.grid) \
+                        else launch.grid
+                    assert len(grid) in (1, 2, 3), (fn.__name__, grid)
+                    symbolic = {k: v for k, v in launch.kwargs.items() if isinstance(v, (torch.SymInt, torch.SymFloat))}
+                    assert not symbolic, f"{fn.__name__}: compile-time arguments must be concrete, got {symbolic}"
+                    if fn.__name__.startswith("attention"):
+                        assert launch.kernel in (attention._attn_fwd_tuned, attention._attn_bwd_dkdv_tuned,
+                                                 attention._attn_bwd_dq_tuned, attention._attn_delta_kernel)
+        finally:
+            torch.use_deterministic_algorithms(False)
