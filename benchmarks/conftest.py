@@ -1,11 +1,21 @@
 """pytest-benchmark entry point: ``pytest benchmarks/ --benchmark-only [--bench-quick] [-k rope]``.
 
-Each test is one (suite, workload, provider, pass) of the ProviderSuites; providers that cannot
+Without ``--benchmark-only`` (``pytest benchmarks/`` in a test run) every case runs at the quick
+sizes, as a smoke test; measurements need ``--benchmark-only``.
+
+Each test is one (suite, workload, provider, pass) of the ProviderSuites (the kernel ops and the
+whole step), or one (budget, method) of the packing suite; providers that cannot
 run here are skipped with their reason, and a provider whose output disagrees with the reference
 fails without being timed. The CLI (``python -m benchmarks``) measures the same things and writes
 the CSV; this entry point gives pytest-benchmark's tables, comparisons and JSON.
 """
 import pytest
+
+
+def bench_quick(config) -> bool:
+    """Quick shapes with --bench-quick, and in a plain test run (without --benchmark-only), where the
+    benchmarks are a smoke test of the harness rather than measurements."""
+    return bool(config.getoption("--bench-quick") or not config.getoption("benchmark_only", default=False))
 
 
 def pytest_addoption(parser):
@@ -15,11 +25,15 @@ def pytest_addoption(parser):
 
 
 def pytest_generate_tests(metafunc):
-    if "bench_id" not in metafunc.fixturenames:
-        return
     from benchmarks import harness
 
-    opts = harness.RunOptions(quick=metafunc.config.getoption("--bench-quick"))
+    opts = harness.RunOptions(quick=bench_quick(metafunc.config))
+    if "packing_id" in metafunc.fixturenames:
+        suite = harness.load_suites()["packing"]
+        ids = [(budget, method) for budget in suite.budgets(opts) for method in suite.method_names]
+        metafunc.parametrize("packing_id", ids, ids=[f"packing/budget-{b}/{m}" for b, m in ids])
+    if "bench_id" not in metafunc.fixturenames:
+        return
     ids = []
     for suite in harness.load_suites().values():
         if not isinstance(suite, harness.ProviderSuite):
@@ -36,6 +50,6 @@ def bench_opts(request):
 
     from benchmarks import harness
 
-    quick = request.config.getoption("--bench-quick")
+    quick = bench_quick(request.config)
     compiled = True if request.config.getoption("--bench-compile") else None
     return harness.RunOptions(quick=quick, compile=compiled, devices=["cuda" if torch.cuda.is_available() else "cpu"])

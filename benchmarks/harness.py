@@ -48,6 +48,8 @@ COLUMNS = (
     "status", "median_ms", "p20_ms", "p80_ms", "reps",
     "throughput", "unit", "frac_of_copy", "speedup_vs_reference", "speedup_vs_best_peer", "best_peer",
     "peak_mem_mb", "mem_method", "padding_waste", "setup_s", "load_avg", "check", "reason",
+    # added with the packing suite; older CSVs (without them) are upgraded in place by report.append_rows
+    "efficiency", "batches",
 )
 PASSES = ("fwd", "bwd", "fwd+bwd")
 STATUSES = ("ok", "skipped", "error", "mismatch")
@@ -361,6 +363,7 @@ class ProviderSuite(Suite):
     providers: dict[str, ProviderSpec] = {}
     reference: str = "reference"
     passes: tuple = PASSES
+    memory_passes: tuple = ("fwd+bwd",)  # passes whose peak memory is measured (one more call each)
 
     def workloads(self, opts: RunOptions) -> list[Workload]:
         raise NotImplementedError
@@ -484,7 +487,7 @@ class ProviderSuite(Suite):
                 continue
             r.update(stats, status="ok", reason=remark)
             r.update(self.throughput(case, p, stats["median_ms"], ctx.copy_gbps.get(device.type)))
-            if p == "fwd+bwd" and opts.memory:
+            if p in self.memory_passes and opts.memory:
                 try:
                     peak, method = peak_memory(lambda: run(None), device)
                     r.update(peak_mem_mb=peak / 2**20, mem_method=method)

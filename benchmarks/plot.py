@@ -3,14 +3,15 @@
     python -m benchmarks.plot [--csv results/results.csv] [--out-dir results] [--run TIMESTAMP]
 
 The run shown is the newest in the CSV (rows sharing its timestamp) unless --run names another.
-Plots: speed-up over the reference per suite, one panel per pass; suites that report tokens/s
-(the training step) get a throughput plot. The summary states the machine, shows every measured
+Plots: speed-up over the reference per suite, one panel per pass; tokens/s per model size for the
+step suite (one panel per pack and pass); packing efficiency per method and budget. The summary states the machine, shows every measured
 figure as tables, lists what disagreed with the reference or failed, and lists plainly what could
 not be measured here and why (on a machine without a GPU: every GPU provider).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections import OrderedDict
@@ -34,6 +35,12 @@ def _f(v) -> Optional[float]:
         return float(v) if v not in (None, "") else None
     except ValueError:
         return None
+
+
+def _passes(srows: list[dict]) -> list[str]:
+    """The passes of a suite's rows: fwd, bwd, fwd+bwd first (kernel suites), then others in row order."""
+    seen = list(OrderedDict.fromkeys(r["pass"] for r in srows))
+    return [p for p in PASSES if p in seen] + [p for p in seen if p not in PASSES]
 
 
 def _suites(rows) -> "OrderedDict[str, list[dict]]":
@@ -63,11 +70,12 @@ def plot_speedups(rows: list[dict], out_dir: str) -> list[str]:
         providers = [p for p in OrderedDict.fromkeys(r["provider"] for r in ok) if p != "reference"]
         if not providers:
             continue
-        fig, axes = plt.subplots(1, len(PASSES), figsize=(5 * len(PASSES), 0.5 * len(workloads) + 2.5),
+        passes = _passes(srows)
+        fig, axes = plt.subplots(1, len(passes), figsize=(5 * len(passes), 0.5 * len(workloads) + 2.5),
                                  sharey=True, squeeze=False)
         width = 0.8 / len(providers)
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for ax, p in zip(axes[0], PASSES):
+        for ax, p in zip(axes[0], passes):
             drawn = 0
             for j, prov in enumerate(providers):
                 ys, vals = [], []
@@ -103,29 +111,92 @@ def plot_speedups(rows: list[dict], out_dir: str) -> list[str]:
 
 
 def plot_throughput(rows: list[dict], out_dir: str, unit: str = "tokens/s") -> list[str]:
-    """One PNG per suite that reports `unit` (e.g. tokens/s per model size for the training step)."""
+    """One PNG per suite that reports `unit` with workloads named ``pack/model`` (the step suite):
+    tokens/s per model size, one panel per pack and pass, one bar per provider (log scale)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
     for suite, srows in _suites(rows).items():
-        ok = [r for r in srows if r["status"] == "ok" and r.get("unit") == unit]
+        ok = [r for r in srows if r["status"] == "ok" and r.get("unit") == unit and _f(r.get("throughput"))]
         if not ok:
             continue
-        labels = [f"{r['workload']} / {r['provider']} / {r['pass']}" for r in ok]
-        fig, ax = plt.subplots(figsize=(8, 0.35 * len(ok) + 1.5))
-        ax.barh(range(len(ok)), [_f(r["throughput"]) for r in ok])
-        ax.set_yticks(range(len(ok)), labels, fontsize="small")
-        ax.invert_yaxis()
-        ax.set_xlabel(unit)
-        ax.set_title(suite)
+        def parts(w):
+            return tuple(w.split("/", 1)) if "/" in w else (w, "")
+
+        split = [parts(r["workload"]) for r in ok]
+        packs = list(OrderedDict.fromkeys(parts(r["workload"])[0] for r in srows))
+        models = list(OrderedDict.fromkeys(parts(r["workload"])[1] for r in srows))
+        floor = 10 ** math.floor(math.log10(min(_f(r["throughput"]) for r in ok)))
+        providers = list(OrderedDict.fromkeys(r["provider"] for r in ok))
+        passes = [p for p in _passes(srows) if any(r["pass"] == p for r in ok)]
+        fig, axes = plt.subplots(len(packs), len(passes), figsize=(4.5 * len(passes), 3.2 * len(packs)),
+                                 squeeze=False)
+        width = 0.8 / len(providers)
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for a, pack in enumerate(packs):
+            for b, p in enumerate(passes):
+                ax = axes[a][b]
+                for j, prov in enumerate(providers):
+                    xs, vals = [], []
+                    for i, m in enumerate(models):
+                        hit = [r for r, (pk, mo) in zip(ok, split)
+                               if pk == pack and mo == m and r["provider"] == prov and r["pass"] == p]
+                        if hit:
+                            xs.append(i + (j - (len(providers) - 1) / 2) * width)
+                            vals.append(_f(hit[0]["throughput"]))
+                    # log scale (model sizes differ 100x): bars start at a power of ten below every value
+                    ax.bar(xs, [v - floor for v in vals], bottom=floor, width=width, label=prov,
+                           color=colors[j % len(colors)])
+                    for x, v in zip(xs, vals):
+                        ax.text(x, v, f"{v:.3g}", ha="center", va="bottom", fontsize="x-small")
+                measured = [m for m in models if any(pk == pack and mo == m for pk, mo in split)]
+                ax.set_xticks(range(len(models)), [m if m in measured else f"{m}\n(not measured)" for m in models])
+                ax.set_yscale("log")
+                ax.set_ylabel(unit)
+                ax.set_title(f"{suite}: {p} on {pack}")
+        axes[0][0].legend(fontsize="small")
+        if srows[0].get("mode") == "quick":
+            fig.suptitle("quick mode: smoke test, not results", color="red")
         fig.tight_layout()
         path = os.path.join(out_dir, f"throughput_{suite}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def plot_packing(rows: list[dict], out_dir: str) -> list[str]:
+    """packing_efficiency.png: useful / processed tokens per method, one panel per workload (budget),
+    each bar labelled with the batches an epoch takes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok" and _f(r.get("efficiency")) is not None]
+    if not ok:
+        return []
+    workloads = list(OrderedDict.fromkeys(r["workload"] for r in ok))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 3.5), squeeze=False, sharey=True)
+    for ax, w in zip(axes[0], workloads):
+        mine = [r for r in ok if r["workload"] == w]
+        effs = [100 * _f(r["efficiency"]) for r in mine]
+        ax.barh(range(len(mine)), effs, color="tab:blue")
+        for i, (r, e) in enumerate(zip(mine, effs)):
+            ax.text(min(e, 100) + 1, i, f"{e:.1f}%, {r.get('batches')} batches", va="center", fontsize="small")
+        ax.set_yticks(range(len(mine)), [r["provider"] for r in mine])
+        ax.set_xlim(0, 150)
+        ax.set_xlabel("efficiency: useful / processed tokens (%)")
+        ax.set_title(w)
+    axes[0][0].invert_yaxis()
+    if ok[0].get("mode") == "quick":
+        fig.suptitle("quick mode: smoke test, not results", color="red")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "packing_efficiency.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,24 +234,94 @@ def _measured_table(srows: list[dict]) -> list[str]:
     return lines
 
 
+def _step_table(srows: list[dict]) -> list[str]:
+    """Whole-step suites: per workload and provider, each pass's time, tokens/s, ratios and peak memory."""
+    ok = [r for r in srows if r["status"] == "ok"]
+    if not ok:
+        return ["Nothing in this suite was measured in this run (see below for why)."]
+    passes = [p for p in _passes(srows) if any(r["pass"] == p for r in ok)]
+    head = ["workload", "provider"]
+    for p in passes:
+        head += [f"{p} ms", f"{p} tokens/s", f"{p} x reference", f"{p} x best peer (which)", f"{p} peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for w, prov in OrderedDict.fromkeys((r["workload"], r["provider"]) for r in ok):
+        by = {r["pass"]: r for r in ok if r["workload"] == w and r["provider"] == prov}
+        cells = [w, prov]
+        for p in passes:
+            r = by.get(p)
+            if r is None:
+                cells += ["-"] * 5
+                continue
+            peer = fnum(r.get("speedup_vs_best_peer"), ".2f")
+            cells += [fnum(r["median_ms"]), fnum(r.get("throughput"), ".4g"), fnum(r.get("speedup_vs_reference"), ".2f"),
+                      f"{peer} ({r['best_peer']})" if r.get("best_peer") else peer, fnum(r.get("peak_mem_mb"), ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    methods = {r.get("mem_method") for r in ok if r.get("mem_method")}
+    remarks = OrderedDict.fromkeys(f"{r['provider']}: {r['reason']}" for r in ok if r.get("reason"))
+    lines += ["", "Peak memory: " + (", ".join(sorted(methods)) or "not measured") + "; the weights, AdamW and EMA "
+              "state held before the measured call are not counted."]
+    lines += [f"- {m}" for m in remarks]
+    return lines
+
+
+def _packing_table(srows: list[dict]) -> list[str]:
+    """Packing: efficiency, batches an epoch, padding waste and packing time per budget and method."""
+    ok = [r for r in srows if r["status"] == "ok"]
+    if not ok:
+        return ["Nothing in this suite was measured in this run (see below for why)."]
+    head = ["workload", "method", "efficiency", "batches", "processed / useful - 1", "packing ms (median)", "remark"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in ok:
+        eff = _f(r.get("efficiency"))
+        lines.append("| " + " | ".join([r["workload"], r["provider"], f"{100 * eff:.2f}%" if eff is not None else "-",
+                                        r.get("batches") or "-", fnum(r.get("padding_waste"), ".3f"),
+                                        fnum(r["median_ms"]), r.get("reason") or ""]) + " |")
+    return lines
+
+
+def _table(srows: list[dict]) -> list[str]:
+    if any(_f(r.get("efficiency")) is not None for r in srows):
+        return _packing_table(srows)
+    if any(p not in PASSES for p in _passes(srows)):
+        return _step_table(srows)
+    return _measured_table(srows)
+
+
 def _not_measured(rows: list[dict]) -> list[str]:
     """Skipped providers, one line per (provider, reason), with the suites and passes it covers."""
     groups: OrderedDict = OrderedDict()
     workloads: dict = {}
+    all_passes: dict = {}
     for r in rows:
         workloads.setdefault(r["suite"], set()).add(r["workload"])
+        all_passes.setdefault(r["suite"], set()).add(r["pass"])
         if r["status"] == "skipped":
             groups.setdefault((r["provider"], r["reason"]), set()).add((r["suite"], r["workload"], r["pass"]))
     out = []
     for (prov, reason), where in groups.items():
         suites = sorted({s for s, _, _ in where})
         passes = sorted({p for _, _, p in where}, key=lambda p: PASSES.index(p) if p in PASSES else 9)
-        scope = ", ".join(suites) + ("" if len(passes) == 3 else f" ({', '.join(passes)} only)")
+        every = set().union(*(all_passes[s] for s in suites))
+        scope = ", ".join(suites) + ("" if set(passes) >= every else f" ({', '.join(passes)} only)")
         some = sorted({w for s, w, _ in where})
         if any({w for s2, w, _ in where if s2 == s} != workloads[s] for s in suites):
             scope += f" on {', '.join(some)}"
         out.append(f"- **{prov}** in {scope}: {reason}")
     return out
+
+
+_INTRO = {
+    "step": ["One NiT training step (flow-matching loss, backward, clipping, AdamW, EMA; fp32 on CPU) and one "
+             "guided sampling step (one no-grad forward of a pack holding the images with their labels and again "
+             "with the null class, cfg 4.0, one Euler update), per model size and provider: `reference` (every "
+             "op pure PyTorch), `auto` (this package's fastest available kernel per op), `official` (the "
+             "official implementation's formulation). tokens/s counts the pack's tokens (both CFG halves for "
+             "sampling). Checked against the float64 model on a sub-pack before timing.", ""],
+    "packing": ["The 50,000 ImageNet-like sizes at stride 32, packed or batched under a token budget. Efficiency is "
+                "useful tokens / processed tokens (a pack processes its whole budget, a padded batch n x longest, a "
+                "bucket batch (budget // L) x L); batches is the number of steps an epoch takes; the time is the "
+                "median wall time of one whole packing (one core, NumPy).", ""],
+}
 
 
 def write_summary(rows: list[dict], path: str, plots: Sequence[str] = ()) -> str:
@@ -211,11 +352,12 @@ def write_summary(rows: list[dict], path: str, plots: Sequence[str] = ()) -> str
               "kernels.", ""]
     if r0["gpu"] == "none":
         lines += ["**No GPU on this machine: nothing was measured on a GPU.** The `cuda`, `triton`, `flash_attn` "
-                  "and `torch_varlen` providers (and every GPU figure) do not exist for this run; they are listed "
-                  "under 'Not measured' with the reason.", ""]
+                  "and `torch_varlen` providers, the NiT-XL training and sampling steps, bf16 and every other GPU "
+                  "figure do not exist for this run; they are listed under 'Not measured' with the reason.", ""]
     for suite, srows in _suites(rows).items():
         lines += [f"## {suite}", ""]
-        lines += _measured_table(srows)
+        lines += _INTRO.get(suite, [])
+        lines += _table(srows)
         bad = [r for r in srows if r["status"] in ("mismatch", "error")]
         seen = set()
         for r in bad:
@@ -224,9 +366,11 @@ def write_summary(rows: list[dict], path: str, plots: Sequence[str] = ()) -> str
                 seen.add(key)
                 lines.append(f"\n**{r['status']}**: {r['provider']} on {r['workload']}: "
                              f"{r.get('check') or r.get('reason')}")
-        plot = os.path.join(os.path.dirname(path), f"speedup_{suite}.png")
-        if plot in plots:
-            lines += ["", f"![{suite} speed-ups]({os.path.basename(plot)})"]
+        for name, what in ((f"speedup_{suite}.png", "speed-ups"), (f"throughput_{suite}.png", "tokens/s"),
+                           ("packing_efficiency.png" if suite == "packing" else "", "efficiency")):
+            plot = os.path.join(os.path.dirname(path), name)
+            if name and plot in plots:
+                lines += ["", f"![{suite} {what}]({name})"]
         lines.append("")
     missing = _not_measured(rows)
     if missing:
@@ -248,7 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not rows:
         raise SystemExit(f"{args.csv}: no rows" + (f" with timestamp {args.run}" if args.run else ""))
     os.makedirs(args.out_dir, exist_ok=True)
-    plots = plot_speedups(rows, args.out_dir) + plot_throughput(rows, args.out_dir)
+    plots = plot_speedups(rows, args.out_dir) + plot_throughput(rows, args.out_dir) + plot_packing(rows, args.out_dir)
     summary = os.path.join(args.out_dir, "SUMMARY.md")
     write_summary(rows, summary, plots)
     for path in plots + [summary]:

@@ -36,7 +36,9 @@ def append_rows(path: str, rows: Iterable[dict]) -> int:
     if not new:
         with open(path, newline="") as f:
             header = next(csv.reader(f), None)
-        if header != list(COLUMNS):
+        if header and len(header) < len(COLUMNS) and header == list(COLUMNS[:len(header)]):
+            _add_columns(path)
+        elif header != list(COLUMNS):
             raise ValueError(f"{path} has columns {header}, expected {list(COLUMNS)}; write to another --out")
     with open(path, "a", newline="") as f:
         w = csv.writer(f)
@@ -45,6 +47,23 @@ def append_rows(path: str, rows: Iterable[dict]) -> int:
         for r in rows:
             w.writerow([_cell(r.get(c)) for c in COLUMNS])
     return len(rows)
+
+
+def _add_columns(path: str) -> None:
+    """Rewrite a CSV written before columns were appended to COLUMNS: same rows, the new cells empty.
+
+    The new file is written next to the old one and renamed over it, so an interruption leaves
+    the old file whole.
+    """
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([r.get(c) or "" for c in COLUMNS])
+    os.replace(tmp, path)
 
 
 def read_rows(path: str) -> list[dict]:
@@ -86,7 +105,10 @@ def _line(r: dict) -> str:
     if st == "ok":
         spread = f"{fnum(r.get('p20_ms'))}-{fnum(r.get('p80_ms'))}"
         thr = f"{fnum(r.get('throughput'), '.4g')} {r.get('unit', '')}"
-        tail = "ok" + (f" ({r['reason']})" if r.get("reason") else "")
+        tail = "ok"
+        if r.get("efficiency") not in (None, ""):
+            tail += f" efficiency {100 * float(r['efficiency']):.2f}%, {r.get('batches')} batches"
+        tail += f" ({r['reason']})" if r.get("reason") else ""
         return (f"  {r['provider']:<19}{r['pass']:<8}{fnum(r.get('median_ms')):>10} {spread:>15} {thr:>16} "
                 f"{fnum(r.get('speedup_vs_reference'), '.2f'):>7} {fnum(r.get('speedup_vs_best_peer'), '.2f'):>7} "
                 f"{fnum(r.get('peak_mem_mb'), '.1f'):>8}  {tail}")

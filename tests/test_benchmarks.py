@@ -46,6 +46,10 @@ def _provider_suites():
     return [s for s in harness.load_suites().values() if isinstance(s, harness.ProviderSuite)]
 
 
+def _kernel_suites():
+    return [s for s in _provider_suites() if s.name not in ("step",)]
+
+
 def test_quick_run_writes_the_documented_columns(quick):
     path, rc, rows = quick
     with open(path) as f:
@@ -97,16 +101,19 @@ def test_timed_rows_were_checked_and_have_figures(quick):
     _, _, rows = quick
     ok = [r for r in rows if r["status"] == "ok" and r["suite"] != "machine"]
     assert ok
+    suites = harness.load_suites()
+    units = {"step": ("tokens/s",), "packing": ("images/s",)}
     for r in ok:
         med, p20, p80 = float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"])
         assert 0 < p20 <= med <= p80 and int(r["reps"]) >= 1
-        assert float(r["throughput"]) > 0 and r["unit"] in ("GB/s", "GFLOP/s")
+        assert float(r["throughput"]) > 0 and r["unit"] in units.get(r["suite"], ("GB/s", "GFLOP/s")), r
         assert r["check"].startswith("ok"), r
-        if r["pass"] == "fwd+bwd":
+        if r["pass"] in getattr(suites[r["suite"]], "memory_passes", ()):
             assert float(r["peak_mem_mb"]) > 0 and r["mem_method"]
         if r["provider"] == "reference":
             assert float(r["speedup_vs_reference"]) == 1.0
-    assert all(r["status"] == "ok" for r in rows if r["provider"] == "reference" and r["suite"] != "machine")
+    ref = [r for r in rows if r["provider"] == "reference" and r["suite"] not in ("machine", "step")]
+    assert ref and all(r["status"] == "ok" for r in ref)
 
 
 def test_kernels_that_exist_are_picked_up(quick):
@@ -114,7 +121,7 @@ def test_kernels_that_exist_are_picked_up(quick):
     cpu = backends.get("cpu")
     if cpu.load_error() is not None:
         pytest.skip(f"the C++ extension is not usable here: {cpu.load_error()}")
-    for suite in _provider_suites():
+    for suite in _kernel_suites():
         mine = [r for r in rows if r["suite"] == suite.name and r["provider"] == "cpu"]
         if cpu.implements(suite.name):
             assert mine and all(r["status"] == "ok" for r in mine), suite.name
@@ -230,10 +237,12 @@ def test_plots_and_summary(quick, tmp_path):
     assert "## Not measured in this run, and why" in text
     if not torch.cuda.is_available():
         assert "No GPU on this machine" in text
-    for suite in _provider_suites():
+    for suite in harness.load_suites().values():
         assert f"## {suite.name}" in text
-    pngs = sorted(tmp_path.glob("speedup_*.png"))
-    assert pngs, "no plot was written"
+    assert "NiT-XL is timed on a GPU only" in text or torch.cuda.is_available()
+    assert "| imagenet-50k/budget-4096 | lpfhp |" in text and "train tokens/s" in text
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert {"throughput_step.png", "packing_efficiency.png", "speedup_step.png"} <= {p.name for p in pngs}
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -252,11 +261,13 @@ def test_pytest_benchmark_entry_point():
     env.pop("TRITON_INTERPRET", None)
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "--bench-quick", "-q", "-p",
-         "no:cacheprovider", "-k", "gated_residual and fixed-256px and (reference or cuda)"],
+         "no:cacheprovider", "-k", "(gated_residual and fixed-256px and (reference or cuda)) or "
+        "(step and fixed and tiny and reference) or (packing and lpfhp)"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    assert "3 passed" in out and "skipped" in out, out[-3000:]
+    # gated_residual: 3 passes of reference; step: train and sample of reference; packing: lpfhp at 4096
+    assert "6 passed" in out and "skipped" in out, out[-3000:]
 
 
 def test_low_precision_peers_pass_the_check(tmp_path):
@@ -267,3 +278,84 @@ def test_low_precision_peers_pass_the_check(tmp_path):
     rows = [r for r in report.read_rows(str(path)) if r["suite"] == "varlen_attention"]
     assert rc == 0 and len(rows) == 9
     assert all(r["status"] == "ok" and r["dtype"] == "bfloat16" and r["check"].startswith("ok") for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# the step and packing suites
+# ---------------------------------------------------------------------------------------------
+def test_step_suite_rows(quick):
+    _, _, rows = quick
+    step = [r for r in rows if r["suite"] == "step"]
+    tiny = [r for r in step if r["workload"].endswith("/tiny")]
+    assert {r["provider"] for r in tiny} == {"reference", "auto", "official"}
+    assert {r["pass"] for r in tiny} == {"train", "sample"}
+    assert all(r["status"] == "ok" and r["unit"] == "tokens/s" and "fp64" in r["check"] for r in tiny)
+    for r in tiny:  # tokens/s is the pack's tokens over the median (both CFG halves when sampling)
+        n = int(r["config"].split("train N=")[1].split()[0]) if r["pass"] == "train" else \
+            2 * int(r["config"].split("CFG pack 2x N=")[1].split()[0])
+        assert abs(float(r["throughput"]) - n / (float(r["median_ms"]) / 1e3)) < 1e-3 * float(r["throughput"])
+    auto = [r for r in tiny if r["provider"] == "auto"]
+    assert all(r["reason"].startswith("auto ran ") for r in auto)
+    xl = [r for r in step if r["workload"].endswith("/NiT-XL")]
+    assert xl
+    if not torch.cuda.is_available():
+        assert all(r["status"] == "skipped" and "GPU only" in r["reason"] for r in xl)
+
+
+def test_wrong_step_provider_is_caught_and_not_timed():
+    from benchmarks import bench_step
+    from nit_model.model import NiT
+
+    def off_by_a_little(cfg, backend):
+        model = NiT(cfg.replace(backend="reference"))
+        forward = model.forward
+        model.forward = lambda *a, **k: forward(*a, **k) * 1.001
+        return model
+
+    suite = bench_step.StepSuite()
+    suite.providers["wrong"] = harness.ProviderSpec("wrong", bench_step._provider(off_by_a_little, None))
+    opts = harness.RunOptions(quick=True, filter="fixed-256px/tiny", memory=False)
+    rows = [r for group in suite.run(harness.RunContext(opts, {})) for r in group]
+    by = {(r["provider"], r["pass"]): r for r in rows}
+    assert by[("reference", "train")]["status"] == "ok"
+    for p in ("train", "sample"):
+        assert by[("wrong", p)]["status"] == "mismatch" and by[("wrong", p)].get("median_ms") is None
+    assert "velocity" in by[("wrong", "train")]["check"]
+
+
+def test_packing_suite_rows(quick):
+    _, _, rows = quick
+    pk = {r["provider"]: r for r in rows if r["suite"] == "packing" and r["workload"] == "imagenet-50k/budget-4096"}
+    assert set(pk) == set(harness.load_suites()["packing"].method_names)
+    total = 8502101  # tokens of the 50,000 ImageNet-like sizes at stride 32
+    for name, r in pk.items():
+        eff, batches = float(r["efficiency"]), int(r["batches"])
+        assert r["status"] == "ok" and r["check"].startswith("ok") and 0 < eff <= 1, r
+        assert abs(eff - 1 / (1 + float(r["padding_waste"]))) < 1e-5  # the CSV keeps 6 digits
+        if name in ("lpfhp", "ffd"):  # a pack processes its whole budget
+            assert batches >= -(-total // 4096) and abs(eff - total / (batches * 4096)) < 1e-5
+    assert float(pk["lpfhp"]["efficiency"]) > 0.99 > float(pk["pad-budget"]["efficiency"])
+    assert float(pk["pad-random-k"]["efficiency"]) < float(pk["buckets-pow2"]["efficiency"])
+
+
+def test_padding_fixed_k():
+    from benchmarks.bench_packing import padding_fixed_k
+
+    stats, per_batch = padding_fixed_k([1, 2, 3, 4, 5], 2, seed=0)
+    assert stats.num_batches == 3 and stats.useful_tokens == 15 and per_batch[-1] in (1, 2, 3, 4, 5)
+    assert stats.processed_tokens == int(per_batch.sum()) and per_batch.sum() >= 15
+    stats, per_batch = padding_fixed_k([4, 4, 4, 4], 2)
+    assert stats.efficiency == 1.0 and per_batch.tolist() == [8, 8]
+    with pytest.raises(ValueError, match="k must be"):
+        padding_fixed_k([1], 0)
+
+
+def test_older_csv_gets_the_new_columns(tmp_path):
+    path = tmp_path / "old.csv"
+    old = harness.COLUMNS[:-2]
+    path.write_text(",".join(old) + "\n" + ",".join("x" if c == "suite" else "" for c in old) + "\n")
+    report.append_rows(str(path), [{"suite": "packing", "efficiency": 0.5, "batches": 3}])
+    rows = report.read_rows(str(path))
+    assert list(rows[0]) == list(harness.COLUMNS)
+    assert rows[0]["suite"] == "x" and rows[0]["efficiency"] == ""
+    assert rows[1]["efficiency"] == "0.5" and rows[1]["batches"] == "3"
