@@ -274,6 +274,21 @@ class SamplingModel:
     def stride(self) -> int:
         return pixel_stride(self.model.config.patch_size, self.vae_factor)
 
+    @property
+    def class_names(self) -> Optional[tuple]:
+        """Names of the trained classes (the shapes data's), or None when unknown."""
+        data = getattr(self.train_config, "data", None)
+        if getattr(data, "kind", None) == "shapes":
+            from .data.shapes import SHAPE_CLASSES
+            return SHAPE_CLASSES
+        return None
+
+    @property
+    def trained_classes(self) -> int:
+        """How many class ids the training data used (all of num_classes when unknown)."""
+        names = self.class_names
+        return len(names) if names else self.model.config.num_classes
+
 
 def _latent_meta(train_config) -> dict:
     """meta.json of the latent folder a run trained on (VAE name and scaling), if readable."""
@@ -419,7 +434,8 @@ def sample(model, sizes, labels=None, *, num: int = 1, steps: int = 32, solver: 
     sizes: "256x256,432x768" or [(h, w), ...] in pixels (height x width), multiples of the pixel
         stride; a size that is not raises ValueError naming the nearest valid sizes.
     labels: class ids cycled over each size's images (image j of a size gets labels[j % len]);
-        None cycles over all classes 0..num_classes-1.
+        None cycles over the classes the model was trained on (the shapes classes for shapes
+        runs, else 0..num_classes-1).
     steps, solver ("euler" | "heun" | "sde"): see `nit_model.solvers`; cfg_scale > 1 guides with
         the null class, only for t in cfg_interval = (low, high).
     seed: image i (request order: sizes outer, num inner) uses image_seed(seed, i).
@@ -439,7 +455,7 @@ def sample(model, sizes, labels=None, *, num: int = 1, steps: int = 32, solver: 
             else f" (patch size {cfg.patch_size})")
     check_sizes(sizes_px, sm.stride, what)
     labels = parse_labels(labels)
-    cycle = labels if labels else list(range(cfg.num_classes))
+    cycle = labels if labels else list(range(sm.trained_classes))
     req_sizes = [s for s in sizes_px for _ in range(num)]
     req_labels = [cycle[j % len(cycle)] for _ in sizes_px for j in range(num)]
     s = sm.stride
