@@ -67,6 +67,7 @@ def _sample(args):
 
 def _eval(args):
     from .evaluate import DEFAULT_EVAL_SIZES, evaluate_models, markdown_table, parse_named_checkpoints
+    from .shapes_eval import ClassifierConfig
     from .report import write_text
     _threads(args.threads)
     specs = list(args.ckpt or [])
@@ -80,6 +81,7 @@ def _eval(args):
         rep = evaluate_models(models, args.sizes or DEFAULT_EVAL_SIZES, num=args.num, steps=args.steps,
                               solver=args.solver, cfg_scale=args.cfg_scale, cfg_interval=(low, high),
                               seed=args.seed, num_real=args.num_real, cache_dir=args.cache_dir,
+                              classifier_config=ClassifierConfig(steps=args.classifier_steps),
                               progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"nit eval: error: {e}")
@@ -162,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_knobs(e, steps=16, num=32)
     e.add_argument("--num-real", type=int, default=256, help="real images per size for the reference statistics")
     e.add_argument("--cache-dir", default=os.path.join("runs", "cache"), help="where the classifier is cached")
+    e.add_argument("--classifier-steps", type=int, default=300,
+                   help="training steps of the shapes classifier (cached per setting; default 300)")
     e.add_argument("--out", default=None, help="folder for EVAL.md and eval.json")
     e.set_defaults(func=_eval)
     from .extract_latents import add_arguments as add_latent_arguments
