@@ -44,7 +44,7 @@ class DemoSettings:
     """Knobs of the demo (the command-line options carry the same names)."""
 
     out: str = os.path.join("runs", "demo")
-    train_steps: int = 500
+    train_steps: int = 600
     baseline: bool = True
     baseline_size: int = 32
     token_budget: int = 1024
