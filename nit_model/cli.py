@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -29,6 +30,96 @@ def _train(args):
         sys.exit(code)
 
 
+def _threads(n):
+    if n:
+        import torch
+        torch.set_num_threads(int(n))
+
+
+def _sample(args):
+    from .report import save_samples, write_text
+    from .sampling import load_sampling_model, parse_sizes, sample
+    _threads(args.threads)
+    try:
+        low, high = (float(v) for v in args.cfg_interval.split(","))
+    except ValueError:
+        raise SystemExit(f"nit sample: error: --cfg-interval is LOW,HIGH (e.g. 0,0.7), got {args.cfg_interval!r}")
+    try:
+        sizes = parse_sizes(args.sizes)
+        sm = load_sampling_model(args.ckpt, ema=not args.no_ema, vae=args.vae, vae_factor=args.vae_factor)
+        res = sample(sm, sizes, args.labels, num=args.num, steps=args.steps, solver=args.solver,
+                     cfg_scale=args.cfg_scale, cfg_interval=(low, high), seed=args.seed,
+                     token_budget=args.token_budget, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"nit sample: error: {e}")
+    files = save_samples(res, args.out, class_names=sm.class_names, write_pngs=not args.no_png)
+    import json
+    write_text(os.path.join(args.out, "samples.json"), json.dumps(
+        {"settings": res.settings, "stats": res.stats, "sizes": [list(s) for s in res.sizes], "labels": res.labels,
+         "seeds": res.seeds, "npz": [os.path.basename(p) for p in files["npz"]]}, indent=1))
+    st = res.stats
+    print(f"sampled {len(res.sizes)} images at {len(sizes)} size(s) in {st['packs']} pack(s), {st['forwards']} forwards, "
+          f"{st['total_seconds']:.1f} s ({st['images_per_s']:.2f} images/s)")
+    print(f"wrote {len(files['pngs'])} PNGs, {files['contact_sheet']}; {files['note']}:")
+    for p in files["npz"]:
+        print(f"  {p}")
+
+
+def _eval(args):
+    from .evaluate import DEFAULT_EVAL_SIZES, evaluate_models, markdown_table, parse_named_checkpoints
+    from .shapes_eval import ClassifierConfig
+    from .report import write_text
+    _threads(args.threads)
+    specs = list(args.ckpt or [])
+    if args.baseline_ckpt:
+        specs.append(f"baseline={args.baseline_ckpt}")
+    if not specs:
+        raise SystemExit("nit eval: error: give at least one --ckpt [NAME=]PATH")
+    try:
+        low, high = (float(v) for v in args.cfg_interval.split(","))
+        models = parse_named_checkpoints(specs)
+        rep = evaluate_models(models, args.sizes or DEFAULT_EVAL_SIZES, num=args.num, steps=args.steps,
+                              solver=args.solver, cfg_scale=args.cfg_scale, cfg_interval=(low, high),
+                              seed=args.seed, num_real=args.num_real, cache_dir=args.cache_dir,
+                              classifier_config=ClassifierConfig(steps=args.classifier_steps),
+                              progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"nit eval: error: {e}")
+    table = markdown_table(rep)
+    print(table)
+    if args.out:
+        write_text(os.path.join(args.out, "eval.json"), rep.to_json())
+        write_text(os.path.join(args.out, "EVAL.md"), "# Per-resolution evaluation\n\n" + table + "\n")
+        print(f"\nwrote {os.path.join(args.out, 'EVAL.md')} and eval.json")
+
+
+def _extract_latents(args):
+    from .extract_latents import run
+    run(args)
+
+
+def _demo(args):
+    from .demo import main_demo
+    code = main_demo(args)
+    if code:
+        sys.exit(code)
+
+
+def _add_sampling_knobs(p, *, steps: int, num: int) -> None:
+    from .solvers import SOLVERS
+    p.add_argument("--num", type=int, default=num, help=f"images per size (default {num})")
+    p.add_argument("--steps", type=int, default=steps, help=f"solver steps (default {steps})")
+    p.add_argument("--solver", choices=SOLVERS, default="euler",
+                   help="euler / heun ODE or Euler-Maruyama sde, t from 1 (noise) to 0 (default euler)")
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale; 1 disables it (default 1)")
+    p.add_argument("--cfg-interval", default="0,1", metavar="LOW,HIGH",
+                   help="guide only for t in [LOW, HIGH] (default 0,1)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses a generator seeded from (seed, i) (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nit", description="NiT: native-resolution diffusion transformer, packed and fused.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -43,10 +134,55 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train NiT on native-resolution packs from a YAML config (torchrun for DDP)")
     add_train_arguments(t)
     t.set_defaults(func=_train)
-    d = sub.add_parser("demo", help="the main job on built-in defaults (currently: the kernel tour)")
-    d.add_argument("--tokens", type=int, default=4096)
-    d.add_argument("--reps", type=int, default=5)
-    d.set_defaults(func=_kernels)
+    from .sampling import DEFAULT_TOKEN_BUDGET
+    s = sub.add_parser("sample", help="sample images at any mix of sizes, packed into shared forwards",
+                       description="Sample NUM images at every size of --sizes; all of them (and both halves of "
+                                   "classifier-free guidance) share token-budget packs. Writes a PNG per image, "
+                                   "contact_sheet.png, ADM-format .npz file(s) (one per size) and samples.json.")
+    s.add_argument("--ckpt", required=True,
+                   help="run directory (newest checkpoint), checkpoint directory or weights file (.safetensors)")
+    s.add_argument("--sizes", default="32x32,64x64",
+                   help="HEIGHTxWIDTH in pixels, comma-separated, multiples of the pixel stride (default 32x32,64x64)")
+    s.add_argument("--labels", default=None,
+                   help="class ids cycled over each size's images, e.g. 0,3 (default: all trained classes)")
+    _add_sampling_knobs(s, steps=32, num=4)
+    s.add_argument("--out", default="samples", help="output folder (default samples/)")
+    s.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
+                   help=f"tokens per forward, guidance halves counted (default {DEFAULT_TOKEN_BUDGET})")
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint, not the EMA")
+    s.add_argument("--vae", default=None, help="latent models: diffusers autoencoder name or local folder")
+    s.add_argument("--vae-factor", type=int, default=None, help="latent models: pixels per latent pixel")
+    s.add_argument("--no-png", action="store_true", help="write only the contact sheet and .npz files")
+    s.set_defaults(func=_sample)
+    e = sub.add_parser("eval", help="per-resolution accuracy and Fréchet distance on the shapes data",
+                       description="Sample every model at seen and unseen sizes (same seeds), judge the samples "
+                                   "with a shapes classifier (trained in seconds, cached): class accuracy and "
+                                   "Fréchet distance of classifier features against real images of that size.")
+    e.add_argument("--ckpt", action="append", metavar="[NAME=]PATH", help="a model to evaluate (repeatable)")
+    e.add_argument("--baseline-ckpt", metavar="PATH", help="a baseline (e.g. trained at one fixed size), named 'baseline'")
+    e.add_argument("--sizes", default=None, help="HEIGHTxWIDTH list (default: seen and unseen sizes of tiny-shapes)")
+    _add_sampling_knobs(e, steps=16, num=32)
+    e.add_argument("--num-real", type=int, default=256, help="real images per size for the reference statistics")
+    e.add_argument("--cache-dir", default=os.path.join("runs", "cache"), help="where the classifier is cached")
+    e.add_argument("--classifier-steps", type=int, default=300,
+                   help="training steps of the shapes classifier (cached per setting; default 300)")
+    e.add_argument("--out", default=None, help="folder for EVAL.md and eval.json")
+    e.set_defaults(func=_eval)
+    from .extract_latents import add_arguments as add_latent_arguments
+    x = sub.add_parser("extract-latents", help="encode an image folder to VAE latents at native resolution",
+                       description="Encode DATA/<class>/<image> with a diffusers autoencoder into a latent folder "
+                                   "that `nit train` reads (data.kind=latents).")
+    add_latent_arguments(x)
+    x.set_defaults(func=_extract_latents)
+    from .demo import add_demo_arguments
+    d = sub.add_parser("demo", help="train, sample and evaluate tiny NiT on shapes in minutes; writes runs/demo/REPORT.md",
+                       description="The main job on a CPU: train the tiny NiT on shapes at native resolutions and a "
+                                   "baseline at one fixed size (equal steps and tokens), sample a mixed pack of "
+                                   "seen and unseen sizes, evaluate both per resolution, measure throughput, and "
+                                   "write a markdown report.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_demo_arguments(d)
+    d.set_defaults(func=_demo)
     return p
 
 

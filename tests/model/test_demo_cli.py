@@ -1,0 +1,90 @@
+"""The `nit` command end to end: `nit demo --quick` trains two tiny checkpoints, then `nit sample`
+and `nit eval` run on them."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from nit_model.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo"))
+    assert main(["demo", "--quick", "--out", out, "--no-progress", "--threads", "1"]) == 0
+    return out
+
+
+def test_demo_quick_writes_the_report(demo_dir, capsys):
+    report = open(os.path.join(demo_dir, "REPORT.md")).read()
+    for needle in ("## Training", "| native |", "| fixed |", "## Per-resolution evaluation", "| size (HxW) |",
+                   "real-vs-real FD (floor)", "Packed mixed-resolution sampling against one resolution per batch",
+                   "| 16 images, 16 distinct sizes (",
+                   "![loss curves](loss.png)", "samples/native/contact_sheet.png"):
+        assert needle in report, needle
+    for rel in ("loss.png", "samples/native/contact_sheet.png", "samples/fixed/contact_sheet.png", "results.json"):
+        assert os.path.isfile(os.path.join(demo_dir, rel)), rel
+    r = json.load(open(os.path.join(demo_dir, "results.json")))
+    assert r["train"]["native"]["steps"] == 6 and r["train"]["fixed"]["steps"] == 6
+    assert r["train"]["native"]["tokens_per_s"] > 0
+    assert len(r["bench"]) == 2 and all(b["speedup"] > 0 for b in r["bench"].values())
+    assert all(b["max_abs_diff"] < 1e-4 for b in r["bench"].values())  # packing changes no image
+    rows = r["eval"]["rows"]
+    assert [(row["height"], row["width"]) for row in rows] == [(32, 32), (16, 48), (64, 64)]
+    assert [row["native"]["seen"] for row in rows] == [True, True, True]
+    assert [row["fixed"]["seen"] for row in rows] == [True, False, False]
+
+
+def test_sample_cli_on_the_demo_checkpoint(demo_dir, tmp_path, capsys):
+    out = str(tmp_path / "s")
+    ckpt = os.path.join(demo_dir, "native")
+    assert main(["sample", "--ckpt", ckpt, "--sizes", "16x16,8x24", "--labels", "2", "--num", "2", "--steps", "2",
+                 "--solver", "heun", "--cfg-scale", "2", "--cfg-interval", "0.2,0.9", "--seed", "3", "--out", out,
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "sampled 4 images at 2 size(s) in 1 pack(s)" in text
+    files = sorted(os.listdir(out))
+    assert files == ["contact_sheet.png", "images", "samples.json", "samples_2x16x16x3.npz", "samples_2x8x24x3.npz"]
+    assert sorted(os.listdir(os.path.join(out, "images")))[0] == "00000_16x16_triangle.png"
+    with np.load(os.path.join(out, "samples_2x8x24x3.npz")) as z:
+        assert z["arr_0"].shape == (2, 8, 24, 3) and z["arr_0"].dtype == np.uint8
+    meta = json.load(open(os.path.join(out, "samples.json")))
+    assert meta["settings"]["solver"] == "heun" and meta["settings"]["cfg_interval"] == [0.2, 0.9]
+    # the same request again gives the same pixels
+    out2 = str(tmp_path / "s2")
+    main(["sample", "--ckpt", ckpt, "--sizes", "16x16,8x24", "--labels", "2", "--num", "2", "--steps", "2",
+          "--solver", "heun", "--cfg-scale", "2", "--cfg-interval", "0.2,0.9", "--seed", "3", "--out", out2,
+          "--no-progress", "--no-png"])
+    assert not os.path.exists(os.path.join(out2, "images"))
+    for name in ("samples_2x16x16x3.npz", "samples_2x8x24x3.npz"):
+        with np.load(os.path.join(out, name)) as a, np.load(os.path.join(out2, name)) as b:
+            np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    with pytest.raises(SystemExit, match=r"18x16.*nearest valid sizes: 16x16, 20x16"):
+        main(["sample", "--ckpt", ckpt, "--sizes", "18x16", "--out", out, "--no-progress"])
+    with pytest.raises(SystemExit, match="LOW,HIGH"):
+        main(["sample", "--ckpt", ckpt, "--cfg-interval", "0.5", "--out", out, "--no-progress"])
+
+
+def test_eval_cli_with_a_baseline(demo_dir, tmp_path, capsys):
+    out = str(tmp_path / "e")
+    assert main(["eval", "--ckpt", f"native={os.path.join(demo_dir, 'native')}", "--baseline-ckpt",
+                 os.path.join(demo_dir, "fixed"), "--sizes", "32x32,32x96", "--num", "2", "--steps", "1",
+                 "--num-real", "4", "--classifier-steps", "8", "--cache-dir", os.path.join(demo_dir, "cache"), "--out", out,
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "| 32x96 | 1:3 | 192 | **unseen** |" in text and "baseline acc" in text
+    rep = json.load(open(os.path.join(out, "eval.json")))
+    assert set(rep["models"]) == {"native", "baseline"}
+    with pytest.raises(SystemExit, match="at least one --ckpt"):
+        main(["eval", "--no-progress"])
+
+
+def test_help_explains_the_knobs(capsys):
+    for cmd in ("demo", "sample", "eval", "extract-latents"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([cmd, "--help"])
+    text = capsys.readouterr().out
+    for needle in ("--train-steps", "--quick", "--eval-num", "--cfg-interval", "--sizes", "--baseline-ckpt",
+                   "--vae"):
+        assert needle in text, needle

@@ -1,0 +1,77 @@
+"""Per-resolution evaluation: which sizes a run saw, the table, and the whole pipeline on random
+models (the Fréchet distance itself is tested on Gaussians in test_frechet.py)."""
+import math
+
+import pytest
+import torch
+
+from nit_model.config import NiTConfig
+from nit_model.evaluate import (EvalReport, evaluate_models, markdown_table, parse_named_checkpoints,
+                                seen_in_training)
+from nit_model.model import NiT
+from nit_model.shapes_eval import ClassifierConfig, train_classifier
+from nit_model.train import TrainConfig
+
+
+def test_seen_sizes_follow_the_training_data():
+    native = TrainConfig.from_yaml("tiny-shapes")  # 16-64 px, aspect <= 3, patch 4
+    assert seen_in_training((32, 32), native) and seen_in_training((16, 48), native)
+    assert seen_in_training((64, 64), native) and seen_in_training((64, 24), native)
+    assert not seen_in_training((96, 96), native)      # larger than any side trained on
+    assert not seen_in_training((16, 64), native)      # 1:4, beyond the trained aspect ratio
+    assert not seen_in_training((12, 12), native)      # smaller than min_side
+    fixed = native.apply_overrides(["data.min_side=32", "data.max_side=32", "data.max_aspect=1.0"])
+    assert seen_in_training((32, 32), fixed) and not seen_in_training((32, 64), fixed)
+    assert seen_in_training((32, 32), None) is None
+
+
+def _report():
+    rows = [{"height": 32, "width": 32, "tokens": 64, "floor": 1.0, "real_accuracy": 1.0,
+             "a": {"accuracy": 0.9, "frechet": 2.0, "seen": True}, "b": {"accuracy": 0.8, "frechet": 3.0, "seen": True}},
+            {"height": 32, "width": 96, "tokens": 192, "floor": 1.5, "real_accuracy": 0.95,
+             "a": {"accuracy": 0.7, "frechet": 4.0, "seen": False}, "b": {"accuracy": 0.2, "frechet": 9.0, "seen": False}},
+            {"height": 128, "width": 128, "tokens": 1024, "floor": 1.2, "real_accuracy": 1.0,
+             "a": {"accuracy": 0.5, "frechet": 8.0, "seen": False}, "b": {"accuracy": 0.6, "frechet": 6.0, "seen": False}}]
+    settings = dict(num=8, steps=4, solver="euler", cfg_scale=1.0, cfg_interval=[0, 1], seed=0, num_real=16)
+    return EvalReport(rows, {"a": {}, "b": {}}, settings)
+
+
+def test_summary_and_table():
+    rep = _report()
+    s = rep.summary()
+    assert s["a"]["seen_sizes"] == 1 and s["a"]["unseen_sizes"] == 2
+    assert s["a"]["unseen_frechet"] == pytest.approx(6.0) and s["b"]["unseen_frechet"] == pytest.approx(7.5)
+    assert s["a"]["unseen_accuracy"] == pytest.approx(0.6)
+    assert s["a"]["best_frechet_sizes"] == 2 and s["b"]["best_frechet_sizes"] == 1
+    md = markdown_table(rep)
+    lines = md.splitlines()
+    assert lines[0].startswith("| size (HxW) | aspect | tokens | a: seen? | a acc | a FD |")
+    assert "| 32x96 | 1:3 | 192 | **unseen** | 70% | **4.00** | **unseen** | 20% | 9.00 | 95% | 1.50 |" in md
+    assert "| 128x128 | 1:1 | 1024 |" in md and "**6.00**" in md
+
+
+def test_parse_named_checkpoints():
+    assert parse_named_checkpoints(["native=runs/a", "runs/b/"]) == {"native": "runs/a", "b": "runs/b/"}
+    with pytest.raises(ValueError, match="two checkpoints are named"):
+        parse_named_checkpoints(["x=runs/a", "x=runs/b"])
+
+
+def test_evaluate_models_end_to_end_on_random_models():
+    torch.manual_seed(0)
+    cfg = NiTConfig.from_name("tiny", depth=1, encoder_depth=1, hidden_size=32, num_heads=2, num_classes=6)
+    models = {"m1": NiT(cfg).eval(), "m2": NiT(cfg).eval()}
+    judge = train_classifier(ClassifierConfig(steps=3, batch=8))
+    rep = evaluate_models(models, "16x16,8x24", num=3, steps=1, num_real=6, classifier=judge, progress=False)
+    assert [(r["height"], r["width"], r["tokens"]) for r in rep.rows] == [(16, 16, 16), (8, 24, 12)]
+    for r in rep.rows:
+        for n in ("m1", "m2"):
+            assert 0.0 <= r[n]["accuracy"] <= 1.0 and math.isfinite(r[n]["frechet"]) and r[n]["frechet"] >= 0
+            assert r[n]["seen"] is None  # a bare module has no training config
+        assert math.isfinite(r["floor"])
+    assert rep.models["m1"]["images"] == 6 and rep.models["m1"]["packs"] == 1
+    assert "| 16x16 | 1:1 | 16 |" in markdown_table(rep)
+    with pytest.raises(ValueError, match="num must be >= 2"):
+        evaluate_models(models, "16x16", num=1, classifier=judge, progress=False)
+    latent = NiT(NiTConfig.from_name("tiny", in_channels=4, patch_size=1, depth=1, encoder_depth=1, hidden_size=32, num_heads=2))
+    with pytest.raises(ValueError, match="RGB pixel model"):
+        evaluate_models({"lat": latent}, "16x16", num=2, classifier=judge, progress=False)
