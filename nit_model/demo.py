@@ -72,17 +72,35 @@ QUICK = dict(train_steps=6, sample_steps=2, sample_num=1, eval_num=2, eval_steps
              eval_sizes=[(32, 32), (16, 48), (64, 64)], bench_reps=1, bench_steps=2, classifier_steps=8)
 
 
+def _busy_cores(window: float = 0.5) -> float:
+    """Cores kept busy by other processes now: the non-idle share of /proc/stat's CPU time over a
+    short window (this process sleeps through it), times the core count. Where /proc/stat is
+    absent, the 1-minute load average, which also counts work that has just ended (a build)."""
+    def snapshot():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        return sum(vals), idle
+    try:
+        total0, idle0 = snapshot()
+        time.sleep(window)
+        total1, idle1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+    dt = total1 - total0
+    return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / dt) if dt > 0 else 0.0
+
+
 def auto_threads() -> int:
-    """Threads for this run: every core torch would use, less those other processes keep busy
-    (1-minute load average). On a shared machine, OpenMP threads that wait on each other make
-    small-model steps many times slower than one thread."""
+    """Threads for this run: every core torch would use, less those other processes keep busy.
+    On a shared machine, OpenMP threads that wait on each other make small-model steps many times
+    slower than one thread."""
     import torch
     cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, min(torch.get_num_threads(), int(round(cores - load))))
+    return max(1, min(torch.get_num_threads(), int(round(cores - _busy_cores()))))
 
 
 def _train(name: str, settings: DemoSettings, extra: list, threads: int):

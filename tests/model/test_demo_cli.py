@@ -88,3 +88,21 @@ def test_help_explains_the_knobs(capsys):
     for needle in ("--train-steps", "--quick", "--eval-num", "--cfg-interval", "--sizes", "--baseline-ckpt",
                    "--vae"):
         assert needle in text, needle
+
+
+def test_auto_threads_leaves_the_cores_other_processes_use(monkeypatch):
+    import torch
+    from nit_model import demo
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    for busy, want in [(0.1, 8), (2.6, 5), (7.9, 1), (12.0, 1)]:
+        monkeypatch.setattr(demo, "_busy_cores", lambda b=busy: b)
+        assert demo.auto_threads() == want, busy
+
+
+def test_busy_cores_is_a_core_count():
+    from nit_model import demo
+
+    busy = demo._busy_cores(window=0.05)
+    assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
