@@ -119,6 +119,19 @@ struct ImageCursor {
   }
 };
 
+// row(r) for every token r in [begin, end), image by image, after C and S hold r's coefficients.
+template <class Row>
+inline void for_rotated_rows(const int32_t* cu, const int32_t* sizes, int64_t B, bool official,
+                             const RopeCoeffs& coeffs, int64_t begin, int64_t end, float* C, float* S, Row&& row) {
+  ImageCursor img{cu, sizes, official};
+  cpu::for_rows(cu, static_cast<int>(B), begin, end, [&](int seg) { img.enter(seg); }, [&](int64_t r) {
+    int64_t p0, p1;
+    img.positions(r, &p0, &p1);
+    coeffs.token(p0, p1, C, S);
+    row(r);
+  });
+}
+
 // y = x * C + swap_pairs(x) * S over one head row
 template <typename T>
 inline void rotate_row(const T* x, T* y, const float* C, const float* S, int64_t Dh) {
@@ -163,15 +176,11 @@ std::tuple<at::Tensor, at::Tensor> rope_2d_cpu(const at::Tensor& q, const at::Te
     at::parallel_for(0, a.N, kGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> cs(2 * Dhp, 0.f);
       float *C = cs.data(), *S = C + Dhp;
-      ImageCursor img{cu, sz, a.official};
-      cpu::for_rows(cu, static_cast<int>(a.B), begin, end, [&](int seg) { img.enter(seg); }, [&](int64_t r) {
+      for_rotated_rows(cu, sz, a.B, a.official, coeffs, begin, end, C, S, [&](int64_t r) {
         if (r + kAhead < end) {
           cpu::prefetch(qp + (r + kAhead) * H * Dh, H * Dh * sizeof(scalar_t));
           cpu::prefetch(kp + (r + kAhead) * Hk * Dh, Hk * Dh * sizeof(scalar_t));
         }
-        int64_t p0, p1;
-        img.positions(r, &p0, &p1);
-        coeffs.token(p0, p1, C, S);
         for (int64_t h = 0; h < H; ++h) rotate_row(qp + (r * H + h) * Dh, qo + (r * H + h) * Dh, C, S, Dh);
         for (int64_t h = 0; h < Hk; ++h) rotate_row(kp + (r * Hk + h) * Dh, ko + (r * Hk + h) * Dh, C, S, Dh);
       });
@@ -268,15 +277,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> work(3 * Dhp, 0.f);
       float *C = work.data(), *S = C + Dhp, *buf = S + Dhp;
-      ImageCursor img{cu, sz, a.official};
-      cpu::for_rows(cu, static_cast<int>(a.B), begin, end, [&](int seg) { img.enter(seg); }, [&](int64_t r) {
+      for_rotated_rows(cu, sz, a.B, a.official, coeffs, begin, end, C, S, [&](int64_t r) {
         if (r + kAhead < end) {
           cpu::prefetch(qp + (r + kAhead) * H * Dh, H * Dh * sizeof(scalar_t));
           cpu::prefetch(kp + (r + kAhead) * Hk * Dh, Hk * Dh * sizeof(scalar_t));
         }
-        int64_t p0, p1;
-        img.positions(r, &p0, &p1);
-        coeffs.token(p0, p1, C, S);
         for (int64_t h = 0; h < H; ++h) {
           const int64_t i = r * H + h;
           norm_rope_row(qp + i * Dh, qo + i * Dh, buf, qw.data(), qb.data(), C, S, Dh, e, qm + i, qr + i);
@@ -331,21 +336,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::parallel_for(0, nblocks, 1, [&](int64_t kb0, int64_t kb1) {
       std::vector<float> work(4 * Dhp, 0.f);
       float *C = work.data(), *S = C + Dhp, *xh = S + Dhp, *dxh = xh + Dhp;
-      ImageCursor img{cu, sz, a.official};
       for (int64_t blk = kb0; blk < kb1; ++blk) {
         float* acc_qw = pp + (0 * nblocks + blk) * Dhp;
         float* acc_qb = pp + (1 * nblocks + blk) * Dhp;
         float* acc_kw = pp + (2 * nblocks + blk) * Dhp;
         float* acc_kb = pp + (3 * nblocks + blk) * Dhp;
         const int64_t r0 = blk * kTokenBlock, r1 = std::min(N, r0 + kTokenBlock);
-        cpu::for_rows(cu, static_cast<int>(a.B), r0, r1, [&](int seg) { img.enter(seg); }, [&](int64_t r) {
+        for_rotated_rows(cu, sz, a.B, a.official, coeffs, r0, r1, C, S, [&](int64_t r) {
           if (r + kAhead < N) {
             for (const scalar_t* p : {dqp, qp}) cpu::prefetch(p + (r + kAhead) * H * Dh, H * Dh * sizeof(scalar_t));
             for (const scalar_t* p : {dkp, kp}) cpu::prefetch(p + (r + kAhead) * Hk * Dh, Hk * Dh * sizeof(scalar_t));
           }
-          int64_t p0, p1;
-          img.positions(r, &p0, &p1);
-          coeffs.token(p0, p1, C, S);
           for (int64_t h = 0; h < H; ++h) {
             const int64_t i = r * H + h;
             norm_rope_row_bwd(dqp + i * Dh, qp + i * Dh, dqo + i * Dh, qm[i], qr[i], qw.data(), C, S,
