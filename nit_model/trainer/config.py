@@ -5,7 +5,8 @@ A config file has one mapping per section; every key is optional (the defaults b
     model:  {preset: tiny, <any NiTConfig field>: value}   # the preset, then field overrides
     data:   {kind: shapes | latents | folder, path, token_budget, ...}
     flow:   {mu, sigma, label_dropout, dir_weight, proj_weight, repa_encoder}
-    optim:  {lr, base_packs, scale_lr, betas, weight_decay, eps, max_grad_norm, warmup_steps}
+    optim:  {lr, base_packs, scale_lr, betas, weight_decay, eps, max_grad_norm, warmup_steps,
+             schedule, min_lr_ratio}
     ema:    {decay}
     train:  {steps, grad_accum, seed, precision, device, num_threads, log_every, ckpt_every,
              keep_last, init_from}
@@ -122,7 +123,9 @@ class FlowSection:
 class OptimSection:
     """AdamW. With ``scale_lr`` the learning rate is ``lr * packs_per_step / base_packs`` where
     packs_per_step = world_size * grad_accum (the official NiT rule: lr 5e-5 at 4 packs).
-    The schedule is constant after ``warmup_steps`` of linear warm-up."""
+    After ``warmup_steps`` of linear warm-up the rate stays at its peak (``schedule: constant``,
+    the official NiT schedule) or decays to ``min_lr_ratio`` x peak by ``train.steps``
+    (``cosine`` or ``linear``): short runs end with a lower rate and a lower loss."""
 
     lr: float = 5.0e-5
     base_packs: int = 4
@@ -132,6 +135,8 @@ class OptimSection:
     eps: float = 1.0e-6
     max_grad_norm: Optional[float] = 1.0
     warmup_steps: int = 0
+    schedule: str = _choices("constant", "cosine", "linear")
+    min_lr_ratio: float = 0.0
 
 
 @dataclasses.dataclass
@@ -370,6 +375,8 @@ class TrainConfig:
         positive("optim.eps", o.eps)
         positive("optim.max_grad_norm", o.max_grad_norm)
         positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+        if not 0.0 <= o.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1] (the final rate over the peak), got {o.min_lr_ratio}")
 
         if not 0 <= e.decay < 1:
             raise ConfigError(f"ema.decay must be in [0, 1), got {e.decay}")

@@ -256,8 +256,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def lr_at(self, step: int) -> float:
-        w = self.cfg.optim.warmup_steps
-        return self.peak_lr * min(1.0, (step + 1) / w) if w else self.peak_lr
+        """The rate of optimizer step `step` (0-based): linear warm-up, then the schedule."""
+        o, total = self.cfg.optim, self.cfg.train.steps
+        w = o.warmup_steps
+        if w and step < w:
+            return self.peak_lr * (step + 1) / w
+        if o.schedule == "constant" or total <= w:
+            return self.peak_lr
+        frac = min(1.0, (step - w) / max(1, total - w))
+        decay = 0.5 * (1.0 + math.cos(math.pi * frac)) if o.schedule == "cosine" else 1.0 - frac
+        return self.peak_lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay)
 
     def _generator(self, step: int, slot: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(micro_seed(self.cfg.train.seed, step, slot))

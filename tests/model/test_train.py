@@ -1,5 +1,6 @@
 """Training: loss goes down, exact resume, atomic checkpoints, keep-last-N, EMA, config and input errors."""
 import json
+import math
 import os
 
 import pytest
@@ -26,7 +27,7 @@ def small(**sections) -> TrainConfig:
     dozen steps cross epoch boundaries."""
     base = TrainConfig.from_yaml("tiny-shapes")
     cfg = base.replace(data={"num_items": 64, "min_side": 16, "max_side": 32, "token_budget": 256},
-                       optim={"warmup_steps": 0},
+                       optim={"warmup_steps": 0, "schedule": "constant"},
                        train={"steps": 4, "log_every": 1, "ckpt_every": 1000, "num_threads": 1})
     return cfg.replace(**sections) if sections else cfg
 
@@ -61,6 +62,30 @@ def test_tiny_shapes_loss_decreases(tmp_path):
     assert not torch.equal(ema.final_layer.linear.weight, r.model.final_layer.linear.weight)
     for name in ("optimizer.pt", "trainer.pt"):  # no arbitrary pickles
         torch.load(os.path.join(r.checkpoint, name), weights_only=True)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_lr_schedule_warmup_then_decay(tmp_path, schedule):
+    """The rate each step used (log.jsonl, one line per step): linear warm-up over 3 steps, then
+    the schedule from the peak towards min_lr_ratio x peak, which step train.steps would reach."""
+    peak, ratio, steps, warm = 2e-3, 0.1, 9, 3
+    cfg = small(optim={"lr": peak, "warmup_steps": warm, "schedule": schedule, "min_lr_ratio": ratio},
+                train={"steps": steps})
+    train(cfg, out_dir=tmp_path, progress=False)
+    with open(os.path.join(tmp_path, "log.jsonl")) as f:
+        lrs = [json.loads(line)["lr"] for line in f if line.strip()]
+    want = [peak * (s + 1) / warm for s in range(warm)]
+    for s in range(warm, steps):
+        frac = (s - warm) / (steps - warm)
+        decay = {"constant": 1.0, "cosine": 0.5 * (1 + math.cos(math.pi * frac)), "linear": 1 - frac}[schedule]
+        want.append(peak * (ratio + (1 - ratio) * decay) if schedule != "constant" else peak)
+    assert lrs == pytest.approx(want, rel=1e-9)
+    if schedule != "constant":
+        assert lrs[warm] == pytest.approx(peak) and all(a > b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+    with pytest.raises(ConfigError, match=r"optim\.min_lr_ratio must lie in \[0, 1\].*got 1\.5"):
+        small().apply_overrides(["optim.min_lr_ratio=1.5"])
+    with pytest.raises(ConfigError, match=r"optim\.schedule must be one of constant, cosine, linear"):
+        small().apply_overrides(["optim.schedule=step"])
 
 
 # ------------------------------------------------------------------------------ resume
@@ -183,10 +208,10 @@ def test_checkpoint_of_another_config_fails_before_training(tmp_path):
         train(small(model={"depth": 6}, train={"init_from": r.checkpoint}), out_dir=tmp_path / "b", progress=False)
     assert not os.path.exists(tmp_path / "b" / "checkpoints")
     # optimizer hyper-parameters may change on resume, and the new ones apply
-    more = train(small(train={"steps": 2}, optim={"weight_decay": 0.5, "lr": 2e-3}), out_dir=tmp_path / "a",
+    more = train(small(train={"steps": 2}, optim={"weight_decay": 0.5, "lr": 3e-3}), out_dir=tmp_path / "a",
                  resume="latest", progress=False)
     groups = torch.load(os.path.join(more.checkpoint, "optimizer.pt"), weights_only=True)["param_groups"]
-    assert (groups[0]["weight_decay"], groups[0]["lr"]) == (0.5, 2e-3)
+    assert (groups[0]["weight_decay"], groups[0]["lr"]) == (0.5, 3e-3)
     # init_from a checkpoint of the same architecture starts from its EMA weights
     fine = train(small(train={"steps": 1, "init_from": r.checkpoint}), out_dir=tmp_path / "c", progress=False)
     assert fine.step == 1
