@@ -82,7 +82,7 @@ def _eval(args):
                               solver=args.solver, cfg_scale=args.cfg_scale, cfg_interval=(low, high),
                               seed=args.seed, num_real=args.num_real, cache_dir=args.cache_dir,
                               classifier_config=ClassifierConfig(steps=args.classifier_steps),
-                              progress=not args.no_progress)
+                              palette=args.palette, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"nit eval: error: {e}")
     table = markdown_table(rep)
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir", default=os.path.join("runs", "cache"), help="where the classifier is cached")
     e.add_argument("--classifier-steps", type=int, default=300,
                    help="training steps of the shapes classifier (cached per setting; default 300)")
+    e.add_argument("--palette", choices=("colour", "mono"), default=None,
+                   help="palette of the real images and the classifier's training images (default: the one "
+                        "the checkpoints were trained on, data.shapes_palette)")
     e.add_argument("--out", default=None, help="folder for EVAL.md and eval.json")
     e.set_defaults(func=_eval)
     from .extract_latents import add_arguments as add_latent_arguments

@@ -28,11 +28,11 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .data.shapes import SHAPE_CLASSES
+from .data.shapes import PALETTES, SHAPE_CLASSES
 from .sampling import DEFAULT_TOKEN_BUDGET, SamplingModel, load_sampling_model, parse_sizes, sample
 from .shapes_eval import ClassifierConfig, evaluate_resolution, load_or_train_classifier, real_shapes
 
-__all__ = ["DEFAULT_EVAL_SIZES", "EvalReport", "seen_in_training", "real_floor", "evaluate_models",
+__all__ = ["DEFAULT_EVAL_SIZES", "EvalReport", "seen_in_training", "real_floor", "training_palette", "evaluate_models",
            "markdown_table", "parse_named_checkpoints"]
 
 # seen by the tiny-shapes run (sides 16-64 px, aspect <= 3), then unseen: larger sides (1.5x, 2x
@@ -55,12 +55,29 @@ def seen_in_training(size: tuple[int, int], train_config) -> Optional[bool]:
             and max(h, w) / min(h, w) <= data.max_aspect + 1e-9)
 
 
-def real_floor(classifier, size: tuple[int, int], labels: Sequence[int], *, num_real: int, seed: int) -> dict:
+def real_floor(classifier, size: tuple[int, int], labels: Sequence[int], *, num_real: int, seed: int,
+               palette: str = "colour") -> dict:
     """evaluate_resolution of real images (a draw independent of the reference set) in place of
     samples: the FD and accuracy a perfect model would get at this sample count."""
     h, w = size
-    real = real_shapes(labels, h, w, seed=seed + 1)
-    return evaluate_resolution(classifier, real, labels, num_real=num_real, seed=seed)
+    real = real_shapes(labels, h, w, seed=seed + 1, palette=palette)
+    return evaluate_resolution(classifier, real, labels, num_real=num_real, seed=seed, palette=palette)
+
+
+def training_palette(models: Mapping[str, SamplingModel]) -> str:
+    """The shapes palette the models were trained on (their checkpoints' data.shapes_palette;
+    "colour" when no model records one). Models trained on different palettes are an error:
+    one judge and one set of real images cannot serve both."""
+    found = {}
+    for name, sm in models.items():
+        data = getattr(sm.train_config, "data", None)
+        if data is not None and data.kind == "shapes":
+            found[name] = data.shapes_palette
+    if len(set(found.values())) > 1:
+        raise ValueError("the models were trained on different shapes palettes ("
+                         + ", ".join(f"{n}: {p}" for n, p in found.items())
+                         + "); evaluate them separately or pass one palette for all")
+    return next(iter(found.values()), "colour")
 
 
 @dataclasses.dataclass
@@ -96,11 +113,13 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
                     solver: str = "euler", cfg_scale: float = 1.0, cfg_interval=(0.0, 1.0), seed: int = 0,
                     num_real: int = 256, classifier=None, classifier_config: ClassifierConfig = ClassifierConfig(),
                     cache_dir: Optional[str] = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                    progress: bool = True) -> EvalReport:
+                    palette: Optional[str] = None, progress: bool = True) -> EvalReport:
     """Sample `num` images per size from every model (same seeds for all) and judge them.
 
     models: name -> a checkpoint path, NiT or SamplingModel (pixel models of the shapes classes).
-    classifier: a trained ShapesClassifier, or None to load/train one (cached in `cache_dir`).
+    classifier: a trained ShapesClassifier (of real images in the same palette), or None to
+        load/train one for `classifier_config` in that palette (cached in `cache_dir`).
+    palette: of the real images ("colour" or "mono"); None: the one the models were trained on.
     """
     sizes = parse_sizes(sizes)
     if num < 2:
@@ -117,12 +136,16 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
             raise ValueError(f"model {name!r} has {sm.model.config.num_classes} classes; the shapes data has "
                              f"{len(SHAPE_CLASSES)}")
         loaded[name] = sm
+    palette = training_palette(loaded) if palette is None else palette
+    if palette not in PALETTES:
+        raise ValueError(f"unknown palette {palette!r}; choose one of {', '.join(PALETTES)}")
+    classifier_config = dataclasses.replace(classifier_config, palette=palette)
     if classifier is None:
         classifier = load_or_train_classifier(cache_dir, classifier_config, progress=progress)
     labels_per_size = [j % len(SHAPE_CLASSES) for j in range(num)]
     rows = [{"height": h, "width": w} for h, w in sizes]
     for r, size in zip(rows, sizes):
-        fl = real_floor(classifier, size, labels_per_size, num_real=num_real, seed=seed + 12345)
+        fl = real_floor(classifier, size, labels_per_size, num_real=num_real, seed=seed + 12345, palette=palette)
         r.update(floor=fl["frechet"], real_accuracy=fl["accuracy"])
     info = {}
     for name, sm in loaded.items():
@@ -136,7 +159,8 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
                       "packs": out.stats["packs"]}
         for k, (r, size) in enumerate(zip(rows, sizes)):
             imgs = torch.stack(out.tensors[k * num:(k + 1) * num])
-            res = evaluate_resolution(classifier, imgs, labels_per_size, num_real=num_real, seed=seed + 12345)
+            res = evaluate_resolution(classifier, imgs, labels_per_size, num_real=num_real, seed=seed + 12345,
+                                      palette=palette)
             r[name] = {"accuracy": res["accuracy"], "frechet": res["frechet"],
                        "seen": seen_in_training(size, sm.train_config)}
             r["tokens"] = (size[0] // sm.stride) * (size[1] // sm.stride)
@@ -185,7 +209,8 @@ def markdown_table(report: EvalReport) -> str:
     lines.append("")
     lines.append(f"{st['num']} samples per size ({st['solver']}, {st['steps']} steps, cfg scale {st['cfg_scale']} "
                  f"on t in {st['cfg_interval']}, seed {st['seed']}); FD against {st['num_real']} real images per "
-                 f"size in the judge's {2 * 64}-d feature space; the floor is the FD of {st['num']} real images.")
+                 f"size ({st.get('classifier', {}).get('palette', 'colour')} palette) in the judge's {2 * 64}-d feature space; "
+                 f"the floor is the FD of {st['num']} real images.")
     return "\n".join(lines)
 
 

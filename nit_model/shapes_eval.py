@@ -69,17 +69,18 @@ class ClassifierConfig:
     lr: float = 5e-3
     seed: int = 0
     classes: tuple = SHAPE_CLASSES
+    palette: str = "colour"   # of the real images it learns from: judge samples of a model trained on that palette
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def real_shapes(labels: Sequence[int], height: int, width: int, *, seed: int,
-                classes: Sequence[str] = SHAPE_CLASSES) -> torch.Tensor:
+                classes: Sequence[str] = SHAPE_CLASSES, palette: str = "colour") -> torch.Tensor:
     """Real shapes images [n, 3, height, width] in [-1, 1] of the given labels, deterministic per seed."""
     out = np.empty((len(labels), 3, height, width), dtype=np.float32)
     for i, lab in enumerate(labels):
-        out[i] = render_shape(classes[int(lab)], height, width, np.random.default_rng([seed, 7, i]))
+        out[i] = render_shape(classes[int(lab)], height, width, np.random.default_rng([seed, 7, i]), palette=palette)
     return torch.from_numpy(out * 2.0 - 1.0)
 
 
@@ -104,7 +105,7 @@ def train_classifier(cfg: ClassifierConfig = ClassifierConfig(), progress: bool 
     for step in steps:
         h, w = _random_size(rng, cfg)
         labels = rng.integers(0, len(cfg.classes), cfg.batch)
-        x = real_shapes(labels, h, w, seed=cfg.seed * 1_000_003 + step, classes=cfg.classes)
+        x = real_shapes(labels, h, w, seed=cfg.seed * 1_000_003 + step, classes=cfg.classes, palette=cfg.palette)
         loss = F.cross_entropy(model(x), torch.from_numpy(labels))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,17 +137,17 @@ def load_or_train_classifier(cache_dir: Optional[str] = None, cfg: ClassifierCon
 @torch.no_grad()
 def evaluate_resolution(classifier: ShapesClassifier, images: torch.Tensor, labels: Sequence[int], *,
                         num_real: int = 256, seed: int = 12345,
-                        classes: Sequence[str] = SHAPE_CLASSES) -> dict:
+                        classes: Sequence[str] = SHAPE_CLASSES, palette: str = "colour") -> dict:
     """Class accuracy of generated `images` [n, 3, H, W] (in [-1, 1]) and the Fréchet distance
     between classifier features of those images and of `num_real` real images at the same (H, W)
-    (labels drawn uniformly). Also reports the real images' own accuracy as a ceiling."""
+    (labels drawn uniformly, rendered in `palette`). Also reports the real images' own accuracy as a ceiling."""
     labels = torch.as_tensor(list(labels), dtype=torch.long)
     if images.dim() != 4 or images.shape[0] != labels.numel() or images.shape[1] != 3:
         raise ValueError(f"images must be [n, 3, H, W] with n = len(labels) = {labels.numel()}, "
                          f"got {tuple(images.shape)}")
     h, w = images.shape[-2:]
     real_labels = np.random.default_rng(seed).integers(0, len(classes), num_real)
-    real = real_shapes(real_labels, h, w, seed=seed, classes=classes)
+    real = real_shapes(real_labels, h, w, seed=seed, classes=classes, palette=palette)
     f_gen, f_real = classifier.features(images.float()), classifier.features(real)
     acc = (classifier.head(f_gen).argmax(1) == labels).float().mean().item()
     real_acc = (classifier.head(f_real).argmax(1) == torch.from_numpy(real_labels)).float().mean().item()

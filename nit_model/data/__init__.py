@@ -18,11 +18,11 @@ and offers ``sizes() -> int64 [M, 2]`` (H, W per item, without loading pixels) f
 from .collate import PackCollate, PackedBatch, collate_packed, patchify, unpatchify, unpatchify_packed
 from .folder import IMG_EXTENSIONS, ImageFolderDataset, find_images, load_image, native_resolution
 from .latents import LatentDataset, LatentWriter
-from .shapes import SHAPE_CLASSES, ShapesDataset, render_shape
+from .shapes import PALETTES, SHAPE_CLASSES, ShapesDataset, render_shape
 
 __all__ = [
     "PackCollate", "PackedBatch", "collate_packed", "patchify", "unpatchify", "unpatchify_packed",
     "IMG_EXTENSIONS", "ImageFolderDataset", "find_images", "load_image", "native_resolution",
     "LatentDataset", "LatentWriter",
-    "SHAPE_CLASSES", "ShapesDataset", "render_shape",
+    "SHAPE_CLASSES", "PALETTES", "ShapesDataset", "render_shape",
 ]

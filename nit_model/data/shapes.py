@@ -1,7 +1,8 @@
 """A procedural, class-conditional dataset of shapes at native sizes and aspect ratios.
 
-Every item is one anti-aliased shape (the class) of random colour, position, scale and rotation
-on a two-colour gradient background, rendered at its own (H, W). Sizes are multiples of the
+Every item is one anti-aliased shape (the class) of random position, scale and rotation, rendered
+at its own (H, W): in random colours on a two-colour gradient background, or white on black
+(``palette="mono"``, what the CPU demo trains on). Sizes are multiples of the
 model's pixel stride (the patch size), so NiT can pack them without resizing. The shape is scaled
 by the image's shorter side, so a circle stays a circle on a 3:1 image: the class does not
 depend on the aspect ratio, which is what a native-resolution model should learn.
@@ -18,9 +19,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["SHAPE_CLASSES", "ShapesDataset", "render_shape"]
+__all__ = ["SHAPE_CLASSES", "PALETTES", "ShapesDataset", "render_shape"]
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "stripes")
+PALETTES = ("colour", "mono")
 
 # Unit normals of an equilateral triangle's edges (pointing out), in the shape's rotated frame.
 _TRI_NORMALS = np.array([[math.cos(a), math.sin(a)] for a in (math.pi / 2 + 2 * math.pi * k / 3 for k in range(3))])
@@ -66,12 +68,18 @@ def _signed_distance(kind: str, u: np.ndarray, v: np.ndarray, r: float) -> np.nd
     raise ValueError(f"unknown shape {kind!r}; known: {', '.join(SHAPE_CLASSES)}")
 
 
-def render_shape(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+def render_shape(kind: str, height: int, width: int, rng: np.random.Generator, *,
+                 palette: str = "colour") -> np.ndarray:
     """Render one shape; float32 [3, height, width] in [0, 1].
 
-    Radius 0.22-0.45 of the shorter side, centre anywhere the shape fits, any rotation; the
-    foreground differs from the background by 0.3-0.7 in every channel so the shape is visible.
+    Radius 0.22-0.45 of the shorter side, centre anywhere the shape fits, any rotation.
+    palette "colour": a random foreground on a random two-colour gradient background, differing
+    from it by 0.3-0.7 in every channel so the shape is visible; "mono": white on black, the same
+    geometry for the same rng state (the class is then most of what varies, which a small model
+    learns several times faster).
     """
+    if palette not in PALETTES:
+        raise ValueError(f"unknown palette {palette!r}; choose one of {', '.join(PALETTES)}")
     m = min(height, width)
     r = rng.uniform(0.22, 0.45) * m
     cy = rng.uniform(r, height - r)
@@ -81,6 +89,9 @@ def render_shape(kind: str, height: int, width: int, rng: np.random.Generator) -
     bg1 = np.clip(bg0 + rng.uniform(-0.15, 0.15, 3), 0.0, 1.0)
     fg = np.mod(bg0 + 0.5 + rng.uniform(-0.2, 0.2, 3), 1.0)
     gdir = rng.uniform(0.0, 2.0 * math.pi)
+    if palette == "mono":  # the same draws, so geometry does not depend on the palette
+        bg0 = bg1 = np.zeros(3)
+        fg = np.ones(3)
 
     y = np.arange(height, dtype=np.float32)[:, None] + 0.5 - cy
     x = np.arange(width, dtype=np.float32)[None, :] + 0.5 - cx
@@ -115,10 +126,13 @@ class ShapesDataset(torch.utils.data.Dataset):
         max_aspect: largest ratio of the longer to the shorter side (>= 1).
         stride: pixels per token side of the model (its patch size); sides are multiples of it.
         classes: subset/order of `SHAPE_CLASSES` to use (label = position in this tuple).
+        palette: "colour" (random colours, gradient background) or "mono" (white on black); see
+            `render_shape`.
     """
 
     def __init__(self, num_items: int = 10_000, *, seed: int = 0, min_side: int = 32, max_side: int = 128,
-                 max_aspect: float = 3.0, stride: int = 8, classes: Sequence[str] = SHAPE_CLASSES):
+                 max_aspect: float = 3.0, stride: int = 8, classes: Sequence[str] = SHAPE_CLASSES,
+                 palette: str = "colour"):
         if num_items < 1:
             raise ValueError(f"num_items must be >= 1, got {num_items}")
         if stride < 1:
@@ -128,13 +142,15 @@ class ShapesDataset(torch.utils.data.Dataset):
         kmin, kmax = -(-min_side // stride), max_side // stride
         if kmin < 1 or kmin > kmax:
             raise ValueError(f"no multiple of stride={stride} lies in [min_side={min_side}, max_side={max_side}]")
+        if palette not in PALETTES:
+            raise ValueError(f"unknown palette {palette!r}; choose one of {', '.join(PALETTES)}")
         classes = tuple(classes)
         unknown = [c for c in classes if c not in SHAPE_CLASSES]
         if not classes or unknown or len(set(classes)) != len(classes):
             raise ValueError(f"classes must be distinct names from {SHAPE_CLASSES}, got {classes}")
         self.num_items, self.seed, self.stride = int(num_items), int(seed), int(stride)
         self.min_side, self.max_side, self.max_aspect = int(min_side), int(max_side), float(max_aspect)
-        self.classes = classes
+        self.classes, self.palette = classes, palette
 
         idx = np.arange(self.num_items, dtype=np.uint64)
         u_long, u_short, u_orient, u_label = (_uniform(self.seed, s, idx) for s in range(4))
@@ -172,11 +188,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         i = self._index(index)
         h, w = (int(v) for v in self._sizes[i])
         label = int(self._labels[i])
-        img = render_shape(self.classes[label], h, w, np.random.default_rng([self.seed, 1, i]))
+        img = render_shape(self.classes[label], h, w, np.random.default_rng([self.seed, 1, i]), palette=self.palette)
         img *= 2.0  # to [-1, 1] in numpy: a torch op on >32k elements would wake its thread pool per item
         img -= 1.0
         return torch.from_numpy(img), label
 
     def __repr__(self) -> str:
         return (f"ShapesDataset({self.num_items} items, seed={self.seed}, sides {self.min_side}-{self.max_side} px, "
-                f"max_aspect={self.max_aspect:g}, stride={self.stride}, classes={list(self.classes)})")
+                f"max_aspect={self.max_aspect:g}, stride={self.stride}, classes={list(self.classes)}, "
+                f"palette={self.palette!r})")

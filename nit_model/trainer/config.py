@@ -83,8 +83,8 @@ class DataSection:
     at native resolution, pixels). ``path`` is the folder for ``latents`` and ``folder``.
     Images are split into ``model.patch_size`` patches; ``token_budget`` tokens per pack (one
     pack per micro-step and rank), packed with ``packing`` (``lpfhp`` or ``ffd``).
-    The ``shapes`` keys (num_items, min_side, max_side, max_aspect, shapes_seed) size the
-    synthetic dataset; ``max_area`` caps the pixel area for ``folder`` (NiT: 2048^2).
+    The ``shapes`` keys (num_items, min_side, max_side, max_aspect, shapes_seed, shapes_palette)
+    size and colour the synthetic dataset; ``max_area`` caps the pixel area for ``folder`` (NiT: 2048^2).
     """
 
     kind: str = _choices("shapes", "latents", "folder")
@@ -100,6 +100,7 @@ class DataSection:
     max_side: int = 64
     max_aspect: float = 3.0
     shapes_seed: int = 0
+    shapes_palette: str = _choices("colour", "mono")
     max_area: Optional[int] = 2048 * 2048
 
 

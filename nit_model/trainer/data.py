@@ -25,7 +25,7 @@ def build_dataset(cfg: TrainConfig):
     d, nit = cfg.data, cfg.nit_config()
     if d.kind == "shapes":
         return ShapesDataset(d.num_items, seed=d.shapes_seed, min_side=d.min_side, max_side=d.max_side,
-                             max_aspect=d.max_aspect, stride=nit.patch_size)
+                             max_aspect=d.max_aspect, stride=nit.patch_size, palette=d.shapes_palette)
     if d.kind == "latents":
         try:
             return LatentDataset(d.path)

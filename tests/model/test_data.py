@@ -80,6 +80,36 @@ def test_shapes_classes_differ():
         render_shape("hexagon", 8, 8, np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("kind", SHAPE_CLASSES)
+def test_shapes_mono_palette_same_geometry(kind):
+    """palette="mono": white on black with the geometry the same rng draws give in colour: the
+    pixels mono marks as fully inside are exactly the colour image's one foreground colour."""
+    from nit_model.data.shapes import render_shape
+
+    for seed in range(4):
+        mono = render_shape(kind, 40, 72, np.random.default_rng(seed), palette="mono")
+        colour = render_shape(kind, 40, 72, np.random.default_rng(seed), palette="colour")
+        assert np.array_equal(mono[0], mono[1]) and np.array_equal(mono[0], mono[2])
+        alpha = mono[0]
+        inside, outside = alpha == 1.0, alpha == 0.0
+        assert inside.sum() > 20 and outside.sum() > 20 and (inside | outside).mean() > 0.75
+        fg = colour[:, inside]
+        assert np.allclose(fg, fg[:, :1], atol=1e-6), "inside the mono mask the colour image is its foreground"
+        assert np.abs(colour[:, outside] - fg[:, :1]).min(axis=0).min() > 0.2, "outside it is the background"
+
+
+def test_shapes_dataset_palette():
+    mono, colour = ShapesDataset(30, seed=4, palette="mono"), ShapesDataset(30, seed=4)
+    assert np.array_equal(mono.sizes(), colour.sizes()) and np.array_equal(mono.labels(), colour.labels())
+    assert colour.palette == "colour" and "palette='mono'" in repr(mono)
+    for i in range(len(mono)):
+        x, y = mono[i]
+        assert y == colour[i][1] and x.shape == colour[i][0].shape
+        assert x.min() == -1 and x.max() == 1 and ((x == -1) | (x == 1)).float().mean() > 0.75
+    with pytest.raises(ValueError, match="unknown palette 'sepia'; choose one of colour, mono"):
+        ShapesDataset(10, palette="sepia")
+
+
 def test_shapes_bad_config():
     with pytest.raises(ValueError, match="no multiple of stride"):
         ShapesDataset(10, min_side=33, max_side=39, stride=8)

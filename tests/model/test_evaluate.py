@@ -1,13 +1,14 @@
 """Per-resolution evaluation: which sizes a run saw, the table, and the whole pipeline on random
 models (the Fréchet distance itself is tested on Gaussians in test_frechet.py)."""
 import math
+import types
 
 import pytest
 import torch
 
 from nit_model.config import NiTConfig
 from nit_model.evaluate import (EvalReport, evaluate_models, markdown_table, parse_named_checkpoints,
-                                seen_in_training)
+                                seen_in_training, training_palette)
 from nit_model.model import NiT
 from nit_model.shapes_eval import ClassifierConfig, train_classifier
 from nit_model.train import TrainConfig
@@ -23,6 +24,22 @@ def test_seen_sizes_follow_the_training_data():
     fixed = native.apply_overrides(["data.min_side=32", "data.max_side=32", "data.max_aspect=1.0"])
     assert seen_in_training((32, 32), fixed) and not seen_in_training((32, 64), fixed)
     assert seen_in_training((32, 32), None) is None
+
+
+def test_training_palette_follows_the_checkpoints():
+    mono = TrainConfig.from_yaml("tiny-shapes")  # the demo's recipe draws white on black
+    colour = mono.apply_overrides(["data.shapes_palette=colour"])
+
+    def run(tc):  # the part of a SamplingModel that training_palette reads
+        return types.SimpleNamespace(train_config=tc)
+
+    assert mono.data.shapes_palette == "mono"
+    assert training_palette({"a": run(mono), "b": run(mono), "bare": run(None)}) == "mono"
+    assert training_palette({"a": run(colour)}) == "colour"
+    assert training_palette({"bare": run(None)}) == "colour"  # nothing recorded: the dataset's default
+    with pytest.raises(ValueError, match=r"different shapes palettes \(a: mono, b: colour\)"):
+        training_palette({"a": run(mono), "b": run(colour)})
+    assert ClassifierConfig(palette="mono").key() != ClassifierConfig().key()  # one cached judge per palette
 
 
 def _report():
@@ -69,7 +86,13 @@ def test_evaluate_models_end_to_end_on_random_models():
             assert r[n]["seen"] is None  # a bare module has no training config
         assert math.isfinite(r["floor"])
     assert rep.models["m1"]["images"] == 6 and rep.models["m1"]["packs"] == 1
-    assert "| 16x16 | 1:1 | 16 |" in markdown_table(rep)
+    assert "| 16x16 | 1:1 | 16 |" in markdown_table(rep) and "(colour palette)" in markdown_table(rep)
+    assert rep.settings["classifier"]["palette"] == "colour"  # bare modules record none: the default
+    mono = evaluate_models(models, "16x16", num=2, steps=1, num_real=4, classifier=judge, palette="mono",
+                           progress=False)
+    assert mono.settings["classifier"]["palette"] == "mono" and "(mono palette)" in markdown_table(mono)
+    with pytest.raises(ValueError, match="unknown palette 'sepia'"):
+        evaluate_models(models, "16x16", num=2, classifier=judge, palette="sepia", progress=False)
     with pytest.raises(ValueError, match="num must be >= 2"):
         evaluate_models(models, "16x16", num=1, classifier=judge, progress=False)
     latent = NiT(NiTConfig.from_name("tiny", in_channels=4, patch_size=1, depth=1, encoder_depth=1, hidden_size=32, num_heads=2))
