@@ -1,8 +1,9 @@
 """`nit demo`: the whole method on a CPU in a few minutes, written up in runs/demo/REPORT.md.
 
-1. Train the tiny NiT on the shapes data at native resolutions (sides 16-64 px, aspect ratios up
-   to 3:1, token-budget packs) and, with the same number of steps and tokens per step, a baseline
-   trained only at one fixed size (32x32), the way a fixed-resolution DiT sees its data.
+1. Train the tiny NiT (the tiny-shapes recipe) on the shapes data at native resolutions (white
+   shapes on black, sides 16-64 px, aspect ratios up to 3:1, token-budget packs) and, with the
+   same number of steps and tokens per step, a baseline trained only at one fixed size (32x32),
+   the way a fixed-resolution DiT sees its data.
 2. Sample one mixed pack of seen and unseen sizes from both (same seeds): contact sheets, PNGs
    and ADM-format .npz files.
 3. Evaluate both per resolution with the shapes judge (`nit_model.evaluate`): class accuracy and
@@ -46,17 +47,18 @@ class DemoSettings:
     """Knobs of the demo (the command-line options carry the same names)."""
 
     out: str = os.path.join("runs", "demo")
-    train_steps: int = 600
+    train_steps: int = 1500
+    palette: Optional[str] = None
     baseline: bool = True
     baseline_size: int = 32
     token_budget: int = 1024
     sample_steps: int = 24
     sample_num: int = 2
-    cfg_scale: float = 2.0
+    cfg_scale: float = 3.0
     cfg_interval: tuple = (0.0, 1.0)
     eval_num: int = 16
     eval_steps: int = 16
-    eval_cfg_scale: float = 1.0
+    eval_cfg_scale: float = 3.0
     num_real: int = 256
     eval_sizes: Optional[list] = None
     bench_reps: int = 3
@@ -108,12 +110,16 @@ def _train(name: str, settings: DemoSettings, extra: list, threads: int):
     s = settings
     overrides = [f"train.steps={s.train_steps}", f"train.ckpt_every={s.train_steps}", "train.keep_last=1",
                  f"train.num_threads={threads}", f"train.seed={s.seed}", f"data.token_budget={s.token_budget}",
-                 f"train.log_every={1 if s.quick else 10}",
-                 f"optim.warmup_steps={min(20, max(1, s.train_steps // 5))}"] + extra
+                 f"train.log_every={1 if s.quick else 10}"] + extra
+    if s.palette:
+        overrides.append(f"data.shapes_palette={s.palette}")
     cfg = TrainConfig.from_yaml("tiny-shapes", overrides=overrides)
+    if cfg.optim.warmup_steps > s.train_steps // 5:  # a short run warms up for at most a fifth of it
+        cfg = cfg.replace(optim={"warmup_steps": max(1, s.train_steps // 5)})
     if s.progress:
         print(f"[demo] training {name}: {s.train_steps} steps of {s.token_budget}-token packs "
-              f"({cfg.data.min_side}-{cfg.data.max_side} px, aspect <= {cfg.data.max_aspect:g})", flush=True)
+              f"({cfg.data.min_side}-{cfg.data.max_side} px, aspect <= {cfg.data.max_aspect:g}, "
+              f"{cfg.data.shapes_palette} palette)", flush=True)
     return train(cfg, out_dir=os.path.join(s.out, name), progress=s.progress, overwrite=True)
 
 
@@ -150,7 +156,7 @@ def run_demo(settings: DemoSettings) -> dict:
 
     # 2. the judge
     t0 = time.perf_counter()
-    ccfg = ClassifierConfig(steps=s.classifier_steps)
+    ccfg = ClassifierConfig(steps=s.classifier_steps, palette=runs["native"].config.data.shapes_palette)
     if s.progress:
         print("[demo] shapes classifier (the judge): trained once, cached under "
               f"{os.path.join(s.out, 'cache')}", flush=True)
@@ -256,8 +262,12 @@ def _report_md(r: dict, table: str, runs: dict, show_sizes, seen_native) -> str:
         tr = r["train"][name]
         lines.append(f"| {name} | {data} | {tr['steps']} | {tr['tokens']:,} | {tr['loss_first']:.3f} -> "
                      f"{tr['loss_last']:.3f} | {tr['tokens_per_s']:,.0f} | {tr['wall_s']:.0f} s |")
-    lines += ["", f"Both runs: the `tiny` preset (4 blocks, width 128, 4x4 RGB patches), packs of "
-                  f"{s['token_budget']} tokens, the same number of steps, so the same compute.", "",
+    c = next(iter(runs.values())).config
+    lines += ["", f"Both runs: the `tiny` preset (4 blocks, width 128, 4x4 RGB patches), shapes in the "
+                  f"{c.data.shapes_palette} palette, packs of {s['token_budget']} tokens, the same number of steps, so "
+                  f"the same compute; AdamW at lr {c.optim.lr:g} ({c.optim.schedule} schedule after "
+                  f"{c.optim.warmup_steps} warm-up steps), t = sigmoid({c.flow.mu:g} + {c.flow.sigma:g} N(0, 1)), "
+                  f"EMA {c.ema.decay:g}; samples come from the EMA weights.", "",
               "![loss curves](loss.png)", "", "## Samples: one mixed pack of seen and unseen sizes", "",
               f"Sizes (H x W px; * = not seen by the native run): {_fmt_sizes(show_sizes, seen_native)}. "
               f"{s['sample_num']} image(s) per size, Euler, {s['sample_steps']} steps, CFG {s['cfg_scale']:g} on t in "
@@ -302,9 +312,9 @@ def _report_md(r: dict, table: str, runs: dict, show_sizes, seen_native) -> str:
               f"evaluation {t['eval_s']:.0f} s, throughput {t['bench_s']:.0f} s; total {t['total_s']:.0f} s.", "",
               "## Again, by hand", "", "```",
               f"nit sample --ckpt {os.path.join(s['out'], 'native')} --sizes 32x32,64x64,32x96,128x128 --num 4 "
-              f"--steps 24 --cfg-scale 2 --out {os.path.join(s['out'], 'more')}",
+              f"--steps 24 --cfg-scale 3 --out {os.path.join(s['out'], 'more')}",
               f"nit eval --ckpt native={os.path.join(s['out'], 'native')} "
-              f"--baseline-ckpt {os.path.join(s['out'], 'fixed')} --num 32",
+              f"--baseline-ckpt {os.path.join(s['out'], 'fixed')} --num 32 --cfg-scale 3",
               "```", ""]
     return "\n".join(lines)
 
@@ -318,6 +328,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-size", type=int, default=d.baseline_size,
                    help="the baseline trains only on BASELINE_SIZE x BASELINE_SIZE images (pixels)")
     p.add_argument("--token-budget", type=int, default=d.token_budget, help="tokens per training pack")
+    p.add_argument("--palette", choices=("mono", "colour"), default=None,
+                   help="shapes drawn white on black (mono, the tiny-shapes default: learnt in the demo's budget) or "
+                        "in random colours on gradient backgrounds (colour: harder, needs longer training)")
     p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="solver steps of the showcase samples")
     p.add_argument("--sample-num", type=int, default=d.sample_num, help="showcase images per size")
     p.add_argument("--cfg-scale", type=float, default=d.cfg_scale,
@@ -338,7 +351,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args) -> DemoSettings:
     s = DemoSettings(out=args.out, train_steps=args.train_steps, baseline=not args.no_baseline,
-                     baseline_size=args.baseline_size, token_budget=args.token_budget, sample_steps=args.sample_steps,
+                     baseline_size=args.baseline_size, token_budget=args.token_budget, palette=args.palette,
+                     sample_steps=args.sample_steps,
                      sample_num=args.sample_num, cfg_scale=args.cfg_scale, eval_num=args.eval_num,
                      eval_steps=args.eval_steps, eval_cfg_scale=args.eval_cfg_scale, num_real=args.num_real,
                      bench_reps=args.bench_reps, threads=args.threads, seed=args.seed, progress=not args.no_progress,
