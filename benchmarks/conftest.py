@@ -4,9 +4,9 @@ Without ``--benchmark-only`` (``pytest benchmarks/`` in a test run) every case r
 sizes, as a smoke test; measurements need ``--benchmark-only``.
 
 Each test is one (suite, workload, provider, pass) of the ProviderSuites (the kernel ops and the
-whole step), or one (budget, method) of the packing suite; providers that cannot
-run here are skipped with their reason, and a provider whose output disagrees with the reference
-fails without being timed. The CLI (``python -m benchmarks``) measures the same things and writes
+whole step), one (budget, method) of the packing suite, or one (mix, model, mode) of the sampling
+suite; providers that cannot run here are skipped with their reason, and a provider whose output
+disagrees with the reference fails without being timed. The CLI (``python -m benchmarks``) measures the same things and writes
 the CSV; this entry point gives pytest-benchmark's tables, comparisons and JSON.
 """
 import pytest
@@ -32,6 +32,12 @@ def pytest_generate_tests(metafunc):
         suite = harness.load_suites()["packing"]
         ids = [(budget, method) for budget in suite.budgets(opts) for method in suite.method_names]
         metafunc.parametrize("packing_id", ids, ids=[f"packing/budget-{b}/{m}" for b, m in ids])
+    if "sampling_id" in metafunc.fixturenames:
+        from benchmarks.bench_sampling import MODES
+
+        suite = harness.load_suites()["sampling"]
+        ids = [(mix, m, mode) for m in suite.models(opts) for mix in suite.mixes() for mode in MODES]
+        metafunc.parametrize("sampling_id", ids, ids=[f"sampling/{mix}/{m}/{mode}" for mix, m, mode in ids])
     if "bench_id" not in metafunc.fixturenames:
         return
     ids = []

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from benchmarks import harness
+from benchmarks.bench_sampling import TOLERANCE
 
 # The last case and provider set-up are kept, so the three passes of one provider share them.
 _CACHE: dict = {}
@@ -70,3 +71,25 @@ def test_packing(benchmark, packing_id, bench_opts):
     benchmark.pedantic(packer, rounds=max(bench_opts.min_reps, 1), warmup_rounds=bench_opts.warmup)
     benchmark.extra_info.update(efficiency=stats.efficiency, batches=stats.num_batches, check=check, remark=remark,
                                 config=f"{len(lengths)} ImageNet-like images, budget {budget} tokens")
+
+
+def test_sampling(benchmark, sampling_id, bench_opts):
+    from nit_model.sampling import sample_tokens
+
+    mix, model_name, mode = sampling_id
+    suite = harness.load_suites()["sampling"]
+    sizes, per_size = suite.mixes()[mix]
+    model = suite.build_model(model_name, bench_opts.seed)
+    req = [tuple(s) for s in sizes for _ in range(per_size)]
+    labels = [j % model.config.num_classes for _ in sizes for j in range(per_size)]
+    kw = dict(steps=suite.steps_reps(bench_opts)[0], cfg_scale=3.0, seed=bench_opts.seed, progress=False)
+    with torch.no_grad():  # the two modes must give the same images before either is timed
+        packed = sample_tokens(model, req, labels, **kw)
+        alone = sample_tokens(model, req, labels, per_resolution=True, **kw)
+    diff = max(float((a - b).abs().max()) for a, b in zip(packed, alone))
+    if diff > TOLERANCE:
+        pytest.fail(f"packed and per-resolution sampling disagree by {diff:.1e} (not timed)")
+    benchmark.pedantic(lambda: sample_tokens(model, req, labels, per_resolution=mode == "per-resolution", **kw),
+                       rounds=max(bench_opts.min_reps, 1), warmup_rounds=bench_opts.warmup)
+    benchmark.extra_info.update(images=len(req), images_per_s=len(req) / benchmark.stats.stats.median,
+                                check=f"ok: largest |packed - per-resolution| {diff:.1e}", config=f"{mix}/{model_name}")

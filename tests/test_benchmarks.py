@@ -102,7 +102,7 @@ def test_timed_rows_were_checked_and_have_figures(quick):
     ok = [r for r in rows if r["status"] == "ok" and r["suite"] != "machine"]
     assert ok
     suites = harness.load_suites()
-    units = {"step": ("tokens/s",), "packing": ("images/s",)}
+    units = {"step": ("tokens/s",), "packing": ("images/s",), "sampling": ("images/s",)}
     for r in ok:
         med, p20, p80 = float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"])
         assert 0 < p20 <= med <= p80 and int(r["reps"]) >= 1
@@ -241,6 +241,7 @@ def test_plots_and_summary(quick, tmp_path):
         assert f"## {suite.name}" in text
     assert "NiT-XL is timed on a GPU only" in text or torch.cuda.is_available()
     assert "| imagenet-50k/budget-4096 | lpfhp |" in text and "train tokens/s" in text
+    assert "| 4-sizes/tiny | packed |" in text and "| 16-sizes/tiny | per-resolution |" in text
     pngs = sorted(tmp_path.glob("*.png"))
     assert {"throughput_step.png", "packing_efficiency.png", "speedup_step.png"} <= {p.name for p in pngs}
     for p in pngs:
@@ -359,3 +360,35 @@ def test_older_csv_gets_the_new_columns(tmp_path):
     assert list(rows[0]) == list(harness.COLUMNS)
     assert rows[0]["suite"] == "x" and rows[0]["efficiency"] == ""
     assert rows[1]["efficiency"] == "0.5" and rows[1]["batches"] == "3"
+
+
+def test_sampling_suite_rows(quick):
+    """Packed vs one resolution per batch: both modes on every mix, the same images, one forward a
+    step when packed against one per size, and a speed-up that is the ratio of the two medians."""
+    _, _, rows = quick
+    sm = [r for r in rows if r["suite"] == "sampling"]
+    assert {r["workload"] for r in sm} == {"4-sizes/tiny", "16-sizes/tiny"}  # --quick: tiny only
+    forwards = {"4-sizes/tiny": 4, "16-sizes/tiny": 16}  # per-resolution: one forward per size (1 step)
+    for wl, n_sizes in forwards.items():
+        by = {r["provider"]: r for r in sm if r["workload"] == wl}
+        assert set(by) == {"packed", "per-resolution"}
+        for r in by.values():
+            assert r["status"] == "ok" and r["check"].startswith("ok") and r["unit"] == "images/s", r
+            assert abs(float(r["throughput"]) - 16 / (float(r["median_ms"]) / 1e3)) < 1e-3 * float(r["throughput"])
+        assert by["packed"]["reason"].startswith("1 forwards in 1 pack")
+        assert by["per-resolution"]["reason"].startswith(f"{n_sizes} forwards in {n_sizes} pack")
+        ratio = float(by["per-resolution"]["median_ms"]) / float(by["packed"]["median_ms"])
+        assert abs(float(by["packed"]["speedup_vs_best_peer"]) - ratio) < 1e-3 * ratio
+        assert by["packed"]["best_peer"] == "per-resolution" and not by["per-resolution"]["speedup_vs_best_peer"]
+
+
+def test_sampling_suite_marks_disagreeing_modes():
+    from benchmarks.bench_sampling import SamplingSuite
+
+    res = {"max_abs_diff": 0.5, "speedup": 2.0,
+           "packed": {"median_s": 1.0, "p20_s": 1.0, "p80_s": 1.0, "images_per_s": 16.0, "forwards": 1, "packs": 1},
+           "per_resolution": {"median_s": 2.0, "p20_s": 2.0, "p80_s": 2.0, "images_per_s": 8.0, "forwards": 4,
+                              "packs": 4}}
+    rows = SamplingSuite.rows({"suite": "sampling", "workload": "w", "reps": 1}, res)
+    assert [r["status"] for r in rows] == ["mismatch", "mismatch"] and rows[0]["check"].startswith("FAILED")
+    assert all(r.get("median_ms") is None and r.get("speedup_vs_best_peer") is None for r in rows)
