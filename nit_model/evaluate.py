@@ -206,11 +206,12 @@ def markdown_table(report: EvalReport) -> str:
         lines.append(f"- **{n}**: " + "; ".join(parts) + (f"; lowest FD on {d['best_frechet_sizes']} of "
                                                           f"{len(report.rows)} sizes" if len(names) > 1 else ""))
     st = report.settings
+    palette = st.get("classifier", {}).get("palette", "colour")
     lines.append("")
     lines.append(f"{st['num']} samples per size ({st['solver']}, {st['steps']} steps, cfg scale {st['cfg_scale']} "
                  f"on t in {st['cfg_interval']}, seed {st['seed']}); FD against {st['num_real']} real images per "
-                 f"size ({st.get('classifier', {}).get('palette', 'colour')} palette) in the judge's {2 * 64}-d feature space; "
-                 f"the floor is the FD of {st['num']} real images.")
+                 f"size ({palette} palette) in the judge's {2 * 64}-d feature space; the floor is the FD of "
+                 f"{st['num']} real images.")
     return "\n".join(lines)
 
 

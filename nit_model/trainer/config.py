@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import yaml
 
 from ..config import NiTConfig
+from ..data.shapes import PALETTES
 
 __all__ = ["ConfigError", "ModelSection", "DataSection", "FlowSection", "OptimSection", "EMASection",
            "TrainSection", "TrainConfig", "CONFIG_DIR", "shipped_configs", "resolve_config_path"]
@@ -100,7 +101,7 @@ class DataSection:
     max_side: int = 64
     max_aspect: float = 3.0
     shapes_seed: int = 0
-    shapes_palette: str = _choices("colour", "mono")
+    shapes_palette: str = _choices(*PALETTES)
     max_area: Optional[int] = 2048 * 2048
 
 
@@ -377,7 +378,8 @@ class TrainConfig:
         positive("optim.max_grad_norm", o.max_grad_norm)
         positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
         if not 0.0 <= o.min_lr_ratio <= 1.0:
-            raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1] (the final rate over the peak), got {o.min_lr_ratio}")
+            raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1] (the final rate over the peak), "
+                              f"got {o.min_lr_ratio}")
 
         if not 0 <= e.decay < 1:
             raise ConfigError(f"ema.decay must be in [0, 1), got {e.decay}")
