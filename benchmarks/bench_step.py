@@ -63,6 +63,7 @@ from nit_kernels.backends import Call
 from nit_kernels.testing import _ATOL, assert_accuracy
 
 from .harness import Mismatch, Prepared, ProviderSpec, ProviderSuite, RunOptions, Skip, Workload, register
+from .opsuite import pack_stats
 
 MODELS = ("tiny", "NiT-S", "NiT-XL")
 CFG_SCALE = 4.0
@@ -98,11 +99,6 @@ def step_packs(quick: bool, seed: int = 0) -> dict[str, tuple[tuple, tuple]]:
     name = "imagenet-512" if quick else "imagenet-4k"
     return {name: (tuple(imagenet_like_pack(budget, seed=seed)), tuple(imagenet_like_pack(budget // 2, seed=seed))),
             "fixed-256px": (((8, 8),) * (budget // 64), ((8, 8),) * (budget // 128))}
-
-
-def _pack_doc(sizes) -> str:
-    s = [h * w for h, w in sizes]
-    return f"N={sum(s)} B={len(s)} max_len={max(s)}"
 
 
 @dataclasses.dataclass
@@ -313,7 +309,7 @@ class StepSuite(ProviderSuite):
             cfg = NiTConfig.from_name(model)
             for pack, (sizes, half) in step_packs(opts.quick, opts.seed).items():
                 doc = (f"{model} (depth {cfg.depth}, D={cfg.hidden_size}, H={cfg.num_heads}); train "
-                       f"{_pack_doc(sizes)}; CFG pack 2x {_pack_doc(half)}")
+                       f"{pack_stats(sizes)}; CFG pack 2x {pack_stats(half)}")
                 out.append(Workload(f"{pack}/{model}", doc, {"model": model, "sizes": sizes, "half": half}))
         return out
 
