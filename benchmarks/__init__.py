@@ -1,7 +1,7 @@
 """Benchmarks of nit_kernels: one harness, many suites.
 
 Run:
-    python -m benchmarks [--quick] [--filter REGEX] [--suite NAME] [--out CSV]
+    python -m benchmarks [--quick] [--filter REGEX] [--suite NAME] [--out CSV | --record]
     pytest benchmarks/ --benchmark-only [--bench-quick]     (pytest-benchmark)
     python -m benchmarks.plot [--csv CSV]                  (PNG plots + results/SUMMARY.md)
 

@@ -1,4 +1,5 @@
-"""python -m benchmarks [--quick] [--filter REGEX] ...: run the suites, print tables, append CSV rows."""
+"""python -m benchmarks [--quick] [--filter REGEX] [--record] ...: run the suites, print tables, append CSV rows
+(under runs/benchmarks/, or to the committed benchmarks/results/results.csv with --record)."""
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-reps", type=int, default=5, help="at least this many timed repetitions")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
-    p.add_argument("--out", default=report.DEFAULT_CSV, help=f"CSV to append to (default {report.DEFAULT_CSV})")
+    p.add_argument("--out", default=None, help="CSV to append to (default runs/benchmarks/results[-quick].csv)")
+    p.add_argument("--record", action="store_true",
+                   help=f"append to the committed results ({os.path.relpath(report.DEFAULT_CSV)}); full runs only")
     p.add_argument("--list", action="store_true", help="list suites, workloads and providers, then exit")
     return p
 
@@ -48,8 +51,21 @@ def _devices(choice: str) -> list[str]:
     return [choice]
 
 
+def _out_path(args) -> str:
+    """Where the rows go: --out, the committed CSV with --record, else under runs/ (never committed)."""
+    if args.record:
+        if args.quick:
+            raise SystemExit("--record appends to the committed results; a --quick run is a smoke test, not "
+                             "results: drop --record (rows go under runs/benchmarks/) or --quick")
+        if args.out:
+            raise SystemExit("--record and --out name two different CSVs: give one of them")
+        return report.DEFAULT_CSV
+    return args.out or os.path.join("runs", "benchmarks", "results-quick.csv" if args.quick else "results.csv")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.out = _out_path(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = harness.RunOptions(

@@ -392,3 +392,18 @@ def test_sampling_suite_marks_disagreeing_modes():
     rows = SamplingSuite.rows({"suite": "sampling", "workload": "w", "reps": 1}, res)
     assert [r["status"] for r in rows] == ["mismatch", "mismatch"] and rows[0]["check"].startswith("FAILED")
     assert all(r.get("median_ms") is None and r.get("speedup_vs_best_peer") is None for r in rows)
+
+
+def test_runs_write_under_runs_unless_recorded(tmp_path, monkeypatch):
+    """A smoke run never touches the committed results: only --record appends to them."""
+    committed = Path(report.DEFAULT_CSV)
+    before = committed.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    args = ["--quick", "--suite", "adaln_modulate", "--providers", "reference", "--no-memory"]
+    assert _run_cli(args) == 0
+    assert committed.read_bytes() == before
+    written = tmp_path / "runs" / "benchmarks" / "results-quick.csv"
+    assert written.exists() and report.read_rows(str(written)), "the quick run wrote no rows under runs/"
+    with pytest.raises(SystemExit, match="--record"):
+        _run_cli(args + ["--record"])
+    assert committed.read_bytes() == before
