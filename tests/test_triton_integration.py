@@ -4,6 +4,7 @@ torch.compile), refusals, the GPU-only paths, and a compile check of the GPU ker
 Tests marked `gpu` need a CUDA device and the compiled kernels: on a GPU machine run
 ``TRITON_INTERPRET=0 pytest -m gpu tests/test_triton_integration.py``.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -279,3 +280,141 @@ def test_gpu_launchers_trace_with_fake_tensors_and_symbolic_sizes(monkeypatch):
                                                  attention._attn_bwd_dq_tuned, attention._attn_delta_kernel)
         finally:
             torch.use_deterministic_algorithms(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# forged metadata: the ops check it themselves (direct op calls and torch.compile skip the
+# eager checks of nit_kernels.ops), never a crash, a hang or a wrong answer
+# ---------------------------------------------------------------------------------------------
+_FORGED_PRELUDE = (
+    "import torch, nit_kernels as nk\n"
+    "import nit_kernels.triton\n"
+    "ops = torch.ops.nit_triton\n"
+    "def expect(name, fn):\n"
+    "    try:\n"
+    "        fn()\n"
+    "    except (ValueError, RuntimeError) as e:\n"
+    "        print('RAISED', name, type(e).__name__, str(e).splitlines()[0][:160], flush=True)\n"
+    "    else:\n"
+    "        print('NO ERROR', name, flush=True)\n"
+    "cu = torch.tensor([0, 10, 100000], dtype=torch.int32)\n"
+    "good = torch.tensor([0, 10, 100], dtype=torch.int32)\n"
+    "q = torch.randn(100, 2, 16)\n"
+)
+
+
+def _run_forged(body: str, timeout: int):
+    """Runs `body` in a fresh interpreter process: a segfault or a hang fails only this test."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    try:
+        r = subprocess.run([sys.executable, "-c", _FORGED_PRELUDE + body], capture_output=True, text=True,
+                           env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"hung: no answer within {timeout} s; output so far: {e.stdout!r}")
+    assert r.returncode == 0, f"exit code {r.returncode} (negative: killed by a signal)\n{r.stdout}\n{r.stderr[-3000:]}"
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("RAISED", "NO ERROR"))]
+    return lines, r
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the forged packs run under the interpreter")
+def test_forged_packs_raise_in_direct_op_calls():
+    """cu_seqlens past the tokens, a short sizes table and a zero width: each op raises a clear error
+    (before the ops checked their metadata, the attention call crashed the process with SIGSEGV)."""
+    body = (
+        "x = torch.randn(100, 8); rows = torch.zeros(2, 8)\n"
+        "sizes = torch.tensor([[2, 5], [9, 10]], dtype=torch.int32)\n"
+        "expect('attention', lambda: ops.varlen_attention_fwd(q, q, q, cu, cu, 100000, 100000, 0.25, False))\n"
+        "expect('attention_bwd', lambda: ops.varlen_attention_bwd(q, q, q, q, q, torch.zeros(2, 100), cu, cu,"
+        " 100000, 100000, 0.25, False))\n"
+        "expect('adaln_fwd', lambda: ops.adaln_modulate_fwd(x, rows, rows, cu, 1e-6))\n"
+        "expect('adaln_bwd', lambda: ops.adaln_modulate_bwd(x, x, rows, x[:, 0], x[:, 0], cu))\n"
+        "expect('gated_bwd', lambda: ops.gated_residual_bwd(x, x, rows, cu))\n"
+        "expect('residual_bwd', lambda: ops.residual_adaln_bwd(x, x, x, x, rows, rows, x[:, 0], x[:, 0], cu))\n"
+        "expect('adaln_rows', lambda: ops.adaln_modulate_fwd(x, rows[:1], rows, good, 1e-6))\n"
+        "f = nk.rope_freqs(16)\n"
+        "expect('rope_cu', lambda: ops.rope_2d(q, q, cu, sizes, f, 'grid', 1.0, False))\n"
+        "expect('rope_short_sizes', lambda: ops.rope_2d(q, q, good, sizes[:1], f, 'grid', 1.0, False))\n"
+        "bad = torch.tensor([[10, 1], [90, 0]], dtype=torch.int32)\n"
+        "expect('rope_zero_width', lambda: ops.rope_2d(q, q, good, bad, f, 'grid', 1.0, False))\n"
+        "wrong = torch.tensor([[2, 5], [9, 9]], dtype=torch.int32)\n"
+        "expect('rope_sizes_vs_cu', lambda: ops.rope_2d(q, q, good, wrong, f, 'grid', 1.0, False))\n"
+    )
+    lines, r = _run_forged(body, timeout=240)
+    assert len(lines) == 11, r.stdout + r.stderr[-2000:]
+    for line in lines:
+        assert line.startswith("RAISED") and "ValueError" in line, line
+    assert "cu_seqlens_q[-1]=100000 must equal the number of tokens 100" in lines[0], lines[0]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the forged packs run under the interpreter")
+def test_forged_packs_raise_under_torch_compile_and_huge_max_seqlen_does_not_hang():
+    """Under torch.compile the eager checks of nit_kernels.ops are skipped: the op raises itself.
+    max_seqlen = 2**40 is refused at once (it used to size a grid of 2**34 programs: a hang)."""
+    body = (
+        "f = torch.compile(lambda q, cu: nk.varlen_attention(q, q, q, cu, cu, 100000, 100000, backend='triton'),"
+        " fullgraph=True)\n"
+        "expect('compiled', lambda: f(q, cu))\n"
+        "expect('huge_max_seqlen', lambda: ops.varlen_attention_fwd(q, q, q, good, good, 2**40, 2**40, 0.25, False))\n"
+    )
+    lines, r = _run_forged(body, timeout=180)
+    assert len(lines) == 2, r.stdout + r.stderr[-2000:]
+    assert lines[0].startswith("RAISED compiled") and "cu_seqlens" in lines[0], lines[0]
+    assert lines[1].startswith("RAISED huge_max_seqlen ValueError") and "max_seqlen_q" in lines[1], lines[1]
+
+
+def test_max_seqlen_smaller_than_the_longest_sequence_raises():
+    """It used to leave the rows past max_seqlen unwritten (26 of 100 wrong, no error)."""
+    cu = torch.tensor([0, 10, 100], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(100, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"max_seqlen_q=64 is smaller than the longest sequence \(90\)"):
+        torch.ops.nit_triton.varlen_attention_fwd(q, q, q, cu, cu, 64, 90, 0.25, False)
+    with pytest.raises(ValueError, match=r"max_seqlen_k=-1 must be in"):
+        torch.ops.nit_triton.varlen_attention_fwd(q, q, q, cu, cu, 90, -1, 0.25, False)
+    out = torch.ops.nit_triton.varlen_attention_fwd(q, q, q, cu, cu, 90, 90, 0.25, False)[0]
+    torch.testing.assert_close(out, nk.varlen_attention(q, q, q, cu, cu, 90, 90, softmax_scale=0.25,
+                                                        backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# launches under the inputs' device (a kernel on cuda:1 tensors while cuda:0 is current)
+# ---------------------------------------------------------------------------------------------
+def test_every_launch_runs_under_the_device_guard_of_its_inputs(monkeypatch):
+    """Triton launches on the current device, so each launcher must enter its inputs' device first.
+    The guard is replaced by a recorder; every kernel launch (forward and backward of every op) must
+    happen while a guard entered with the inputs' device is open. The GPU half is
+    tests/test_gpu_triton.py::test_tensors_on_a_second_device."""
+    from nit_kernels.triton import adaln, attention, rope
+    active = []
+
+    @contextlib.contextmanager
+    def guard(t):
+        active.append(t.device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    launches = []
+
+    def recording(real):
+        def wrap(kernel):
+            launcher = real(kernel)
+
+            class _Grid:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):
+                        launches.append((getattr(kernel, "__name__", str(kernel)), list(active)))
+                        return launcher[grid](*args, **kwargs)
+                    return launch
+            return _Grid()
+        return wrap
+
+    monkeypatch.setattr(_common, "device_guard", guard)
+    for mod in (adaln, attention, rope):
+        monkeypatch.setattr(mod, "wrap_triton", recording(mod.wrap_triton))
+    p = _packed(((2, 3), (1, 4)))
+    for op in SHAPES:
+        _grads(op, p)
+    assert launches, "no kernel was launched"
+    unguarded = [name for name, devices in launches if devices != [torch.device(DEVICE)]]
+    assert not unguarded, f"launched outside a guard of the inputs' device: {unguarded}"

@@ -8,7 +8,10 @@ a query that sees no key outputs 0.
 
 The algorithm is FlashAttention-2 (Tri Dao, "FlashAttention-2: Faster Attention with Better
 Parallelism and Work Partitioning", 2023), in the shape of the Triton "fused attention" tutorial:
-  forward   grid (query block, head, sequence); K/V blocks streamed with an online softmax in base 2
+  schedule  grid (work item, head): the pack's (sequence, query tile) items, or (sequence, key tile)
+            for dK/dV, enumerated by a small table computed from cu_seqlens (tile_table); no program
+            is spent on tiles past a short sequence's end, whatever max_seqlen is;
+  forward   per query tile: K/V blocks streamed with an online softmax in base 2
             (scores pre-multiplied by scale*log2(e)); saves lse2 = m + log2(l) per row [H, Nq]
             (+inf for a row without keys, so that its probabilities recompute to 0);
   backward  delta = rowsum(dO * O) [H, Nq]; one kernel per key block accumulates dK and dV over
@@ -27,12 +30,38 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, cast_to, define, wrap_triton
+from . import _common
+from ._checks import check_grid, check_shape, checked_cu, fail
+from ._common import INTERPRETED, cast_to, define, segment_of_scalar, tile_table, wrap_triton
 
 Tensor = torch.Tensor
 
 LOG2E = 1.4426950408889634
 _INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
+TILE_BLOCKS = (16, 32, 64, 128)  # every BLOCK_M / BLOCK_N of the configs: one work-item row each
+
+
+@triton.jit
+def _work_item(tiles_ptr, B, BLOCK: tl.constexpr):
+    """This program's work item: (sequence b, first row of its tile, live).
+
+    tiles_ptr is the [len(TILE_BLOCKS), B+1] table of tile_table; the row of this kernel's tile
+    size lists the (sequence, tile) items of the pack. The grid has an upper bound of items known
+    on the host (cdiv(N, BLOCK) + B), so a few trailing programs are not live and exit at once.
+    """
+    tl.static_assert(BLOCK == 16 or BLOCK == 32 or BLOCK == 64 or BLOCK == 128)
+    if BLOCK == 16:
+        tab = tiles_ptr
+    elif BLOCK == 32:
+        tab = tiles_ptr + (B + 1)
+    elif BLOCK == 64:
+        tab = tiles_ptr + 2 * (B + 1)
+    else:
+        tab = tiles_ptr + 3 * (B + 1)
+    pid = tl.program_id(0)
+    b = segment_of_scalar(tab, pid, B)
+    live = pid < tl.load(tab + B)
+    return b, (pid - tl.load(tab + b)) * BLOCK, live
 
 
 @triton.jit
@@ -111,19 +140,18 @@ def _key_ranges(m0, len_k, diag, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, tiles_ptr, B,
                      s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, n_q_total, group, qk_scale,
                      D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                      ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr):
     s_qt, s_qh, s_kt, s_kh = _aligned(s_qt, ALIGN), _aligned(s_qh, ALIGN), _aligned(s_kt, ALIGN), _aligned(s_kh, ALIGN)
     s_vt, s_vh, s_ot, s_oh = _aligned(s_vt, ALIGN), _aligned(s_vh, ALIGN), _aligned(s_ot, ALIGN), _aligned(s_oh, ALIGN)
-    m0 = tl.program_id(0) * BLOCK_M
+    b, m0, live = _work_item(tiles_ptr, B, BLOCK_M)  # a query tile of sequence b
     h = tl.program_id(1)
-    b = tl.program_id(2)
-    q_start = tl.load(cu_q_ptr + b)
-    len_q = tl.load(cu_q_ptr + b + 1) - q_start
-    if m0 < len_q:  # the grid covers the longest sequence; shorter ones leave programs idle
+    if live:
+        q_start = tl.load(cu_q_ptr + b)
+        len_q = tl.load(cu_q_ptr + b + 1) - q_start
         k_start = tl.load(cu_k_ptr + b)
         len_k = tl.load(cu_k_ptr + b + 1) - k_start
         diag = len_k - len_q
@@ -202,6 +230,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qt, s_dot
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
+                          tiles_ptr, B,
                           s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dkt, s_dkh, s_dvt, s_dvh,
                           n_q_total, group, qk_scale, sm_scale,
                           D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -212,12 +241,11 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     s_dot, s_doh = _aligned(s_dot, ALIGN), _aligned(s_doh, ALIGN)
     s_dkt, s_dkh = _aligned(s_dkt, ALIGN), _aligned(s_dkh, ALIGN)
     s_dvt, s_dvh = _aligned(s_dvt, ALIGN), _aligned(s_dvh, ALIGN)
-    n0 = tl.program_id(0) * BLOCK_N
+    b, n0, live = _work_item(tiles_ptr, B, BLOCK_N)  # a key tile of sequence b
     hk = tl.program_id(1)
-    b = tl.program_id(2)
-    k_start = tl.load(cu_k_ptr + b)
-    len_k = tl.load(cu_k_ptr + b + 1) - k_start
-    if n0 < len_k:
+    if live:
+        k_start = tl.load(cu_k_ptr + b)
+        len_k = tl.load(cu_k_ptr + b + 1) - k_start
         q_start = tl.load(cu_q_ptr + b)
         len_q = tl.load(cu_q_ptr + b + 1) - q_start
         diag = len_k - len_q
@@ -294,7 +322,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, s_kt, s_vt, rows, n_lo, n_h
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, tiles_ptr, B,
                         s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dqt, s_dqh, n_q_total, group,
                         qk_scale, sm_scale,
                         D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -304,12 +332,11 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     s_vt, s_vh = _aligned(s_vt, ALIGN), _aligned(s_vh, ALIGN)
     s_dot, s_doh = _aligned(s_dot, ALIGN), _aligned(s_doh, ALIGN)
     s_dqt, s_dqh = _aligned(s_dqt, ALIGN), _aligned(s_dqh, ALIGN)
-    m0 = tl.program_id(0) * BLOCK_M
+    b, m0, live = _work_item(tiles_ptr, B, BLOCK_M)  # a query tile of sequence b
     h = tl.program_id(1)
-    b = tl.program_id(2)
-    q_start = tl.load(cu_q_ptr + b)
-    len_q = tl.load(cu_q_ptr + b + 1) - q_start
-    if m0 < len_q:
+    if live:
+        q_start = tl.load(cu_q_ptr + b)
+        len_q = tl.load(cu_q_ptr + b + 1) - q_start
         k_start = tl.load(cu_k_ptr + b)
         len_k = tl.load(cu_k_ptr + b + 1) - k_start
         diag = len_k - len_q
@@ -409,12 +436,37 @@ def _check_head_dims(q: Tensor, v: Tensor):
             raise ValueError(f"varlen_attention[triton]: {name} must be in [1, {MAX_ATTENTION_HEAD_DIM}], got {d}")
 
 
-def _grid(seqlen: int, block: str, heads: int, num_seqs: int):
-    return lambda meta: (triton.cdiv(max(seqlen, 1), meta[block]), heads, num_seqs)
+def _grid(num_tokens: int, block: str, heads: int, num_seqs: int):
+    """(work items, heads): an upper bound of the pack's (sequence, tile) items for the tile size the
+    autotuner picks (sum of cdiv(len_b, BLOCK) <= cdiv(N, BLOCK) + B), no host read of cu_seqlens."""
+    return lambda meta: (triton.cdiv(num_tokens, meta[block]) + num_seqs, heads)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int):
+    """Shapes and packing metadata the kernels index with; returns the checked (cu_q, cu_k, B)."""
+    _check_head_dims(q, v)
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        fail(op, f"q, k, v must be [N, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[2] != q.shape[2] or tuple(v.shape[:2]) != tuple(k.shape[:2]):
+        fail(op, f"k must be [Nk, Hk, {q.shape[2]}] and v [Nk, Hk, Dv], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
+        fail(op, f"q heads ({q.shape[1]}) must be a positive multiple of k/v heads ({k.shape[1]})")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device or t.dtype != q.dtype:
+            fail(op, f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
+    check_grid(op, (1, q.shape[1]))
+    cu_q = checked_cu(op, cu_q, q.shape[0], device=q.device, name="cu_seqlens_q", max_seqlen=max_q,
+                      max_name="max_seqlen_q")
+    cu_k = checked_cu(op, cu_k, k.shape[0], device=q.device, name="cu_seqlens_k", max_seqlen=max_k,
+                      max_name="max_seqlen_k")
+    if cu_q.shape != cu_k.shape:
+        fail(op, f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                 f"got {cu_q.shape[0] - 1} and {cu_k.shape[0] - 1}")
+    return cu_q, cu_k, cu_q.shape[0] - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,10 +475,10 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                   max_seqlen_k: int, softmax_scale: float, causal: bool) -> tuple[Tensor, Tensor]:
     """Returns (out [Nq, H, Dv], lse2 [H, Nq] fp32: log2 of the softmax normaliser in scaled base-2 units)."""
-    _check_head_dims(q, v)
+    cu_q, cu_k, b = _check_inputs("varlen_attention_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     nq, h, _ = q.shape
-    b = cu_seqlens_q.shape[0] - 1
     out = q.new_empty((nq, h, v.shape[-1]))
     lse = q.new_empty((h, nq), dtype=torch.float32)
     meta = _meta(q, v, causal)
@@ -435,50 +487,58 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seql
     kernel = _attn_fwd_kernel if INTERPRETED else _attn_fwd_tuned
     if INTERPRETED:
         meta.update(_INTERPRETER_CONFIG)
-    if nq and max_seqlen_q:
-        wrap_triton(kernel)[_grid(max_seqlen_q, "BLOCK_M", h, b)](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            v.stride(0), v.stride(1), out.stride(0), out.stride(1), nq, h // k.shape[1], softmax_scale * LOG2E,
-            **meta)
+    if nq:
+        tiles = tile_table(cu_q, TILE_BLOCKS)
+        with _common.device_guard(q):
+            wrap_triton(kernel)[_grid(nq, "BLOCK_M", h, b)](
+                q, k, v, out, lse, cu_q, cu_k, tiles, b, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                v.stride(0), v.stride(1), out.stride(0), out.stride(1), nq, h // k.shape[1], softmax_scale * LOG2E,
+                **meta)
     return out, lse
 
 
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
                   cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                   causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    _check_head_dims(q, v)
+    op = "varlen_attention_bwd"
+    cu_q, cu_k, b = _check_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out_shape = (q.shape[0], q.shape[1], v.shape[2])
+    check_shape(op, out, "out", out_shape)
+    check_shape(op, dout, "dout", out_shape)
+    check_shape(op, lse, "lse", (q.shape[1], q.shape[0]))
+    if lse.dtype != torch.float32 or not lse.is_contiguous():
+        fail(op, f"lse must be a contiguous float32 tensor, got {lse.dtype} with strides {lse.stride()}")
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    dout = _last_dim_contiguous(dout)
+    dout, out = _last_dim_contiguous(dout), _last_dim_contiguous(out)
     nq, h, _ = q.shape
     hk = k.shape[1]
-    b = cu_seqlens_q.shape[0] - 1
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     delta = q.new_empty((h, nq), dtype=torch.float32)
     meta = _meta(q, v, causal)
     meta["ALIGN"] = _align(q, k, v, out, dout, dq, dk, dv)
     block_delta = 128 if INTERPRETED else 16
-    if nq:
-        wrap_triton(_attn_delta_kernel)[(triton.cdiv(nq, block_delta), h)](
-            out, dout, delta, nq, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-            DV=meta["DV"], ALIGN=meta["ALIGN"], BLOCK_M=block_delta, BLOCK_DV=meta["BLOCK_DV"])
     dkdv_kernel = _attn_bwd_dkdv_kernel if INTERPRETED else _attn_bwd_dkdv_tuned
     dq_kernel = _attn_bwd_dq_kernel if INTERPRETED else _attn_bwd_dq_tuned
     if INTERPRETED:
         meta.update(_INTERPRETER_CONFIG)
     args = (softmax_scale * LOG2E, softmax_scale)
-    if k.shape[0] and max_seqlen_k:
-        wrap_triton(dkdv_kernel)[_grid(max_seqlen_k, "BLOCK_N", hk, b)](
-            q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), nq, h // hk, *args, **meta)
-    else:
-        dk.zero_()
-        dv.zero_()
-    if nq and max_seqlen_q:
-        wrap_triton(dq_kernel)[_grid(max_seqlen_q, "BLOCK_M", h, b)](
-            q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-            dq.stride(0), dq.stride(1), nq, h // hk, *args, **meta)
+    with _common.device_guard(q):
+        if nq:
+            wrap_triton(_attn_delta_kernel)[(triton.cdiv(nq, block_delta), h)](
+                out, dout, delta, nq, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+                DV=meta["DV"], ALIGN=meta["ALIGN"], BLOCK_M=block_delta, BLOCK_DV=meta["BLOCK_DV"])
+        if k.shape[0]:
+            tiles_k = tile_table(cu_k, TILE_BLOCKS)
+            wrap_triton(dkdv_kernel)[_grid(k.shape[0], "BLOCK_N", hk, b)](
+                q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, tiles_k, b, q.stride(0), q.stride(1),
+                k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
+                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), nq, h // hk, *args, **meta)
+        if nq:
+            tiles_q = tile_table(cu_q, TILE_BLOCKS)
+            wrap_triton(dq_kernel)[_grid(nq, "BLOCK_M", h, b)](
+                q, k, v, dout, lse, delta, dq, cu_q, cu_k, tiles_q, b, q.stride(0), q.stride(1),
+                k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
+                dq.stride(0), dq.stride(1), nq, h // hk, *args, **meta)
     return dq, dk, dv
 
 
