@@ -12,6 +12,7 @@ import os
 
 import torch
 
+os.environ["NIT_TEST_TRITON_INTERPRET_ASKED"] = "1" if os.environ.get("TRITON_INTERPRET") == "1" else "0"
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.pop("NIT_KERNELS_BACKEND", None)  # tests choose backends explicitly
