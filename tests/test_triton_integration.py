@@ -418,3 +418,51 @@ def test_every_launch_runs_under_the_device_guard_of_its_inputs(monkeypatch):
     assert launches, "no kernel was launched"
     unguarded = [name for name, devices in launches if devices != [torch.device(DEVICE)]]
     assert not unguarded, f"launched outside a guard of the inputs' device: {unguarded}"
+
+
+# ---------------------------------------------------------------------------------------------
+# grid limits and the work-item schedule (plain Python: the launch arithmetic, no kernels)
+# ---------------------------------------------------------------------------------------------
+def test_grid_axes_beyond_the_device_limits_raise():
+    from nit_kernels.triton import _checks
+    _checks.check_grid("op", (2**31 - 1, 65535, 65535))
+    with pytest.raises(ValueError, match=r"grid axis 1 \(heads\) needs 65536 blocks, more than the device allows"):
+        _checks.check_grid("op", (1, 65536))
+    with pytest.raises(ValueError, match="grid axis 0"):
+        _checks.check_grid("op", (2**31, 1))
+    q = torch.zeros(1, 70_000, 16, device=DEVICE)
+    cu = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"grid axis 1 \(heads\) needs 70000 blocks"):
+        torch.ops.nit_triton.varlen_attention_fwd(q, q, q, cu, cu, 1, 1, 0.25, False)
+
+
+def test_rope_head_groups_beyond_the_grid_limit_raise(monkeypatch):
+    """On a GPU RoPE puts groups of 4 heads on grid axis 1: 300,000 heads need 75,000 > 65,535."""
+    from nit_kernels.triton import rope
+    monkeypatch.setattr(rope, "INTERPRETED", False)
+    q = torch.zeros(1, 300_000, 4)
+    with pytest.raises(ValueError, match=r"grid axis 1 \(head groups\) needs 75001 blocks"):
+        rope._tiling(q, q[:, :1], gpu_elems=1024)
+
+
+def test_work_items_cover_every_tile_once_within_the_host_bound():
+    """tile_table lists each sequence's tiles of every block size; the host-side grid bound
+    cdiv(N, BLOCK) + B covers them without reading cu_seqlens, and no program goes idle past a
+    short sequence's end (the old grid was cdiv(max_seqlen, 64) x B programs per head)."""
+    from nit_kernels.triton import _common, attention
+    lens = [1, 0, 64, 65, 3, 200, 0, 17] + [5] * 30
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    table = _common.tile_table(cu, attention.TILE_BLOCKS)
+    assert table.dtype == torch.int32 and tuple(table.shape) == (len(attention.TILE_BLOCKS), len(lens) + 1)
+    n, b = sum(lens), len(lens)
+    for r, bs in enumerate(attention.TILE_BLOCKS):
+        items = [(i, t) for i, ln in enumerate(lens) for t in range(-(-ln // bs))]  # the flat work list
+        assert table[r].tolist() == [0] + torch.tensor([-(-ln // bs) for ln in lens]).cumsum(0).tolist()
+        grid = attention._grid(n, "BLOCK_M", 3, b)({"BLOCK_M": bs})
+        assert grid[0] >= len(items) and grid[1] == 3
+        # program p works on the item p (segment_of_scalar's search of the table row, in Python)
+        for p, (seq, tile) in enumerate(items):
+            found = max(i for i in range(b) if table[r, i] <= p)
+            assert (found, p - int(table[r, found])) == (seq, tile)
+    old_programs = -(-max(lens) // 64) * b
+    assert int(table[2, -1]) * 3 < old_programs  # 40 work items instead of 152 programs
