@@ -466,3 +466,21 @@ def test_work_items_cover_every_tile_once_within_the_host_bound():
             assert (found, p - int(table[r, found])) == (seq, tile)
     old_programs = -(-max(lens) // 64) * b
     assert int(table[2, -1]) * 3 < old_programs  # 40 work items instead of 152 programs
+
+
+def test_metadata_is_read_once_per_pack_and_again_after_an_in_place_change(monkeypatch):
+    """The host read of cu_seqlens (a stream synchronisation on a GPU) is paid once per pack, not
+    once per op: layers sharing a pack hit the cache; an in-place change is seen (tensor version)."""
+    from nit_kernels.triton import _checks
+    reads = []
+    real = _checks._facts
+    monkeypatch.setattr(_checks, "_facts", lambda cu, sizes: (reads.append(sizes is not None), real(cu, sizes))[1])
+    p = _packed(((2, 3), (4, 4)))
+    x, rows = torch.randn(p.total_tokens, 16, device=DEVICE), torch.zeros(p.num_seqs, 16, device=DEVICE)
+    for _ in range(3):
+        nk.adaln_modulate(x, rows, rows, p, backend="triton")
+    assert len(reads) == 1
+    p.cu_seqlens[2] = 30  # a forged pack: the cached facts must not vouch for it
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        torch.ops.nit_triton.adaln_modulate_fwd(x, rows, rows, p.cu_seqlens, 1e-6)
+    assert len(reads) == 2
