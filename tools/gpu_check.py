@@ -64,8 +64,10 @@ def _build(ctx):
 
 
 def _gpu_tests(ctx):
-    return [("pytest -m gpu", [ctx.python, "-m", "pytest", "-v", "--tb=short", "-rfE", "-p", "no:cacheprovider", "-m", "gpu",
-                               "tests"], {})]
+    # the GPU-only checks first, so that a run out of budget loses the long CUDA grid, not them
+    first = ["tests/test_gpu_triton.py", "tests/test_triton_integration.py", "tests/test_cuda_gpu.py"]
+    return [("pytest -m gpu", [ctx.python, "-m", "pytest", "-v", "--tb=short", "-rfE", "-p", "no:cacheprovider",
+                               "-m", "gpu", *first, "tests"], {})]
 
 
 def _triton_tests(ctx):
