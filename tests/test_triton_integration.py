@@ -86,7 +86,7 @@ def test_atomic_and_deterministic_reductions_agree(op):
 # torch.library registration
 # ---------------------------------------------------------------------------------------------
 def _opcheck_cases():
-    from nit_kernels.triton import adaln, attention, rope
+    from nit_kernels.triton import _checks, adaln, attention, rope
     p = _packed(((2, 3), (1, 4), (3, 1)))
     n, b, cu, sizes = p.total_tokens, p.num_seqs, p.cu_seqlens, p.sizes
     r = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=True)  # noqa: E731
@@ -99,13 +99,14 @@ def _opcheck_cases():
         "rope_2d": (rope._rope, (r(n, 2, 16), r(n, 1, 16), cu, sizes, f, "official", 1.5, False)),
         "qk_norm_rope_fwd": (rope._qkn_fwd, (r(n, 2, 16), r(n, 2, 16), cu, sizes, f, w(), w(), w(), w(), 1e-5,
                                              "grid", 1.0)),
+        "checked_cu_seqlens": (_checks._checked_op, (cu, n, p.max_seqlen, sizes, "op,cu_seqlens,max_seqlen")),
         "varlen_attention_fwd": (attention._fwd, (r(n, 2, 24), r(n, 1, 24), r(n, 1, 24), cu, cu, p.max_seqlen,
                                                   p.max_seqlen, 0.3, True)),
     }
 
 
 @pytest.mark.parametrize("name", ["adaln_modulate_fwd", "gated_residual_fwd", "residual_adaln_fwd", "rope_2d",
-                                  "qk_norm_rope_fwd", "varlen_attention_fwd"])
+                                  "qk_norm_rope_fwd", "varlen_attention_fwd", "checked_cu_seqlens"])
 def test_opcheck(name):
     """Schema, fake kernel, autograd registration and AOT dispatch of each nit_triton op."""
     op, args = _opcheck_cases()[name]
