@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nit-installed
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: demo test setup bench bench-quick report clean
+.PHONY: demo test setup bench bench-quick report clean gpu-check
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ bench: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m nit_kernels
+
+# On a machine with an NVIDIA GPU and a CUDA torch + triton in $(PYTHON) (no venv is made):
+# build, test, sanitize and benchmark in <= 8 minutes into runs/gpu-check/. DRY=1 lists the steps.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --python $(PYTHON) $(if $(DRY),--dry-run,)
 
 clean:
 	rm -rf build nit_kernels/_C*.so *.egg-info

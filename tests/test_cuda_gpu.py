@@ -28,10 +28,16 @@ PACKS = {
 
 
 @pytest.fixture(autouse=True)
-def _cuda_backend_served():
-    why = backends.get("cuda").load_error()
+def _backend_served(request):
+    """Skips with the backend's own reason: the cuda backend, or the one a test is parametrized with."""
+    callspec = getattr(request.node, "callspec", None)
+    name = callspec.params.get("backend", "cuda") if callspec else "cuda"
+    why = backends.get(name).load_error()
+    if why is None and name == "triton":
+        from nit_kernels.triton import interpreting
+        why = "the Triton kernels were loaded for the interpreter (TRITON_INTERPRET=1)" if interpreting() else None
     if why is not None:
-        pytest.skip(f"cuda backend unusable: {why}")
+        pytest.skip(f"{name} backend unusable: {why}")
 
 
 def _pack(name):
@@ -191,17 +197,32 @@ def test_forward_is_packing_invariant(op, shape, kw):
         assert torch.equal(whole[cu[i]:cu[i + 1]], alone), f"{op}: image {i} differs when packed"
 
 
-def test_kernels_run_on_the_current_stream():
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_kernels_run_on_the_current_stream(backend):
+    """The inputs are written on a side stream after that stream has slept for tens of milliseconds;
+    kernels launched there (the current stream) read them, a kernel launched on the default stream
+    would read the NaN the buffers held before and fail the comparison."""
     packed = _pack("multi-tile")
-    q, k, v = torch.randn(3, packed.total_tokens, 2, 64, device="cuda", dtype=torch.float16)
-    args = (q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen)
-    want = nk.varlen_attention(*args, backend="cuda")
+    n = packed.total_tokens
+    q, k, v = torch.randn(3, n, 2, 64, device="cuda", dtype=torch.float16)
+    x = torch.randn(n, 384, device="cuda")
+    shift, scale = torch.randn(2, packed.num_seqs, 384, device="cuda")
+    meta = (packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen)
+    want = nk.varlen_attention(q, k, v, *meta, backend=backend)
+    want_h = nk.adaln_modulate(x, shift, scale, packed, backend=backend)
+    staged = [torch.full_like(t, float("nan")) for t in (q, k, v, x)]
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        got = nk.varlen_attention(*args, backend="cuda")
-    side.synchronize()
-    assert torch.equal(got, want)
+        torch.cuda._sleep(100_000_000)  # about 50 ms of spinning on the side stream only
+        for dst, src in zip(staged, (q, k, v, x)):
+            dst.copy_(src)
+        got = nk.varlen_attention(*staged[:3], *meta, backend=backend)
+        got_h = nk.adaln_modulate(staged[3], shift, scale, packed, backend=backend)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want), "attention ran before its inputs were ready: not on the current stream"
+    assert torch.equal(got_h, want_h), "adaln_modulate ran before its inputs were ready: not on the current stream"
 
 
 def test_second_device():

@@ -142,6 +142,7 @@ ATTN_CASES = (
     + [(dt, "3x97", {"heads": 1, "head_dim": 72}, c) for dt in (F32, F16) for c in (False, True)]
     + [(F32, "many", {"heads": 4, "kv_heads": 2, "head_dim": 32}, c) for c in (False, True)]   # grouped-query
     + [(F16, "1x1", {"heads": 2, "head_dim": 64}, False)]
+    + [(F32, "odd", {"heads": 2, "head_dim": 40}, True), (F16, "odd", {"heads": 2, "head_dim": 96}, False)]  # tails
 )
 
 
@@ -207,3 +208,36 @@ def test_attention_rejects_unsupported_head_dim():
     cu = _cu([4])
     with pytest.raises(nk.BackendUnavailable, match="head_dim 160 is not supported"):
         nk.varlen_attention(q, q, q, cu, cu, 4, 4, backend="triton")
+
+
+def test_head_dims_are_split_not_padded_to_a_power_of_two():
+    """72 (NiT-XL) runs as a 64-wide block plus a 16-wide tail (8 real columns), not as 128."""
+    from nit_kernels.triton import attention
+    assert attention.split_head_dim(72) == (64, 16, True)
+    assert attention.split_head_dim(96) == (64, 32, True)
+    assert attention.split_head_dim(40) == (32, 16, True)
+    for d in (16, 32, 64, 128):
+        assert attention.split_head_dim(d) == (d, 16, False)
+    for d in range(1, 129):
+        head, tail, has_tail = attention.split_head_dim(d)
+        assert head + tail * has_tail >= d and head + tail * has_tail <= max(16, 1 << (d - 1).bit_length())
+    meta = attention._meta(torch.empty(1, 1, 72), torch.empty(1, 1, 72), False)
+    assert (meta["BLOCK_D"], meta["BLOCK_D1"], meta["TAIL"]) == (64, 16, True)
+
+
+@pytest.mark.parametrize("dv", [40, 72])
+def test_attention_value_head_dim_differs_from_the_query_head_dim(dv):
+    """v [N, Hk, Dv] with Dv != D: the two head dims are split independently (72 -> 64 + 16, 40 -> 32 + 16)."""
+    packed = _packed("small")
+    n, cu, m = packed.total_tokens, packed.cu_seqlens, packed.max_seqlen
+    g = torch.Generator().manual_seed(4)
+    d = 112 - dv  # (72, 40) and (40, 72)
+    q, k = (torch.randn(n, 2, d, generator=g).to(DEVICE) for _ in range(2))
+    v = torch.randn(n, 2, dv, generator=g).to(DEVICE)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    dout = torch.randn(n, 2, dv, generator=g).to(DEVICE)
+    got = nk.varlen_attention(q, k, v, cu, cu, m, m, backend="triton")
+    want = nk.varlen_attention(q, k, v, cu, cu, m, m, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

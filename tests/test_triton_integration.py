@@ -4,6 +4,7 @@ torch.compile), refusals, the GPU-only paths, and a compile check of the GPU ker
 Tests marked `gpu` need a CUDA device and the compiled kernels: on a GPU machine run
 ``TRITON_INTERPRET=0 pytest -m gpu tests/test_triton_integration.py``.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def test_atomic_and_deterministic_reductions_agree(op):
 # torch.library registration
 # ---------------------------------------------------------------------------------------------
 def _opcheck_cases():
-    from nit_kernels.triton import adaln, attention, rope
+    from nit_kernels.triton import _checks, adaln, attention, rope
     p = _packed(((2, 3), (1, 4), (3, 1)))
     n, b, cu, sizes = p.total_tokens, p.num_seqs, p.cu_seqlens, p.sizes
     r = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=True)  # noqa: E731
@@ -98,13 +99,14 @@ def _opcheck_cases():
         "rope_2d": (rope._rope, (r(n, 2, 16), r(n, 1, 16), cu, sizes, f, "official", 1.5, False)),
         "qk_norm_rope_fwd": (rope._qkn_fwd, (r(n, 2, 16), r(n, 2, 16), cu, sizes, f, w(), w(), w(), w(), 1e-5,
                                              "grid", 1.0)),
+        "checked_cu_seqlens": (_checks._checked_op, (cu, n, p.max_seqlen, sizes, "op,cu_seqlens,max_seqlen")),
         "varlen_attention_fwd": (attention._fwd, (r(n, 2, 24), r(n, 1, 24), r(n, 1, 24), cu, cu, p.max_seqlen,
                                                   p.max_seqlen, 0.3, True)),
     }
 
 
 @pytest.mark.parametrize("name", ["adaln_modulate_fwd", "gated_residual_fwd", "residual_adaln_fwd", "rope_2d",
-                                  "qk_norm_rope_fwd", "varlen_attention_fwd"])
+                                  "qk_norm_rope_fwd", "varlen_attention_fwd", "checked_cu_seqlens"])
 def test_opcheck(name):
     """Schema, fake kernel, autograd registration and AOT dispatch of each nit_triton op."""
     op, args = _opcheck_cases()[name]
@@ -279,3 +281,207 @@ def test_gpu_launchers_trace_with_fake_tensors_and_symbolic_sizes(monkeypatch):
                                                  attention._attn_bwd_dq_tuned, attention._attn_delta_kernel)
         finally:
             torch.use_deterministic_algorithms(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# forged metadata: the ops check it themselves (direct op calls and torch.compile skip the
+# eager checks of nit_kernels.ops), never a crash, a hang or a wrong answer
+# ---------------------------------------------------------------------------------------------
+_FORGED_PRELUDE = (
+    "import torch, nit_kernels as nk\n"
+    "import nit_kernels.triton\n"
+    "ops = torch.ops.nit_triton\n"
+    "def expect(name, fn):\n"
+    "    try:\n"
+    "        fn()\n"
+    "    except (ValueError, RuntimeError) as e:\n"
+    "        print('RAISED', name, type(e).__name__, str(e).splitlines()[0][:160], flush=True)\n"
+    "    else:\n"
+    "        print('NO ERROR', name, flush=True)\n"
+    "cu = torch.tensor([0, 10, 100000], dtype=torch.int32)\n"
+    "good = torch.tensor([0, 10, 100], dtype=torch.int32)\n"
+    "q = torch.randn(100, 2, 16)\n"
+)
+
+
+def _run_forged(body: str, timeout: int):
+    """Runs `body` in a fresh interpreter process: a segfault or a hang fails only this test."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    try:
+        r = subprocess.run([sys.executable, "-c", _FORGED_PRELUDE + body], capture_output=True, text=True,
+                           env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"hung: no answer within {timeout} s; output so far: {e.stdout!r}")
+    assert r.returncode == 0, f"exit code {r.returncode} (negative: killed by a signal)\n{r.stdout}\n{r.stderr[-3000:]}"
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("RAISED", "NO ERROR"))]
+    return lines, r
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the forged packs run under the interpreter")
+def test_forged_packs_raise_in_direct_op_calls():
+    """cu_seqlens past the tokens, a short sizes table and a zero width: each op raises a clear error
+    (before the ops checked their metadata, the attention call crashed the process with SIGSEGV)."""
+    body = (
+        "x = torch.randn(100, 8); rows = torch.zeros(2, 8)\n"
+        "sizes = torch.tensor([[2, 5], [9, 10]], dtype=torch.int32)\n"
+        "expect('attention', lambda: ops.varlen_attention_fwd(q, q, q, cu, cu, 100000, 100000, 0.25, False))\n"
+        "expect('attention_bwd', lambda: ops.varlen_attention_bwd(q, q, q, q, q, torch.zeros(2, 100), cu, cu,"
+        " 100000, 100000, 0.25, False))\n"
+        "expect('adaln_fwd', lambda: ops.adaln_modulate_fwd(x, rows, rows, cu, 1e-6))\n"
+        "expect('adaln_bwd', lambda: ops.adaln_modulate_bwd(x, x, rows, x[:, 0], x[:, 0], cu))\n"
+        "expect('gated_bwd', lambda: ops.gated_residual_bwd(x, x, rows, cu))\n"
+        "expect('residual_bwd', lambda: ops.residual_adaln_bwd(x, x, x, x, rows, rows, x[:, 0], x[:, 0], cu))\n"
+        "expect('adaln_rows', lambda: ops.adaln_modulate_fwd(x, rows[:1], rows, good, 1e-6))\n"
+        "f = nk.rope_freqs(16)\n"
+        "expect('rope_cu', lambda: ops.rope_2d(q, q, cu, sizes, f, 'grid', 1.0, False))\n"
+        "expect('rope_short_sizes', lambda: ops.rope_2d(q, q, good, sizes[:1], f, 'grid', 1.0, False))\n"
+        "bad = torch.tensor([[10, 1], [90, 0]], dtype=torch.int32)\n"
+        "expect('rope_zero_width', lambda: ops.rope_2d(q, q, good, bad, f, 'grid', 1.0, False))\n"
+        "wrong = torch.tensor([[2, 5], [9, 9]], dtype=torch.int32)\n"
+        "expect('rope_sizes_vs_cu', lambda: ops.rope_2d(q, q, good, wrong, f, 'grid', 1.0, False))\n"
+    )
+    lines, r = _run_forged(body, timeout=240)
+    assert len(lines) == 11, r.stdout + r.stderr[-2000:]
+    for line in lines:
+        assert line.startswith("RAISED") and "ValueError" in line, line
+    assert "cu_seqlens_q[-1]=100000 must equal the number of tokens 100" in lines[0], lines[0]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the forged packs run under the interpreter")
+def test_forged_packs_raise_under_torch_compile_and_huge_max_seqlen_does_not_hang():
+    """Under torch.compile the eager checks of nit_kernels.ops are skipped: the op raises itself.
+    max_seqlen = 2**40 is refused at once (it used to size a grid of 2**34 programs: a hang)."""
+    body = (
+        "f = torch.compile(lambda q, cu: nk.varlen_attention(q, q, q, cu, cu, 100000, 100000, backend='triton'),"
+        " fullgraph=True)\n"
+        "expect('compiled', lambda: f(q, cu))\n"
+        "expect('huge_max_seqlen', lambda: ops.varlen_attention_fwd(q, q, q, good, good, 2**40, 2**40, 0.25, False))\n"
+    )
+    lines, r = _run_forged(body, timeout=180)
+    assert len(lines) == 2, r.stdout + r.stderr[-2000:]
+    assert lines[0].startswith("RAISED compiled") and "cu_seqlens" in lines[0], lines[0]
+    assert lines[1].startswith("RAISED huge_max_seqlen ValueError") and "max_seqlen_q" in lines[1], lines[1]
+
+
+def test_max_seqlen_smaller_than_the_longest_sequence_raises():
+    """It used to leave the rows past max_seqlen unwritten (26 of 100 wrong, no error)."""
+    cu = torch.tensor([0, 10, 100], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(100, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"max_seqlen_q=64 is smaller than the longest sequence \(90\)"):
+        torch.ops.nit_triton.varlen_attention_fwd(q, q, q, cu, cu, 64, 90, 0.25, False)
+    with pytest.raises(ValueError, match=r"max_seqlen_k=-1 must be in"):
+        torch.ops.nit_triton.varlen_attention_fwd(q, q, q, cu, cu, 90, -1, 0.25, False)
+    out = torch.ops.nit_triton.varlen_attention_fwd(q, q, q, cu, cu, 90, 90, 0.25, False)[0]
+    torch.testing.assert_close(out, nk.varlen_attention(q, q, q, cu, cu, 90, 90, softmax_scale=0.25,
+                                                        backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# launches under the inputs' device (a kernel on cuda:1 tensors while cuda:0 is current)
+# ---------------------------------------------------------------------------------------------
+def test_every_launch_runs_under_the_device_guard_of_its_inputs(monkeypatch):
+    """Triton launches on the current device, so each launcher must enter its inputs' device first.
+    The guard is replaced by a recorder; every kernel launch (forward and backward of every op) must
+    happen while a guard entered with the inputs' device is open. The GPU half is
+    tests/test_gpu_triton.py::test_tensors_on_a_second_device."""
+    from nit_kernels.triton import adaln, attention, rope
+    active = []
+
+    @contextlib.contextmanager
+    def guard(t):
+        active.append(t.device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    launches = []
+
+    def recording(real):
+        def wrap(kernel):
+            launcher = real(kernel)
+
+            class _Grid:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):
+                        launches.append((getattr(kernel, "__name__", str(kernel)), list(active)))
+                        return launcher[grid](*args, **kwargs)
+                    return launch
+            return _Grid()
+        return wrap
+
+    monkeypatch.setattr(_common, "device_guard", guard)
+    for mod in (adaln, attention, rope):
+        monkeypatch.setattr(mod, "wrap_triton", recording(mod.wrap_triton))
+    p = _packed(((2, 3), (1, 4)))
+    for op in SHAPES:
+        _grads(op, p)
+    assert launches, "no kernel was launched"
+    unguarded = [name for name, devices in launches if devices != [torch.device(DEVICE)]]
+    assert not unguarded, f"launched outside a guard of the inputs' device: {unguarded}"
+
+
+# ---------------------------------------------------------------------------------------------
+# grid limits and the work-item schedule (plain Python: the launch arithmetic, no kernels)
+# ---------------------------------------------------------------------------------------------
+def test_grid_axes_beyond_the_device_limits_raise():
+    from nit_kernels.triton import _checks
+    _checks.check_grid("op", (2**31 - 1, 65535, 65535))
+    with pytest.raises(ValueError, match=r"grid axis 1 \(heads\) needs 65536 blocks, more than the device allows"):
+        _checks.check_grid("op", (1, 65536))
+    with pytest.raises(ValueError, match="grid axis 0"):
+        _checks.check_grid("op", (2**31, 1))
+    q = torch.zeros(1, 70_000, 16, device=DEVICE)
+    cu = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"grid axis 1 \(heads\) needs 70000 blocks"):
+        torch.ops.nit_triton.varlen_attention_fwd(q, q, q, cu, cu, 1, 1, 0.25, False)
+
+
+def test_rope_head_groups_beyond_the_grid_limit_raise(monkeypatch):
+    """On a GPU RoPE puts groups of 4 heads on grid axis 1: 300,000 heads need 75,000 > 65,535."""
+    from nit_kernels.triton import rope
+    monkeypatch.setattr(rope, "INTERPRETED", False)
+    q = torch.zeros(1, 300_000, 4)
+    with pytest.raises(ValueError, match=r"grid axis 1 \(head groups\) needs 75001 blocks"):
+        rope._tiling(q, q[:, :1], gpu_elems=1024)
+
+
+def test_work_items_cover_every_tile_once_within_the_host_bound():
+    """tile_table lists each sequence's tiles of every block size; the host-side grid bound
+    cdiv(N, BLOCK) + B covers them without reading cu_seqlens, and no program goes idle past a
+    short sequence's end (the old grid was cdiv(max_seqlen, 64) x B programs per head)."""
+    from nit_kernels.triton import _common, attention
+    lens = [1, 0, 64, 65, 3, 200, 0, 17] + [5] * 30
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    table = _common.tile_table(cu, attention.TILE_BLOCKS)
+    assert table.dtype == torch.int32 and tuple(table.shape) == (len(attention.TILE_BLOCKS), len(lens) + 1)
+    n, b = sum(lens), len(lens)
+    for r, bs in enumerate(attention.TILE_BLOCKS):
+        items = [(i, t) for i, ln in enumerate(lens) for t in range(-(-ln // bs))]  # the flat work list
+        assert table[r].tolist() == [0] + torch.tensor([-(-ln // bs) for ln in lens]).cumsum(0).tolist()
+        grid = attention._grid(n, "BLOCK_M", 3, b)({"BLOCK_M": bs})
+        assert grid[0] >= len(items) and grid[1] == 3
+        # program p works on the item p (segment_of_scalar's search of the table row, in Python)
+        for p, (seq, tile) in enumerate(items):
+            found = max(i for i in range(b) if table[r, i] <= p)
+            assert (found, p - int(table[r, found])) == (seq, tile)
+    old_programs = -(-max(lens) // 64) * b
+    assert int(table[2, -1]) * 3 < old_programs  # 40 work items instead of 152 programs
+
+
+def test_metadata_is_read_once_per_pack_and_again_after_an_in_place_change(monkeypatch):
+    """The host read of cu_seqlens (a stream synchronisation on a GPU) is paid once per pack, not
+    once per op: layers sharing a pack hit the cache; an in-place change is seen (tensor version)."""
+    from nit_kernels.triton import _checks
+    reads = []
+    real = _checks._facts
+    monkeypatch.setattr(_checks, "_facts", lambda cu, sizes: (reads.append(sizes is not None), real(cu, sizes))[1])
+    p = _packed(((2, 3), (4, 4)))
+    x, rows = torch.randn(p.total_tokens, 16, device=DEVICE), torch.zeros(p.num_seqs, 16, device=DEVICE)
+    for _ in range(3):
+        nk.adaln_modulate(x, rows, rows, p, backend="triton")
+    assert len(reads) == 1
+    p.cu_seqlens[2] = 30  # a forged pack: the cached facts must not vouch for it
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        torch.ops.nit_triton.adaln_modulate_fwd(x, rows, rows, p.cu_seqlens, 1e-6)
+    assert len(reads) == 2

@@ -10,6 +10,10 @@ Each op is a ``torch.library`` op (namespace ``nit_triton``) with a registered b
 ``torch.compile(fullgraph=True)`` keeps it in the graph: a ``triton_op`` on a GPU (the compiler
 sees the kernels), an opaque ``custom_op`` with a fake kernel under the interpreter.
 
+Metadata: every op checks the cu_seqlens, sizes and max_seqlen it is given (direct op calls and
+torch.compile skip the eager checks of nit_kernels.ops), reading them on the host once per pack
+(see _checks.py); kernels launch under their inputs' device.
+
 Determinism: the backward of the modulation ops reduces per-image gradients with atomics unless
 ``torch.use_deterministic_algorithms(True)`` is on, in which case it uses per-tile partial sums
 and a fixed-order reduction (bitwise repeatable). Every other kernel is deterministic always.
@@ -22,7 +26,7 @@ import torch
 
 from ..backends import FLOAT_DTYPES, Call
 
-# head dims the attention kernels accept: padded to a power of two >= 16 inside the kernel
+# head dims the attention kernels accept (a power-of-two block plus a small tail inside the kernels)
 MAX_ATTENTION_HEAD_DIM = 128
 
 try:

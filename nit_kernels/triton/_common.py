@@ -6,6 +6,7 @@ that decision so the registration and the refusals agree with what the kernels c
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable
 
@@ -41,6 +42,12 @@ def define(name: str, fn: Callable, fake: Callable):
     op = torch.library.custom_op(qualname, fn, mutates_args=())
     op.register_fake(fake)
     return op
+
+
+def device_guard(t: torch.Tensor):
+    """Launch context of `t`'s device: Triton launches on the current device and its current stream,
+    so a kernel on tensors of cuda:1 while cuda:0 is current must run under torch.cuda.device(1)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 _ROUND_BF16_BY_BITS = tl.constexpr(INTERPRETED)
@@ -108,6 +115,20 @@ def segment_tiles(cu_seqlens: torch.Tensor, num_tokens: int, block: int):
     tile_cu = torch.cat([counts.new_zeros(1), counts]).to(torch.int32)
     num_segments = cu_seqlens.shape[0] - 1
     return tile_cu, triton.cdiv(num_tokens, block) + num_segments
+
+
+def tile_table(cu_seqlens: torch.Tensor, blocks) -> torch.Tensor:
+    """Cumulative tile counts int32 [len(blocks), B+1]: row r, entry b = sum_{i<b} cdiv(len_i, blocks[r]).
+
+    The flat list of (sequence, tile) work items of a pack, for each tile size an autotuned kernel
+    may pick: program p of a kernel with tile size blocks[r] works on tile p - row[b] of the
+    sequence b with row[b] <= p < row[b+1] (found by segment_of_scalar). A few tiny device ops, no
+    host read, traceable by torch.compile.
+    """
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    rows = [torch.cumsum(torch.div(lens + (bs - 1), bs, rounding_mode="floor"), 0) for bs in blocks]
+    counts = torch.stack(rows)
+    return torch.cat([counts.new_zeros((len(blocks), 1)), counts], dim=1).to(torch.int32)
 
 
 def rows_per_program(block_d: int, gpu_elems: int = 4096, interp_elems: int = 1 << 17, max_rows: int = 256) -> int:

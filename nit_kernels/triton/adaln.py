@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+from ._checks import check_device, check_shape, checked_cu, fail
 from ._common import (INTERPRETED, cast_to, define, num_warps_for, rows_per_program, segment_of,
                       segment_of_scalar, segment_tiles, wrap_triton)
 
@@ -155,7 +157,7 @@ def _segment_sum_kernel(part_ptr, out_ptr, tile_cu_ptr, D, in_slot_stride, out_s
     for _ in range(t0, t1):
         acc += tl.load(ptrs, mask=cols < D, other=0.0)
         ptrs += D
-    tl.store(out_ptr + slot * out_slot_stride + b * D + cols, cast_to(acc, out_ptr), mask=cols < D)
+    tl.store(out_ptr + slot * out_slot_stride + b.to(tl.int64) * D + cols, cast_to(acc, out_ptr), mask=cols < D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +172,30 @@ def _new(t: Tensor) -> Tensor:
     return t.new_empty(t.shape)  # contiguous, like _dense's outputs (empty_like would keep odd strides)
 
 
+def _check(op: str, ref: Tensor, cu: Tensor, rows: dict, per_image: dict, stats: dict = {}) -> Tensor:
+    """Shapes, devices and packing metadata the kernels index with; returns the checked cu_seqlens.
+
+    ref [N, D]; rows: other [N, D] tensors; per_image: [B, D] tensors; stats: fp32 [N] tensors.
+    """
+    if ref.dim() != 2:
+        fail(op, f"the rows must be a 2-D tensor [N, D], got shape {tuple(ref.shape)}")
+    n, d = ref.shape
+    cu = checked_cu(op, cu, n, device=ref.device)
+    b = cu.shape[0] - 1
+    for group, shape in ((rows, (n, d)), (per_image, (b, d)), (stats, (n,))):
+        for name, t in group.items():
+            if t is not None:
+                check_shape(op, t, name, shape)
+                check_device(op, ref.device, **{name: t})
+    for name, t in stats.items():
+        if t is not None and t.dtype != torch.float32:
+            fail(op, f"{name} must be float32, got {t.dtype}")
+    return cu
+
+
 def _fwd(x: Tensor, y, gate, shift, scale, cu: Tensor, eps: float, residual: bool, norm: bool):
+    op = "residual_adaln_fwd" if residual and norm else "gated_residual_fwd" if residual else "adaln_modulate_fwd"
+    cu = _check(op, x, cu, {"y": y}, {"gate": gate, "shift": shift, "scale": scale})
     x, y, gate, shift, scale = _dense(x, y, gate, shift, scale)
     n, d = x.shape
     b = cu.shape[0] - 1
@@ -181,16 +206,20 @@ def _fwd(x: Tensor, y, gate, shift, scale, cu: Tensor, eps: float, residual: boo
     mean = x.new_empty(n if norm else 1, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if n:
-        wrap_triton(_modulate_fwd_kernel)[(triton.cdiv(n, block_m),)](
-            x, y if residual else x, gate if residual else x, shift if norm else x, scale if norm else x,
-            x_new, h, mean, rstd, cu, n, d, b, eps,
-            RESIDUAL=residual, NORM=norm, BLOCK_M=block_m, BLOCK_D=block_d,
-            num_warps=num_warps_for(block_m * block_d))
+        with _common.device_guard(x):
+            wrap_triton(_modulate_fwd_kernel)[(triton.cdiv(n, block_m),)](
+                x, y if residual else x, gate if residual else x, shift if norm else x, scale if norm else x,
+                x_new, h, mean, rstd, cu, n, d, b, eps,
+                RESIDUAL=residual, NORM=norm, BLOCK_M=block_m, BLOCK_D=block_d,
+                num_warps=num_warps_for(block_m * block_d))
     return x_new, h, mean, rstd
 
 
 def _bwd(dh, dxo, x, y, gate, scale, mean, rstd, cu: Tensor, residual: bool, norm: bool):
     """Returns (dx or None, dy or None, sums [slots, B, D] in x's dtype: dgate?, dshift?, dscale?)."""
+    op = "residual_adaln_bwd" if residual and norm else "gated_residual_bwd" if residual else "adaln_modulate_bwd"
+    cu = _check(op, dh if norm else dxo, cu, {"dx_new": dxo if norm else None, "x": x, "y": y},
+                {"gate": gate, "scale": scale}, {"mean": mean, "rstd": rstd})
     dh, dxo, x, y, gate, scale = _dense(dh, dxo, x, y, gate, scale)
     ref = dh if norm else dxo
     n, d = ref.shape
@@ -205,20 +234,22 @@ def _bwd(dh, dxo, x, y, gate, scale, mean, rstd, cu: Tensor, residual: bool, nor
     part = part((slots, max_tiles if deterministic else b, d), dtype=torch.float32)
     dx = _new(ref) if norm else None
     dy = _new(ref) if residual else None
-    if n:
-        wrap_triton(_modulate_bwd_kernel)[(max_tiles,)](
-            dh if norm else ref, dxo if residual else ref, x if norm else ref, y if residual else ref,
-            gate if residual else ref, scale if norm else ref, mean, rstd,
-            dx if norm else ref, dy if residual else ref, part, cu, tile_cu,
-            d, b, part.stride(0), tile_rows,
-            RESIDUAL=residual, NORM=norm, ATOMIC=not deterministic, BLOCK_M=block_m, BLOCK_D=block_d,
-            num_warps=num_warps_for(2 * block_m * block_d))
-    if not deterministic:
-        return dx, dy, part.to(ref.dtype)
-    sums = ref.new_empty((slots, b, d))
-    block_r = min(block_d, 1024) if not INTERPRETED else block_d
-    wrap_triton(_segment_sum_kernel)[(b, triton.cdiv(d, block_r), slots)](
-        part, sums, tile_cu, d, part.stride(0), sums.stride(0), BLOCK_D=block_r)
+    with _common.device_guard(ref):
+        if n:
+            wrap_triton(_modulate_bwd_kernel)[(max_tiles,)](
+                dh if norm else ref, dxo if residual else ref, x if norm else ref, y if residual else ref,
+                gate if residual else ref, scale if norm else ref, mean, rstd,
+                dx if norm else ref, dy if residual else ref, part, cu, tile_cu,
+                d, b, part.stride(0), tile_rows,
+                RESIDUAL=residual, NORM=norm, ATOMIC=not deterministic, BLOCK_M=block_m, BLOCK_D=block_d,
+                num_warps=num_warps_for(2 * block_m * block_d))
+        if not deterministic:
+            return dx, dy, part.to(ref.dtype)
+        sums = ref.new_empty((slots, b, d))
+        block_r = min(block_d, 1024) if not INTERPRETED else block_d
+        # images on grid axis 0 (up to 2**31 - 1), column blocks and slots on the small axes
+        wrap_triton(_segment_sum_kernel)[(b, triton.cdiv(d, block_r), slots)](
+            part, sums, tile_cu, d, part.stride(0), sums.stride(0), BLOCK_D=block_r)
     return dx, dy, sums
 
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+from ._checks import check_device, check_grid, check_shape, checked_cu, fail
 from ._common import (INTERPRETED, cast_to, define, num_warps_for, rows_per_program, segment_of,
                       wrap_triton)
 
@@ -81,7 +83,7 @@ def _fwd_heads(x_ptr, o_ptr, w_ptr, b_ptr, stat_ptr, rows, row_ok, h0, h1, N, nh
             x1 = x1 * rstd[:, None] * w1 + b1
             stat = rows.to(tl.int64) * nheads + h
             tl.store(stat_ptr + stat, mean, mask=row_ok)
-            tl.store(stat_ptr + N * nheads + stat, rstd, mask=row_ok)
+            tl.store(stat_ptr + (rows.to(tl.int64) + N) * nheads + h, rstd, mask=row_ok)  # int64: N*H may pass 2**31
         _store_pairs(o_ptr, rows, h, nheads * 2 * NP, 2 * NP, x0 * cos - x1 * sin, x1 * cos + x0 * sin, mask, BLOCK_P)
 
 
@@ -130,7 +132,7 @@ def _norm_bwd_heads(g_ptr, x_ptr, w_ptr, stat_ptr, dx_ptr, part_ptr, rows, row_o
         x0, x1 = _load_pairs(x_ptr, rows, h, s_t, s_h, mask, BLOCK_P)
         stat = rows.to(tl.int64) * nheads + h
         mean = tl.load(stat_ptr + stat, mask=row_ok, other=0.0)[:, None]
-        rstd = tl.load(stat_ptr + N * nheads + stat, mask=row_ok, other=0.0)[:, None]
+        rstd = tl.load(stat_ptr + (rows.to(tl.int64) + N) * nheads + h, mask=row_ok, other=0.0)[:, None]
         xh0 = tl.where(mask, (x0 - mean) * rstd, 0.0)
         xh1 = tl.where(mask, (x1 - mean) * rstd, 0.0)
         dw0 += tl.sum(dn0 * xh0, axis=0)
@@ -178,6 +180,25 @@ def _pos_col(positions: str) -> int:
     return 1 if positions == "grid" else 0  # sizes[:, 1] = w for grid, sizes[:, 0] = h for official
 
 
+def _check(op: str, q: Tensor, k: Tensor, cu: Tensor, sizes: Tensor, freqs: Tensor, **shaped) -> Tensor:
+    """Shapes, devices and packing metadata the kernels index with; returns the checked cu_seqlens.
+
+    shaped: name=(tensor, expected shape) of the other tensor arguments.
+    """
+    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        fail(op, f"q must be [N, H, Dh] and k [N, Hk, Dh], got {tuple(q.shape)} and {tuple(k.shape)}")
+    n, h, dh = q.shape
+    if dh % 4:
+        fail(op, f"head_dim must be a multiple of 4, got {dh}")
+    check_device(op, q.device, k=k, freqs=freqs)
+    if freqs.dtype != torch.float32 or tuple(freqs.shape) != (2, dh // 4) or not freqs.is_contiguous():
+        fail(op, f"freqs must be a contiguous float32 tensor [2, {dh // 4}], got {freqs.dtype} {tuple(freqs.shape)}")
+    for name, (t, shape) in shaped.items():
+        check_shape(op, t, name, shape)
+        check_device(op, q.device, **{name: t})
+    return checked_cu(op, cu, n, device=q.device, sizes=sizes)
+
+
 def _tiling(q: Tensor, k: Tensor, gpu_elems: int):
     """Token block, heads per program and grid; gpu_elems sizes a [tokens, Dh/2] tile so that the
     ~10 live tiles (x0, x1, cos, sin, ...) of a program stay in registers (compile_check reports)."""
@@ -186,6 +207,7 @@ def _tiling(q: Tensor, k: Tensor, gpu_elems: int):
     block_t = rows_per_program(block_p, gpu_elems=gpu_elems, max_rows=64 if not INTERPRETED else 512)
     hpp = max(h, k.shape[1]) if INTERPRETED else _GPU_HEADS_PER_PROGRAM
     grid = (triton.cdiv(n, block_t), triton.cdiv(h, hpp) + triton.cdiv(k.shape[1], hpp))
+    check_grid("rope", grid, ("token blocks", "head groups"))
     return block_p, block_t, hpp, grid
 
 
@@ -195,18 +217,20 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 def rope_2d_op(q: Tensor, k: Tensor, cu_seqlens: Tensor, sizes: Tensor, freqs: Tensor, positions: str,
                mscale: float, inverse: bool) -> tuple[Tensor, Tensor]:
+    cu_seqlens = _check("rope_2d", q, k, cu_seqlens, sizes, freqs)
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     n, h, dh = q.shape
     b = cu_seqlens.shape[0] - 1
     qo, ko = q.new_empty(q.shape), k.new_empty(k.shape)
     block_p, block_t, hpp, grid = _tiling(q, k, gpu_elems=1024)
     if n:
-        wrap_triton(_rope_fwd_kernel)[grid](
-            q, k, qo, ko, freqs, freqs, freqs, freqs, qo, ko, cu_seqlens, sizes, freqs,
-            n, h, k.shape[1], b, q.stride(0), q.stride(1), k.stride(0), k.stride(1), dh // 2,
-            0.0, mscale, -1.0 if inverse else 1.0, hpp,
-            POS_COL=_pos_col(positions), NORM=False, BLOCK_T=block_t, BLOCK_P=block_p,
-            num_warps=num_warps_for(block_t * block_p))
+        with _common.device_guard(q):
+            wrap_triton(_rope_fwd_kernel)[grid](
+                q, k, qo, ko, freqs, freqs, freqs, freqs, qo, ko, cu_seqlens, sizes, freqs,
+                n, h, k.shape[1], b, q.stride(0), q.stride(1), k.stride(0), k.stride(1), dh // 2,
+                0.0, mscale, -1.0 if inverse else 1.0, hpp,
+                POS_COL=_pos_col(positions), NORM=False, BLOCK_T=block_t, BLOCK_P=block_p,
+                num_warps=num_warps_for(block_t * block_p))
     return qo, ko
 
 
@@ -214,6 +238,9 @@ def qk_norm_rope_fwd(q: Tensor, k: Tensor, cu_seqlens: Tensor, sizes: Tensor, fr
                      q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, eps: float, positions: str,
                      mscale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (q_rot, k_rot, q_stats [2, N, H], k_stats [2, N, Hk]); stats are fp32 (mean, rstd)."""
+    dh = (q.shape[-1],)
+    cu_seqlens = _check("qk_norm_rope_fwd", q, k, cu_seqlens, sizes, freqs, q_weight=(q_weight, dh),
+                        q_bias=(q_bias, dh), k_weight=(k_weight, dh), k_bias=(k_bias, dh))
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     n, h, dh = q.shape
     hk = k.shape[1]
@@ -223,12 +250,13 @@ def qk_norm_rope_fwd(q: Tensor, k: Tensor, cu_seqlens: Tensor, sizes: Tensor, fr
     ks = k.new_empty((2, n, hk), dtype=torch.float32)
     block_p, block_t, hpp, grid = _tiling(q, k, gpu_elems=1024)
     if n:
-        wrap_triton(_rope_fwd_kernel)[grid](
-            q, k, qo, ko, q_weight, q_bias, k_weight, k_bias, qs, ks, cu_seqlens, sizes, freqs,
-            n, h, hk, b, q.stride(0), q.stride(1), k.stride(0), k.stride(1), dh // 2,
-            eps, mscale, 1.0, hpp,
-            POS_COL=_pos_col(positions), NORM=True, BLOCK_T=block_t, BLOCK_P=block_p,
-            num_warps=num_warps_for(block_t * block_p))
+        with _common.device_guard(q):
+            wrap_triton(_rope_fwd_kernel)[grid](
+                q, k, qo, ko, q_weight, q_bias, k_weight, k_bias, qs, ks, cu_seqlens, sizes, freqs,
+                n, h, hk, b, q.stride(0), q.stride(1), k.stride(0), k.stride(1), dh // 2,
+                eps, mscale, 1.0, hpp,
+                POS_COL=_pos_col(positions), NORM=True, BLOCK_T=block_t, BLOCK_P=block_p,
+                num_warps=num_warps_for(block_t * block_p))
     return qo, ko, qs, ks
 
 
@@ -236,6 +264,12 @@ def qk_norm_rope_bwd(dq_rot: Tensor, dk_rot: Tensor, q: Tensor, k: Tensor, cu_se
                      freqs: Tensor, q_weight: Tensor, k_weight: Tensor, q_stats: Tensor, k_stats: Tensor,
                      positions: str, mscale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dparams [4, Dh] fp32: dq_weight, dq_bias, dk_weight, dk_bias)."""
+    dh, stats = (q.shape[-1],), (2, q.shape[0])
+    cu_seqlens = _check("qk_norm_rope_bwd", q, k, cu_seqlens, sizes, freqs, dq_rot=(dq_rot, q.shape),
+                        dk_rot=(dk_rot, k.shape), q_weight=(q_weight, dh), k_weight=(k_weight, dh),
+                        q_stats=(q_stats, stats + (q.shape[1],)), k_stats=(k_stats, stats + (k.shape[1],)))
+    if q_stats.dtype != torch.float32 or k_stats.dtype != torch.float32:
+        fail("qk_norm_rope_bwd", f"q_stats and k_stats must be float32, got {q_stats.dtype} and {k_stats.dtype}")
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     dq_rot, dk_rot = dq_rot.contiguous(), dk_rot.contiguous()
     n, h, dh = q.shape
@@ -246,11 +280,12 @@ def qk_norm_rope_bwd(dq_rot: Tensor, dk_rot: Tensor, q: Tensor, k: Tensor, cu_se
     q_groups = triton.cdiv(h, hpp)
     part = q.new_zeros((grid[1], grid[0], 2, dh), dtype=torch.float32)
     if n:
-        wrap_triton(_qk_norm_bwd_kernel)[grid](
-            dq_rot, dk_rot, q, k, q_weight, k_weight, q_stats, k_stats, dq, dk, part, cu_seqlens, sizes, freqs,
-            n, h, hk, b, q.stride(0), q.stride(1), k.stride(0), k.stride(1), dh // 2, mscale, hpp,
-            POS_COL=_pos_col(positions), BLOCK_T=block_t, BLOCK_P=block_p,
-            num_warps=num_warps_for(block_t * block_p))
+        with _common.device_guard(q):
+            wrap_triton(_qk_norm_bwd_kernel)[grid](
+                dq_rot, dk_rot, q, k, q_weight, k_weight, q_stats, k_stats, dq, dk, part, cu_seqlens, sizes, freqs,
+                n, h, hk, b, q.stride(0), q.stride(1), k.stride(0), k.stride(1), dh // 2, mscale, hpp,
+                POS_COL=_pos_col(positions), BLOCK_T=block_t, BLOCK_P=block_p,
+                num_warps=num_warps_for(block_t * block_p))
     dparams = torch.cat([part[:q_groups].sum((0, 1)), part[q_groups:].sum((0, 1))])  # fixed-order sums
     return dq, dk, dparams
 
