@@ -11,7 +11,7 @@
 //     and raises "out of bounds" with the kernel, block, thread and distance (runtime.cpp). An
 //     access before the start, or within the 16-byte alignment slack after the end, is not seen.
 //   racecheck: the call runs twice, threads (and blocks) resumed in order and then in reverse
-//     order at every synchronisation point, shared memory poisoned before every block; any bit
+//     order at every synchronisation point, dynamic shared memory poisoned before every block; any bit
 //     that differs between the two runs' outputs is an error "race". This catches a missing
 //     barrier or warp sync whenever the two interleavings it allows give different values (a
 //     thread reading shared memory that another thread writes, or writes later, in the same
