@@ -28,6 +28,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -206,6 +207,12 @@ inline const A& guarded(const A& a) {
   return a;
 }
 
+// One checked call at a time: the poisoning allocator is process-wide while a call runs.
+inline std::mutex& call_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 // Stands in for the torch::Library of TORCH_LIBRARY_IMPL: m.impl(name, &fn) registers fn
 // wrapped in run_checked.
 class Registrar {
@@ -214,6 +221,7 @@ class Registrar {
   template <typename R, typename... Args>
   void impl(const char* name, R (*fn)(Args...)) {
     lib_.impl(name, [fn, name](Args... args) -> R {
+      const std::lock_guard<std::mutex> lock(call_mutex());
       return run_checked<R>(name, [&] { return fn(guarded(args)...); });
     });
   }
