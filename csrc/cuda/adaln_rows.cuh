@@ -46,8 +46,8 @@ inline cudaError_t adaln_grad_rows(const T* dy, const T* x, const T* scale, cons
                                    cudaStream_t stream) {
   const bool vec = can_vectorize<T>(D, dy, x, scale);
   return launch_rows<T>(pack.num_tokens, D, vec, [&](auto G, auto V, dim3 grid, dim3 block) {
-    adaln_grad_rows_kernel<T, decltype(G)::value, decltype(V)::value>
-        <<<grid, block, 0, stream>>>(dy, x, scale, mean, rstd, pack, D, rowstat);
+    launch<adaln_grad_rows_kernel<T, decltype(G)::value, decltype(V)::value>>(
+        grid, block, 0, stream, dy, x, scale, mean, rstd, pack, D, rowstat);
   });
 }
 

@@ -157,8 +157,8 @@ cudaError_t varlen_attention_fwd(DType dt, const void* q, const void* k, const v
       if (err != cudaSuccess) return err;
       const dim3 grid(static_cast<unsigned>(cdiv(a.max_seqlen_q, int64_t(L::BM))),
                       static_cast<unsigned>(a.H), static_cast<unsigned>(a.num_seqs));
-      kernel<<<grid, Tile<T, kDp>::kThreads, L::bytes, stream>>>(
-          static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), a, vec,
+      launch<attn_fwd_kernel<T, kDp>>(
+          grid, Tile<T, kDp>::kThreads, L::bytes, stream, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), a, vec,
           static_cast<T*>(out), lse);
       return cudaGetLastError();
     });

@@ -260,7 +260,7 @@ cudaError_t launch_bwd(const BwdArgs& g, const AttnArgs& a, bool vec, cudaStream
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(cdiv(a.max_seqlen_k, int64_t(L::BN))),
                     static_cast<unsigned>(a.Hk), static_cast<unsigned>(a.num_seqs));
-    kernel<<<grid, kThreads, L::bytes, stream>>>(g, a, vec);
+    launch<attn_bwd_dkdv_kernel<T, kDp>>(grid, kThreads, L::bytes, stream, g, a, vec);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -271,7 +271,7 @@ cudaError_t launch_bwd(const BwdArgs& g, const AttnArgs& a, bool vec, cudaStream
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(cdiv(a.max_seqlen_q, int64_t(L::BM))),
                     static_cast<unsigned>(a.H), static_cast<unsigned>(a.num_seqs));
-    kernel<<<grid, kThreads, L::bytes, stream>>>(g, a, vec);
+    launch<attn_bwd_dq_kernel<T, kDp>>(grid, kThreads, L::bytes, stream, g, a, vec);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -296,9 +296,8 @@ cudaError_t varlen_attention_bwd(DType dt, const void* dout, const void* q, cons
   NIT_DISPATCH_DTYPE(dt, T, {
     if (a.nq > 0) {
       const int64_t rows = a.nq * a.H;
-      attn_bwd_delta_kernel<T><<<static_cast<unsigned>(cdiv(rows, int64_t(kDeltaWarps))),
-                                 kDeltaWarps * 32, 0, stream>>>(
-          static_cast<const T*>(dout), static_cast<const T*>(out), a.nq, a.H, a.D, delta);
+      launch<attn_bwd_delta_kernel<T>>(static_cast<unsigned>(cdiv(rows, int64_t(kDeltaWarps))),
+                                       kDeltaWarps * 32, 0, stream, static_cast<const T*>(dout), static_cast<const T*>(out), a.nq, a.H, a.D, delta);
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
