@@ -138,18 +138,20 @@ if _C is not None:
         return torch.empty_like(x), torch.empty_like(x), _f32(x, x.shape[0]), _f32(x, x.shape[0])
 
     @lib.register_fake("nit::residual_adaln_bwd")
-    def _(dx_new, dh, x_new, y, gate, scale, mean, rstd, cu_seqlens):
-        return (torch.empty_like(x_new), torch.empty_like(y), torch.empty_like(gate),
+    def _(dx_new, dh, x, y, gate, scale, mean, rstd, cu_seqlens):
+        return (torch.empty_like(x), torch.empty_like(y), torch.empty_like(gate),
                 torch.empty_like(scale), torch.empty_like(scale))
 
     def _res_setup(ctx, inputs, output):
+        # x, not the rounded x_new: the backward re-forms x_new = x + gate*y in fp32, since the
+        # rounding error of x_new dwarfs a row's deviations when the row mean is large
         x, y, gate, shift, scale, cu, eps = inputs
-        ctx.save_for_backward(output[0], y, gate, scale, output[2], output[3], cu)
+        ctx.save_for_backward(x, y, gate, scale, output[2], output[3], cu)
 
     def _res_backward(ctx, dx_new, dh, _dmean, _drstd):
-        x_new, y, gate, scale, mean, rstd, cu = ctx.saved_tensors
+        x, y, gate, scale, mean, rstd, cu = ctx.saved_tensors
         dx, dy, dgate, dshift, dscale = torch.ops.nit.residual_adaln_bwd(
-            _or_zeros(dx_new, x_new), _or_zeros(dh, x_new), x_new, y, gate, scale, mean, rstd, cu)
+            _or_zeros(dx_new, x), _or_zeros(dh, x), x, y, gate, scale, mean, rstd, cu)
         return dx, dy, dgate, dshift, dscale, None, None
 
     lib.register_autograd("nit::residual_adaln_fwd", _res_backward, setup_context=_res_setup)

@@ -52,7 +52,8 @@ cudaError_t residual_adaln_fwd(DType dt, const void* x, const void* y, const voi
                                float eps, void* x_new, void* h, float* mean, float* rstd,
                                cudaStream_t stream);
 int64_t residual_adaln_bwd_workspace(Pack pack, int64_t D);
-cudaError_t residual_adaln_bwd(DType dt, const void* dx_new, const void* dh, const void* x_new,
+// x is the forward's input: x_new = x + gate[seg] * y is re-formed in fp32 from x, y and gate.
+cudaError_t residual_adaln_bwd(DType dt, const void* dx_new, const void* dh, const void* x,
                                const void* y, const void* gate, const void* scale,
                                const float* mean, const float* rstd, Pack pack, int64_t D,
                                void* dx, void* dy, void* dgate, void* dshift, void* dscale,
