@@ -205,7 +205,8 @@ if _C is not None:
 
     @lib.register_fake("nit::varlen_attention_bwd")
     def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # contiguous like the kernels' outputs, whatever the strides of q, k, v
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _attn_setup(ctx, inputs, output):
         q, k, v, cu_q, cu_k, max_q, max_k, scale, causal = inputs
@@ -247,8 +248,18 @@ def qk_norm_rope(q, k, cu_seqlens, sizes, freqs, q_weight, q_bias, k_weight, k_b
     return out[0], out[1]
 
 
+def _attn_operand(t: torch.Tensor) -> torch.Tensor:
+    """q/k/v as the kernel takes them: the CUDA kernels read token and head strides (a
+    qkv.unbind view is not copied) and need only a contiguous last dim; the CPU kernels take
+    contiguous tensors."""
+    if t.device.type != "cpu" and (t.shape[-1] <= 1 or t.stride(-1) == 1):
+        return t
+    return t.contiguous()
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    return torch.ops.nit.varlen_attention_fwd(_c(q), _c(k), _c(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    q, k, v = (_attn_operand(t) for t in (q, k, v))
+    return torch.ops.nit.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                               max_seqlen_k, softmax_scale, causal)[0]
 
 

@@ -4,7 +4,8 @@
 // and workspaces with torch's caching allocator, and calls one of these on the current stream.
 //
 // Conventions shared by every launcher:
-//   - tensors are contiguous and row-major; x [N, D], per-image rows [B, D], q [N, H, Dh];
+//   - tensors are contiguous and row-major; x [N, D], per-image rows [B, D], q [N, H, Dh]
+//     (attention inputs may be strided views, see AttnArgs);
 //   - cu_seqlens int32 [B+1] and sizes int32 [B, 2] live on the device; they are trusted (the
 //     host validates them once per pack), but kernels clamp every row index to [0, N) so a bad
 //     cu_seqlens gives wrong numbers, never an out-of-bounds access;
@@ -94,16 +95,24 @@ struct AttnArgs {
   const int32_t* cu_k;  // [B+1]
   int num_seqs;
   int64_t nq, nk;       // total query / key tokens
-  int64_t max_seqlen_q, max_seqlen_k;
+  int64_t max_seqlen_q, max_seqlen_k;  // informational: every real row is covered whatever they say
   int64_t H, Hk, D;     // query heads, k/v heads (H % Hk == 0), head_dim <= kAttnMaxHeadDim
+  // Element strides of q, k, v between tokens and between heads (the last dim is contiguous),
+  // so views such as qkv.view(N, 3, H, D).unbind(1) are read in place. out, dout, dq, dk, dv
+  // are contiguous.
+  int64_t q_row, q_head, k_row, k_head, v_row, v_head;
   float softmax_scale;
   bool causal;          // bottom-right aligned; rows that see no key output 0 (lse = -inf)
 };
+// Workspace (4-byte elements) of the forward: its (image, query tile) work list.
+int64_t varlen_attention_fwd_workspace(DType dt, const AttnArgs& a);
 // out [nq, H, D] (input dtype), lse fp32 [H, nq] (natural log).
 cudaError_t varlen_attention_fwd(DType dt, const void* q, const void* k, const void* v,
-                                 AttnArgs a, void* out, float* lse, cudaStream_t stream);
-// Workspace (fp32 elements) of the backward: delta = rowsum(dO * O), [H, nq].
-int64_t varlen_attention_bwd_workspace(const AttnArgs& a);
+                                 AttnArgs a, void* out, float* lse, float* workspace,
+                                 cudaStream_t stream);
+// Workspace (4-byte elements) of the backward: delta = rowsum(dO * O) [H, nq], then the
+// (image, query tile) and (image, key tile) work lists.
+int64_t varlen_attention_bwd_workspace(DType dt, const AttnArgs& a);
 cudaError_t varlen_attention_bwd(DType dt, const void* dout, const void* q, const void* k,
                                  const void* v, const void* out, const float* lse, AttnArgs a,
                                  void* dq, void* dk, void* dv, float* workspace,
