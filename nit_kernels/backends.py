@@ -31,7 +31,8 @@ __all__ = [
 ]
 
 OPS = ("adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope", "varlen_attention")
-BACKENDS = ("reference", "cpu", "cuda", "triton", "flash_attn")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "flash_attn", "cuda_sim")
+TEST_BACKENDS = ("cuda_sim",)  # for tests only: usable when asked for, never chosen automatically
 ENV_VAR = "NIT_KERNELS_BACKEND"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -148,12 +149,19 @@ class _FlashAttn(Backend):
     name, module = "flash_attn", ".flash"
 
 
+class _CudaSim(Backend):
+    """The CUDA kernels on CPU tensors in the SIMT simulator (built on first call)."""
+
+    name, module = "cuda_sim", ".cuda_sim"
+
+
 _REGISTRY: dict[str, Backend] = {
     "reference": _Reference(),
     "cpu": _Cpp("cpu", "CPU", "cpu"),
     "cuda": _Cpp("cuda", "CUDA", "cuda"),
     "triton": _Triton(),
     "flash_attn": _FlashAttn(),
+    "cuda_sim": _CudaSim(),
 }
 
 
@@ -230,7 +238,8 @@ def backends_report() -> str:
         err = b.load_error()
         if err is None:
             ops = [op for op in OPS if b.implements(op)]
-            lines.append(f"{name:<11} {'usable':<10} ops: {', '.join(ops) if ops else 'none built'}")
+            note = " (test backend, never chosen automatically; built on first use)" if name in TEST_BACKENDS else ""
+            lines.append(f"{name:<11} {'usable':<10} ops: {', '.join(ops) if ops else 'none built'}{note}")
         else:
             lines.append(f"{name:<11} {'no':<10} {err}")
     env = os.environ.get(ENV_VAR)

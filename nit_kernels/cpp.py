@@ -89,16 +89,19 @@ def _f32(t: torch.Tensor, *shape) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# fake kernels and autograd (only where the library is loaded)
+# fake kernels and autograd
 # ---------------------------------------------------------------------------------------------
-if _C is not None:
+def register_autograd(ns: str) -> None:
+    """register_fake and register_autograd for the ops of library `ns` (the schemas of
+    csrc/registration.cpp): ``nit`` here, ``nit_sim`` for the cuda_sim backend."""
     lib = torch.library
+    ops = getattr(torch.ops, ns)
 
-    @lib.register_fake("nit::adaln_modulate_fwd")
+    @lib.register_fake(f"{ns}::adaln_modulate_fwd")
     def _(x, shift, scale, cu_seqlens, eps):
         return torch.empty_like(x), _f32(x, x.shape[0]), _f32(x, x.shape[0])
 
-    @lib.register_fake("nit::adaln_modulate_bwd")
+    @lib.register_fake(f"{ns}::adaln_modulate_bwd")
     def _(dy, x, scale, mean, rstd, cu_seqlens):
         return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
 
@@ -108,16 +111,16 @@ if _C is not None:
 
     def _adaln_backward(ctx, dy, _dmean, _drstd):
         x, scale, mean, rstd, cu = ctx.saved_tensors
-        dx, dshift, dscale = torch.ops.nit.adaln_modulate_bwd(_or_zeros(dy, x), x, scale, mean, rstd, cu)
+        dx, dshift, dscale = ops.adaln_modulate_bwd(_or_zeros(dy, x), x, scale, mean, rstd, cu)
         return dx, dshift, dscale, None, None
 
-    lib.register_autograd("nit::adaln_modulate_fwd", _adaln_backward, setup_context=_adaln_setup)
+    lib.register_autograd(f"{ns}::adaln_modulate_fwd", _adaln_backward, setup_context=_adaln_setup)
 
-    @lib.register_fake("nit::gated_residual_fwd")
+    @lib.register_fake(f"{ns}::gated_residual_fwd")
     def _(x, y, gate, cu_seqlens):
         return torch.empty_like(x)
 
-    @lib.register_fake("nit::gated_residual_bwd")
+    @lib.register_fake(f"{ns}::gated_residual_bwd")
     def _(dout, y, gate, cu_seqlens):
         return torch.empty_like(y), torch.empty_like(gate)
 
@@ -128,16 +131,16 @@ if _C is not None:
     def _gated_backward(ctx, dout):
         y, gate, cu = ctx.saved_tensors
         dout = _or_zeros(dout, y)
-        dy, dgate = torch.ops.nit.gated_residual_bwd(dout, y, gate, cu)
+        dy, dgate = ops.gated_residual_bwd(dout, y, gate, cu)
         return dout, dy, dgate, None
 
-    lib.register_autograd("nit::gated_residual_fwd", _gated_backward, setup_context=_gated_setup)
+    lib.register_autograd(f"{ns}::gated_residual_fwd", _gated_backward, setup_context=_gated_setup)
 
-    @lib.register_fake("nit::residual_adaln_fwd")
+    @lib.register_fake(f"{ns}::residual_adaln_fwd")
     def _(x, y, gate, shift, scale, cu_seqlens, eps):
         return torch.empty_like(x), torch.empty_like(x), _f32(x, x.shape[0]), _f32(x, x.shape[0])
 
-    @lib.register_fake("nit::residual_adaln_bwd")
+    @lib.register_fake(f"{ns}::residual_adaln_bwd")
     def _(dx_new, dh, x, y, gate, scale, mean, rstd, cu_seqlens):
         return (torch.empty_like(x), torch.empty_like(y), torch.empty_like(gate),
                 torch.empty_like(scale), torch.empty_like(scale))
@@ -150,13 +153,13 @@ if _C is not None:
 
     def _res_backward(ctx, dx_new, dh, _dmean, _drstd):
         x, y, gate, scale, mean, rstd, cu = ctx.saved_tensors
-        dx, dy, dgate, dshift, dscale = torch.ops.nit.residual_adaln_bwd(
+        dx, dy, dgate, dshift, dscale = ops.residual_adaln_bwd(
             _or_zeros(dx_new, x), _or_zeros(dh, x), x, y, gate, scale, mean, rstd, cu)
         return dx, dy, dgate, dshift, dscale, None, None
 
-    lib.register_autograd("nit::residual_adaln_fwd", _res_backward, setup_context=_res_setup)
+    lib.register_autograd(f"{ns}::residual_adaln_fwd", _res_backward, setup_context=_res_setup)
 
-    @lib.register_fake("nit::rope_2d")
+    @lib.register_fake(f"{ns}::rope_2d")
     def _(q, k, cu_seqlens, sizes, freqs, positions, mscale, inverse):
         return torch.empty_like(q), torch.empty_like(k)
 
@@ -169,18 +172,18 @@ if _C is not None:
         cu, sizes, freqs = ctx.saved_tensors
         positions, mscale, inverse = ctx.args
         # the transpose of a rotation (times mscale) is the inverse rotation (times mscale)
-        gq, gk = torch.ops.nit.rope_2d(_c(dq), _c(dk), cu, sizes, freqs, positions, mscale, not inverse)
+        gq, gk = ops.rope_2d(_c(dq), _c(dk), cu, sizes, freqs, positions, mscale, not inverse)
         return gq, gk, None, None, None, None, None, None
 
-    lib.register_autograd("nit::rope_2d", _rope_backward, setup_context=_rope_setup)
+    lib.register_autograd(f"{ns}::rope_2d", _rope_backward, setup_context=_rope_setup)
 
-    @lib.register_fake("nit::qk_norm_rope_fwd")
+    @lib.register_fake(f"{ns}::qk_norm_rope_fwd")
     def _(q, k, cu_seqlens, sizes, freqs, q_weight, q_bias, k_weight, k_bias, eps, positions, mscale):
         n = q.shape[0]
         return (torch.empty_like(q), torch.empty_like(k), _f32(q, n, q.shape[1]), _f32(q, n, q.shape[1]),
                 _f32(k, n, k.shape[1]), _f32(k, n, k.shape[1]))
 
-    @lib.register_fake("nit::qk_norm_rope_bwd")
+    @lib.register_fake(f"{ns}::qk_norm_rope_bwd")
     def _(dq_rot, dk_rot, q, k, cu_seqlens, sizes, freqs, q_weight, k_weight, q_mean, q_rstd, k_mean, k_rstd,
           positions, mscale):
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(q_weight), torch.empty_like(q_weight),
@@ -193,17 +196,17 @@ if _C is not None:
 
     def _qkn_backward(ctx, dq, dk, *_stats):
         q, k, cu, sizes, freqs, qw, kw, qm, qr, km, kr = ctx.saved_tensors
-        dq, dk, dqw, dqb, dkw, dkb = torch.ops.nit.qk_norm_rope_bwd(
+        dq, dk, dqw, dqb, dkw, dkb = ops.qk_norm_rope_bwd(
             _or_zeros(dq, q), _or_zeros(dk, k), q, k, cu, sizes, freqs, qw, kw, qm, qr, km, kr, *ctx.args)
         return dq, dk, None, None, None, dqw, dqb, dkw, dkb, None, None, None
 
-    lib.register_autograd("nit::qk_norm_rope_fwd", _qkn_backward, setup_context=_qkn_setup)
+    lib.register_autograd(f"{ns}::qk_norm_rope_fwd", _qkn_backward, setup_context=_qkn_setup)
 
-    @lib.register_fake("nit::varlen_attention_fwd")
+    @lib.register_fake(f"{ns}::varlen_attention_fwd")
     def _(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
         return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), _f32(q, q.shape[1], q.shape[0])
 
-    @lib.register_fake("nit::varlen_attention_bwd")
+    @lib.register_fake(f"{ns}::varlen_attention_bwd")
     def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
         # contiguous like the kernels' outputs, whatever the strides of q, k, v
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -215,59 +218,65 @@ if _C is not None:
 
     def _attn_backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = torch.ops.nit.varlen_attention_bwd(_or_zeros(dout, out), q, k, v, out, lse, cu_q, cu_k,
-                                                        *ctx.args)
+        dq, dk, dv = ops.varlen_attention_bwd(_or_zeros(dout, out), q, k, v, out, lse, cu_q, cu_k, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None
 
-    lib.register_autograd("nit::varlen_attention_fwd", _attn_backward, setup_context=_attn_setup)
+    lib.register_autograd(f"{ns}::varlen_attention_fwd", _attn_backward, setup_context=_attn_setup)
+
+
+if _C is not None:
+    register_autograd("nit")
 
 
 # ---------------------------------------------------------------------------------------------
 # kernel interface (see backends.py); inputs are made contiguous here, the C++ side checks it
 # ---------------------------------------------------------------------------------------------
-def adaln_modulate(x, shift, scale, cu_seqlens, eps):
-    return torch.ops.nit.adaln_modulate_fwd(_c(x), _c(shift), _c(scale), cu_seqlens, eps)[0]
-
-
-def gated_residual(x, y, gate, cu_seqlens):
-    return torch.ops.nit.gated_residual_fwd(_c(x), _c(y), _c(gate), cu_seqlens)
-
-
-def residual_adaln(x, y, gate, shift, scale, cu_seqlens, eps):
-    x_new, h, _, _ = torch.ops.nit.residual_adaln_fwd(_c(x), _c(y), _c(gate), _c(shift), _c(scale), cu_seqlens, eps)
-    return x_new, h
-
-
-def rope_2d(q, k, cu_seqlens, sizes, freqs, positions, mscale):
-    return torch.ops.nit.rope_2d(_c(q), _c(k), cu_seqlens, sizes, _c(freqs.float()), positions, mscale, False)
-
-
-def qk_norm_rope(q, k, cu_seqlens, sizes, freqs, q_weight, q_bias, k_weight, k_bias, eps, positions, mscale):
-    out = torch.ops.nit.qk_norm_rope_fwd(_c(q), _c(k), cu_seqlens, sizes, _c(freqs.float()), _c(q_weight), _c(q_bias),
-                                         _c(k_weight), _c(k_bias), eps, positions, mscale)
-    return out[0], out[1]
-
-
-def _attn_operand(t: torch.Tensor) -> torch.Tensor:
-    """q/k/v as the kernel takes them: the CUDA kernels read token and head strides (a
-    qkv.unbind view is not copied) and need only a contiguous last dim; the CPU kernels take
-    contiguous tensors."""
-    if t.device.type != "cpu" and (t.shape[-1] <= 1 or t.stride(-1) == 1):
+def _attn_operand(t: torch.Tensor, ns: str) -> torch.Tensor:
+    """q/k/v as the kernel takes them. The CUDA kernels (library "nit" on CUDA tensors, and any
+    other library, i.e. the simulator's, which runs them on CPU tensors) read token and head
+    strides and need only a contiguous last dim, so a qkv.unbind view is not copied; the CPU
+    kernels take contiguous tensors."""
+    cuda_kernels = ns != "nit" or t.device.type != "cpu"
+    if cuda_kernels and (t.shape[-1] <= 1 or t.stride(-1) == 1):
         return t
     return t.contiguous()
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    q, k, v = (_attn_operand(t) for t in (q, k, v))
-    return torch.ops.nit.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                              max_seqlen_k, softmax_scale, causal)[0]
+def kernel_interface(ns: str) -> dict:
+    """Op name -> kernel-interface function calling the ops of library `ns`."""
+    ops = getattr(torch.ops, ns)
+
+    def adaln_modulate(x, shift, scale, cu_seqlens, eps):
+        return ops.adaln_modulate_fwd(_c(x), _c(shift), _c(scale), cu_seqlens, eps)[0]
+
+    def gated_residual(x, y, gate, cu_seqlens):
+        return ops.gated_residual_fwd(_c(x), _c(y), _c(gate), cu_seqlens)
+
+    def residual_adaln(x, y, gate, shift, scale, cu_seqlens, eps):
+        x_new, h, _, _ = ops.residual_adaln_fwd(_c(x), _c(y), _c(gate), _c(shift), _c(scale), cu_seqlens, eps)
+        return x_new, h
+
+    def rope_2d(q, k, cu_seqlens, sizes, freqs, positions, mscale):
+        return ops.rope_2d(_c(q), _c(k), cu_seqlens, sizes, _c(freqs.float()), positions, mscale, False)
+
+    def qk_norm_rope(q, k, cu_seqlens, sizes, freqs, q_weight, q_bias, k_weight, k_bias, eps, positions, mscale):
+        out = ops.qk_norm_rope_fwd(_c(q), _c(k), cu_seqlens, sizes, _c(freqs.float()), _c(q_weight), _c(q_bias),
+                                   _c(k_weight), _c(k_bias), eps, positions, mscale)
+        return out[0], out[1]
+
+    def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+        q, k, v = (_attn_operand(t, ns) for t in (q, k, v))
+        return ops.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, softmax_scale, causal)[0]
+
+    return {
+        "adaln_modulate": adaln_modulate,
+        "gated_residual": gated_residual,
+        "residual_adaln": residual_adaln,
+        "rope_2d": rope_2d,
+        "qk_norm_rope": qk_norm_rope,
+        "varlen_attention": varlen_attention,
+    }
 
 
-OPS = {
-    "adaln_modulate": adaln_modulate,
-    "gated_residual": gated_residual,
-    "residual_adaln": residual_adaln,
-    "rope_2d": rope_2d,
-    "qk_norm_rope": qk_norm_rope,
-    "varlen_attention": varlen_attention,
-}
+OPS = kernel_interface("nit")

@@ -92,8 +92,8 @@ cudaError_t adaln_modulate_fwd(DType dt, const void* x, const void* shift, const
   NIT_DISPATCH_DTYPE(dt, T, {
     const bool vec = can_vectorize<T>(D, x, shift, scale, y);
     return launch_rows<T>(pack.num_tokens, D, vec, [&](auto G, auto V, dim3 grid, dim3 block) {
-      adaln_fwd_kernel<T, decltype(G)::value, decltype(V)::value><<<grid, block, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const T*>(shift), static_cast<const T*>(scale),
+      launch<adaln_fwd_kernel<T, decltype(G)::value, decltype(V)::value>>(
+          grid, block, 0, stream, static_cast<const T*>(x), static_cast<const T*>(shift), static_cast<const T*>(scale),
           pack, D, eps, static_cast<T*>(y), mean, rstd);
     });
   })
@@ -118,8 +118,8 @@ cudaError_t adaln_modulate_bwd(DType dt, const void* dy, const void* x, const vo
                              static_cast<const T*>(scale), mean, rstd, pack, D, rowstat, stream);
     if (err != cudaSuccess) return err;
     if (pack.num_tokens > 0 && D > 0) {
-      adaln_bwd_chunks_kernel<T><<<chunk_grid(L, D), kColThreads, 0, stream>>>(
-          static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(scale),
+      launch<adaln_bwd_chunks_kernel<T>>(
+          chunk_grid(L, D), kColThreads, 0, stream, static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(scale),
           mean, rstd, rowstat, pack, D, L.rows_per_chunk, static_cast<T*>(dx), partial);
       err = cudaGetLastError();
       if (err != cudaSuccess) return err;

@@ -14,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at
   const int64_t B = check_token_matrix(x, "x", cu_seqlens, true);
   check_same_kind(shift, "shift", x, "x", {B, x.size(1)});
   check_same_kind(scale, "scale", x, "x", {B, x.size(1)});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const int64_t N = x.size(0), D = x.size(1);
   auto y = at::empty_like(x);
   auto mean = at::empty({N}, x.options().dtype(at::kFloat));
@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dy, const a
   const int64_t N = x.size(0), D = x.size(1);
   check_stats(mean, {N}, x, "mean");
   check_stats(rstd, {N}, x, "rstd");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const cuda::Pack pack = pack_of(cu_seqlens, N);
   auto dx = at::empty_like(x);
   auto dshift = at::empty_like(scale);
@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dy, const a
 }  // namespace adaln_modulate
 }  // namespace cuda_glue
 
-TORCH_LIBRARY_IMPL(nit, CUDA, m) {
+NIT_CUDA_GLUE_IMPL(m) {
   m.impl("adaln_modulate_fwd", &cuda_glue::adaln_modulate::fwd);
   m.impl("adaln_modulate_bwd", &cuda_glue::adaln_modulate::bwd);
 }

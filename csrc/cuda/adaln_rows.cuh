@@ -68,8 +68,8 @@ inline cudaError_t adaln_grad_rows(const T* dy, const T* x, const T* y, const T*
   const bool vec = y == nullptr ? can_vectorize<T>(D, dy, x, scale)
                                 : can_vectorize<T>(D, dy, x, y, gate, scale);
   return launch_rows<T>(pack.num_tokens, D, vec, [&](auto G, auto V, dim3 grid, dim3 block) {
-    adaln_grad_rows_kernel<T, decltype(G)::value, decltype(V)::value>
-        <<<grid, block, 0, stream>>>(dy, x, y, gate, scale, mean, rstd, pack, D, rowstat);
+    launch<adaln_grad_rows_kernel<T, decltype(G)::value, decltype(V)::value>>(
+        grid, block, 0, stream, dy, x, y, gate, scale, mean, rstd, pack, D, rowstat);
   });
 }
 

@@ -342,8 +342,8 @@ __global__ void __launch_bounds__(kThreads)
 
 inline cudaError_t build_work_list(const int32_t* cu, int num_seqs, int64_t n, int rows,
                                    int2* items, cudaStream_t stream) {
-  build_work_list_kernel<kListThreads><<<1, kListThreads, 0, stream>>>(
-      cu, num_seqs, n, rows, work_capacity(n, num_seqs, rows), items);
+  launch<build_work_list_kernel<kListThreads>>(1, kListThreads, 0, stream, cu, num_seqs, n, rows,
+                                               work_capacity(n, num_seqs, rows), items);
   return cudaGetLastError();
 }
 

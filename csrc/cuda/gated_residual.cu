@@ -56,8 +56,8 @@ cudaError_t gated_residual_fwd(DType dt, const void* x, const void* y, const voi
   NIT_DISPATCH_DTYPE(dt, T, {
     const bool vec = can_vectorize<T>(D, x, y, gate, out);
     return launch_rows<T>(pack.num_tokens, D, vec, [&](auto G, auto V, dim3 grid, dim3 block) {
-      gated_fwd_kernel<T, decltype(G)::value, decltype(V)::value><<<grid, block, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const T*>(y), static_cast<const T*>(gate), pack,
+      launch<gated_fwd_kernel<T, decltype(G)::value, decltype(V)::value>>(
+          grid, block, 0, stream, static_cast<const T*>(x), static_cast<const T*>(y), static_cast<const T*>(gate), pack,
           D, static_cast<T*>(out));
     });
   })
@@ -73,8 +73,8 @@ cudaError_t gated_residual_bwd(DType dt, const void* dout, const void* y, const 
   const SlotLayout L = slot_layout(pack.num_tokens, pack.num_seqs);
   if (pack.num_tokens > 0 && D > 0) {
     NIT_DISPATCH_DTYPE(dt, T, {
-      gated_bwd_chunks_kernel<T><<<chunk_grid(L, D), kColThreads, 0, stream>>>(
-          static_cast<const T*>(dout), static_cast<const T*>(y), static_cast<const T*>(gate),
+      launch<gated_bwd_chunks_kernel<T>>(
+          chunk_grid(L, D), kColThreads, 0, stream, static_cast<const T*>(dout), static_cast<const T*>(y), static_cast<const T*>(gate),
           pack, D, L.rows_per_chunk, static_cast<T*>(dy), workspace);
     })
     const cudaError_t err = cudaGetLastError();

@@ -17,7 +17,7 @@ void check_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate
 at::Tensor fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
                const at::Tensor& cu_seqlens) {
   check_args(x, y, gate, cu_seqlens, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   auto out = at::empty_like(x);
   check_launch(cuda::gated_residual_fwd(dtype_of(x), x.data_ptr(), y.data_ptr(), gate.data_ptr(),
                                         pack_of(cu_seqlens, x.size(0)), x.size(1), out.data_ptr(),
@@ -29,7 +29,7 @@ at::Tensor fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
 std::tuple<at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& y,
                                        const at::Tensor& gate, const at::Tensor& cu_seqlens) {
   check_args(dout, y, gate, cu_seqlens, "dout");
-  const c10::cuda::CUDAGuard guard(y.device());
+  const DeviceGuard guard(y.device());
   const cuda::Pack pack = pack_of(cu_seqlens, y.size(0));
   const int64_t D = y.size(1);
   auto dy = at::empty_like(y);
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor&
 }  // namespace gated_residual
 }  // namespace cuda_glue
 
-TORCH_LIBRARY_IMPL(nit, CUDA, m) {
+NIT_CUDA_GLUE_IMPL(m) {
   m.impl("gated_residual_fwd", &cuda_glue::gated_residual::fwd);
   m.impl("gated_residual_bwd", &cuda_glue::gated_residual::bwd);
 }

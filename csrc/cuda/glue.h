@@ -1,17 +1,39 @@
 // Helpers of the thin torch glue of the CUDA kernels (<op>_glue.cpp): dtype mapping, device
 // guard and current stream, launch-error reporting. Only the glue includes torch headers.
+//
+// The simulator build (NIT_CUDA_SIM, see csrc/sim/glue_hooks.h) compiles the same glue for CPU
+// tensors: it registers the ops as nit_sim::* on the CPU key and swaps the device checks, guard
+// and stream below for CPU ones.
 #pragma once
 #include <ATen/ATen.h>
+#if !defined(NIT_CUDA_SIM)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <string_view>
 
 #include "checks.h"
 #include "cuda/launchers.h"
 
+#if defined(NIT_CUDA_SIM)
+#include "sim/glue_hooks.h"
+#else
+// Registers the glue's kernels of the op library for CUDA tensors.
+#define NIT_CUDA_GLUE_IMPL(m) TORCH_LIBRARY_IMPL(nit, CUDA, m)
+#endif
+
 namespace nit {
 namespace cuda_glue {
+
+#if !defined(NIT_CUDA_SIM)
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+inline void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+}
+#endif
 
 inline cuda::DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -21,10 +43,6 @@ inline cuda::DType dtype_of(const at::Tensor& t) {
     default:
       TORCH_CHECK(false, "CUDA kernels take float32, float16 or bfloat16, got ", t.scalar_type());
   }
-}
-
-inline void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
 }
 
 // fp32 statistics saved by a forward: float32, contiguous, the given shape, on ref's device.
@@ -77,8 +95,6 @@ inline bool official_positions(std::string_view positions) {
 inline cuda::Pack pack_of(const at::Tensor& cu_seqlens, int64_t num_tokens) {
   return {cu_seqlens.data_ptr<int32_t>(), static_cast<int>(cu_seqlens.numel() - 1), num_tokens};
 }
-
-inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "nit::", op, ": CUDA error ", cudaGetErrorName(err), " (",

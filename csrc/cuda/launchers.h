@@ -13,6 +13,9 @@
 //   - the return value is the first CUDA error met (cudaSuccess otherwise); launches are async.
 #pragma once
 #include <cuda_runtime_api.h>
+#if defined(NIT_CUDA_SIM) && !defined(__CUDACC__)
+#include "sim/runtime.h"
+#endif
 #include <stddef.h>
 #include <stdint.h>
 
@@ -117,6 +120,23 @@ cudaError_t varlen_attention_bwd(DType dt, const void* dout, const void* q, cons
                                  const void* v, const void* out, const float* lse, AttnArgs a,
                                  void* dq, void* dk, void* dv, float* workspace,
                                  cudaStream_t stream);
+
+// ---- the one launch path of every kernel ----------------------------------------------------
+// launch<kernel>(grid, block, dynamic_smem, stream, args...) is `kernel<<<...>>>(args...)` under
+// nvcc and a run of the SIMT simulator (csrc/sim) in the host build of the kernels (NIT_CUDA_SIM),
+// which checks the launch configuration as the driver would. The kernel is a template argument
+// so that the simulator can name it in its errors. Errors surface through cudaGetLastError().
+#if defined(__CUDACC__)
+template <auto kKernel, typename... Args>
+inline void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  kKernel<<<grid, block, smem, stream>>>(args...);
+}
+#elif defined(NIT_CUDA_SIM)
+template <auto kKernel, typename... Args>
+inline void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  ::nit::sim::launch<kKernel>(grid, block, smem, stream, args...);
+}
+#endif
 
 }  // namespace cuda
 }  // namespace nit

@@ -56,7 +56,7 @@ cudaError_t slot_sums(DType out_dtype, const float* partial, int nvals, int64_t 
   NIT_DISPATCH_DTYPE(out_dtype, T, {
     OutRows<T> o{};
     for (int v = 0; v < nvals; ++v) o.p[v] = static_cast<T*>(outs[v]);
-    slot_sums_kernel<T><<<grid, block, 0, stream>>>(partial, nvals, ncols, cu, B, N,
+    launch<slot_sums_kernel<T>>(grid, block, 0, stream, partial, nvals, ncols, cu, B, N,
                                                     L.rows_per_chunk, L.num_slots, o);
   })
   return cudaGetLastError();

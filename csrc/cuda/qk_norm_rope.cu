@@ -230,8 +230,8 @@ cudaError_t qk_norm_rope_fwd(DType dt, const void* q, const void* k, Pack pack, 
   const dim3 grid(static_cast<unsigned>(cdiv(pack.num_tokens, int64_t(kWarpsPerBlock))));
   NIT_DISPATCH_DTYPE(dt, T, {
     return with_pairs_per_lane(Dh, [&](auto P) {
-      qk_norm_rope_fwd_kernel<T, decltype(P)::value><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-          static_cast<const T*>(q), static_cast<const T*>(k), pack, H, Hk, Dh, rope, q_weight,
+      launch<qk_norm_rope_fwd_kernel<T, decltype(P)::value>>(
+          grid, kWarpsPerBlock * 32, 0, stream, static_cast<const T*>(q), static_cast<const T*>(k), pack, H, Hk, Dh, rope, q_weight,
           q_bias, k_weight, k_bias, eps, static_cast<T*>(q_out), static_cast<T*>(k_out), q_mean,
           q_rstd, k_mean, k_rstd);
     });
@@ -254,8 +254,8 @@ cudaError_t qk_norm_rope_bwd(DType dt, const void* dq_rot, const void* dk_rot, c
     cudaError_t err = cudaSuccess;
     NIT_DISPATCH_DTYPE(dt, T, {
       err = with_pairs_per_lane(Dh, [&](auto P) {
-        qk_norm_rope_bwd_kernel<T, decltype(P)::value>
-            <<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, stream>>>(
+        launch<qk_norm_rope_bwd_kernel<T, decltype(P)::value>>(
+                static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, stream,
                 static_cast<const T*>(dq_rot), static_cast<const T*>(dk_rot),
                 static_cast<const T*>(q), static_cast<const T*>(k), pack, H, Hk, Dh, rope,
                 q_weight, k_weight, q_mean, q_rstd, k_mean, k_rstd, static_cast<T*>(dq),

@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor qb = fp32_param(q_bias, {Dh}, q, "q_bias");
   const at::Tensor kw = fp32_param(k_weight, {Dh}, q, "k_weight");
   const at::Tensor kb = fp32_param(k_bias, {Dh}, q, "k_bias");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   auto q_out = at::empty_like(q);
   auto k_out = at::empty_like(k);
   const auto f32 = q.options().dtype(at::kFloat);
@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor f = fp32_param(freqs, {2, Dh / 4}, q, "freqs");
   const at::Tensor qw = fp32_param(q_weight, {Dh}, q, "q_weight");
   const at::Tensor kw = fp32_param(k_weight, {Dh}, q, "k_weight");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const cuda::Pack pack = pack_of(cu_seqlens, N);
   auto dq = at::empty_like(q);
   auto dk = at::empty_like(k);
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace qk_norm_rope
 }  // namespace cuda_glue
 
-TORCH_LIBRARY_IMPL(nit, CUDA, m) {
+NIT_CUDA_GLUE_IMPL(m) {
   m.impl("qk_norm_rope_fwd", &cuda_glue::qk_norm_rope::fwd);
   m.impl("qk_norm_rope_bwd", &cuda_glue::qk_norm_rope::bwd);
 }

@@ -115,8 +115,8 @@ cudaError_t residual_adaln_fwd(DType dt, const void* x, const void* y, const voi
   NIT_DISPATCH_DTYPE(dt, T, {
     const bool vec = can_vectorize<T>(D, x, y, gate, shift, scale, x_new, h);
     return launch_rows<T>(pack.num_tokens, D, vec, [&](auto G, auto V, dim3 grid, dim3 block) {
-      residual_adaln_fwd_kernel<T, decltype(G)::value, decltype(V)::value>
-          <<<grid, block, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(y),
+      launch<residual_adaln_fwd_kernel<T, decltype(G)::value, decltype(V)::value>>(
+          grid, block, 0, stream, static_cast<const T*>(x), static_cast<const T*>(y),
                                        static_cast<const T*>(gate), static_cast<const T*>(shift),
                                        static_cast<const T*>(scale), pack, D, eps,
                                        static_cast<T*>(x_new), static_cast<T*>(h), mean, rstd);
@@ -145,8 +145,8 @@ cudaError_t residual_adaln_bwd(DType dt, const void* dx_new, const void* dh, con
                              static_cast<const T*>(scale), mean, rstd, pack, D, rowstat, stream);
     if (err != cudaSuccess) return err;
     if (pack.num_tokens > 0 && D > 0) {
-      residual_adaln_bwd_chunks_kernel<T><<<chunk_grid(L, D), kColThreads, 0, stream>>>(
-          static_cast<const T*>(dx_new), static_cast<const T*>(dh), static_cast<const T*>(x),
+      launch<residual_adaln_bwd_chunks_kernel<T>>(
+          chunk_grid(L, D), kColThreads, 0, stream, static_cast<const T*>(dx_new), static_cast<const T*>(dh), static_cast<const T*>(x),
           static_cast<const T*>(y), static_cast<const T*>(gate), static_cast<const T*>(scale),
           mean, rstd, rowstat, pack, D, L.rows_per_chunk, static_cast<T*>(dx),
           static_cast<T*>(dy), partial);

@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
   check_same_kind(gate, "gate", x, "x", {B, x.size(1)});
   check_same_kind(shift, "shift", x, "x", {B, x.size(1)});
   check_same_kind(scale, "scale", x, "x", {B, x.size(1)});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const int64_t N = x.size(0), D = x.size(1);
   auto x_new = at::empty_like(x);
   auto h = at::empty_like(x);
@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
   const int64_t N = x.size(0), D = x.size(1);
   check_stats(mean, {N}, x, "mean");
   check_stats(rstd, {N}, x, "rstd");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const cuda::Pack pack = pack_of(cu_seqlens, N);
   auto dx = at::empty_like(x);
   auto dy = at::empty_like(y);
@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
 }  // namespace residual_adaln
 }  // namespace cuda_glue
 
-TORCH_LIBRARY_IMPL(nit, CUDA, m) {
+NIT_CUDA_GLUE_IMPL(m) {
   m.impl("residual_adaln_fwd", &cuda_glue::residual_adaln::fwd);
   m.impl("residual_adaln_bwd", &cuda_glue::residual_adaln::bwd);
 }

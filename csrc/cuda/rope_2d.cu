@@ -49,8 +49,8 @@ cudaError_t rope_2d(DType dt, const void* q, const void* k, Pack pack, int64_t H
   if (threads <= 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(cdiv(threads, int64_t(kRopeThreads))));
   NIT_DISPATCH_DTYPE(dt, T, {
-    rope_2d_kernel<T><<<grid, kRopeThreads, 0, stream>>>(
-        static_cast<const T*>(q), static_cast<const T*>(k), pack, H, Hk, Dh, rope, inverse,
+    launch<rope_2d_kernel<T>>(
+        grid, kRopeThreads, 0, stream, static_cast<const T*>(q), static_cast<const T*>(k), pack, H, Hk, Dh, rope, inverse,
         static_cast<T*>(q_out), static_cast<T*>(k_out));
   })
   return cudaGetLastError();

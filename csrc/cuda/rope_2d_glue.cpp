@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k,
   check_cu_seqlens(cu_seqlens, N, q);
   check_sizes(sizes, cu_seqlens);
   const at::Tensor f = fp32_param(freqs, {2, Dh / 4}, q, "freqs");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   auto q_out = at::empty_like(q);
   auto k_out = at::empty_like(k);
   const cuda::RopeArgs rope{sizes.data_ptr<int32_t>(), f.data_ptr<float>(),
@@ -38,6 +38,6 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k,
 }  // namespace rope_2d
 }  // namespace cuda_glue
 
-TORCH_LIBRARY_IMPL(nit, CUDA, m) { m.impl("rope_2d", &cuda_glue::rope_2d::run); }
+NIT_CUDA_GLUE_IMPL(m) { m.impl("rope_2d", &cuda_glue::rope_2d::run); }
 
 }  // namespace nit

@@ -176,8 +176,8 @@ cudaError_t varlen_attention_fwd(DType dt, const void* q, const void* k, const v
       if (e != cudaSuccess) return e;
       const dim3 grid(static_cast<unsigned>(work_capacity(a.nq, a.num_seqs, BM)),
                       static_cast<unsigned>(a.H));
-      kernel<<<grid, Tile<T, kDp>::kThreads, L::bytes, stream>>>(
-          static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), a, items,
+      launch<attn_fwd_kernel<T, kDp>>(
+          grid, Tile<T, kDp>::kThreads, L::bytes, stream, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), a, items,
           vec, static_cast<T*>(out), lse);
       return cudaGetLastError();
     });

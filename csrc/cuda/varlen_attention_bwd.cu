@@ -304,7 +304,7 @@ cudaError_t launch_bwd(const BwdArgs& g, const AttnArgs& a, bool vec, cudaStream
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(work_capacity(a.nk, a.num_seqs, L::BN)),
                     static_cast<unsigned>(a.Hk));
-    kernel<<<grid, kThreads, L::bytes, stream>>>(g, a, vec);
+    launch<attn_bwd_dkdv_kernel<T, kDp>>(grid, kThreads, L::bytes, stream, g, a, vec);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -316,7 +316,7 @@ cudaError_t launch_bwd(const BwdArgs& g, const AttnArgs& a, bool vec, cudaStream
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(work_capacity(a.nq, a.num_seqs, L::BM)),
                     static_cast<unsigned>(a.H));
-    kernel<<<grid, kThreads, L::bytes, stream>>>(g, a, vec);
+    launch<attn_bwd_dq_kernel<T, kDp>>(grid, kThreads, L::bytes, stream, g, a, vec);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -366,9 +366,9 @@ cudaError_t varlen_attention_bwd(DType dt, const void* dout, const void* q, cons
     static_assert(Tile<T, 64>::kRows == Tile<T, 128>::kRows, "one work list for every head dim");
     if (a.nq > 0) {
       const int64_t nrows = a.nq * a.H;
-      attn_bwd_delta_kernel<T><<<static_cast<unsigned>(cdiv(nrows, int64_t(kDeltaWarps))),
-                                 kDeltaWarps * 32, 0, stream>>>(
-          static_cast<const T*>(dout), static_cast<const T*>(out), a.nq, a.H, a.D, delta);
+      launch<attn_bwd_delta_kernel<T>>(static_cast<unsigned>(cdiv(nrows, int64_t(kDeltaWarps))),
+                                       kDeltaWarps * 32, 0, stream, static_cast<const T*>(dout),
+                                       static_cast<const T*>(out), a.nq, a.H, a.D, delta);
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }

@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
                                        double softmax_scale, bool causal) {
   const cuda::AttnArgs a = check_args(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   auto out = at::empty(q.sizes(), q.options());  // contiguous whatever q's strides
   auto lse = at::empty({a.H, a.nq}, q.options().dtype(at::kFloat));
   auto ws = at::empty({cuda::varlen_attention_fwd_workspace(dtype_of(q), a)},
@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   check_shape(dout, q.sizes(), "dout");
   check_shape(out, q.sizes(), "out");
   check_stats(lse, {a.H, a.nq}, q, "lse");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   auto dq = at::empty(q.sizes(), q.options());  // contiguous whatever q, k, v's strides
   auto dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
 }  // namespace varlen_attention
 }  // namespace cuda_glue
 
-TORCH_LIBRARY_IMPL(nit, CUDA, m) {
+NIT_CUDA_GLUE_IMPL(m) {
   m.impl("varlen_attention_fwd", &cuda_glue::varlen_attention::fwd);
   m.impl("varlen_attention_bwd", &cuda_glue::varlen_attention::bwd);
 }
