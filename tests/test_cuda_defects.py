@@ -116,7 +116,8 @@ def _attn_case(sizes, heads, head_dim, dtype, seed=0, device="cpu"):
 
 
 def _fwd_bwd(backend, q, k, v, dout, cu, max_seqlen, causal=False):
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    """out, dq, dk, dv; q, k, v that already require grad (views) are used as they are."""
+    leaves = [t if t.requires_grad else t.detach().clone().requires_grad_() for t in (q, k, v)]
     out = _attn(backend, *leaves, cu, max_seqlen, causal)
     return (out, *torch.autograd.grad(out, leaves, dout))
 
@@ -201,12 +202,12 @@ def test_attention_reads_strided_qkv_views(backend, dtype, head_dim):
     packed, *_ = _attn_case(MIXED, 2, head_dim, dtype, device=_device(backend))
     g = torch.Generator().manual_seed(7)
     n = packed.total_tokens
-    qkv = torch.randn(n, 3 * 2 * head_dim, generator=g).to(packed.device, dtype)
-    q, k, v = qkv.view(n, 3, 2, head_dim).unbind(1)
+    qkv = torch.randn(n, 3 * 2 * head_dim, generator=g).to(packed.device, dtype).requires_grad_()
+    q, k, v = qkv.view(n, 3, 2, head_dim).unbind(1)  # views (not copies) reach the kernel
     assert not q.is_contiguous() and q.stride() == (3 * 2 * head_dim, head_dim, 1)
     dout = torch.randn(n, 2, head_dim, generator=g).to(packed.device, dtype)
     strided = _fwd_bwd(backend, q, k, v, dout, packed.cu_seqlens, packed.max_seqlen)
-    dense = _fwd_bwd(backend, q.contiguous(), k.contiguous(), v.contiguous(), dout, packed.cu_seqlens,
+    dense = _fwd_bwd(backend, *(t.detach().contiguous() for t in (q, k, v)), dout, packed.cu_seqlens,
                      packed.max_seqlen)
     for name, a, e in zip(("out", "dq", "dk", "dv"), strided, dense):
         assert torch.equal(a, e), f"{name}: strided views differ from contiguous copies by {(a - e).abs().max()}"
