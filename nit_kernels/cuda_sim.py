@@ -123,7 +123,8 @@ def _kernel_library(src: Path, out: Path) -> Path:
     for u in units:
         text = u.read_text()
         if u.suffix == ".cu":
-            text = f'#line 1 "{u}"\n' + _EXTERN_SHARED.sub(r"\1* const \2 = ::nit::sim::dynamic_shared<\1>();", text)
+            # the relative name keeps the object's cache key independent of where the sources live
+            text = f'#line 1 "csrc/cuda/{u.name}"\n' + _EXTERN_SHARED.sub(r"\1* const \2 = ::nit::sim::dynamic_shared<\1>();", text)
         key = _digest(text.encode(), headers, " ".join(_CXXFLAGS).encode())
         obj = out / "obj" / f"{u.stem}-{key}.o"
         jobs.append((u, text, obj))
@@ -168,7 +169,7 @@ def _glue_library(src: Path, out: Path) -> None:
                                               + unity)
     cpp_extension.load(
         name=f"nit_sim_glue_{key}", sources=[str(root / "nit_sim_glue.cpp")],
-        extra_cflags=["-O1", "-DNIT_CUDA_SIM", f"-I{snap}", f"-I{cuda_include()}"],
+        extra_cflags=["-O0", "-DNIT_CUDA_SIM", f"-I{snap}", f"-I{cuda_include()}"],
         build_directory=str(root), is_python_module=False, with_cuda=False, verbose=False)
 
 

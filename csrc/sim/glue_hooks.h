@@ -6,6 +6,10 @@
 //     with at::empty*) is filled with the poison of runtime.h (a NaN payload in fp32, fp16, bf16);
 //     an element of a returned tensor that still holds it was written by no thread: error
 //     "uninitialised" with the output's name and the element's index.
+//   bounds: those allocations, and copies of the input tensors made in the same way, end right
+//     before an inaccessible page: a kernel access past the end of any buffer it was given faults
+//     and raises "out of bounds" with the kernel, block, thread and distance (runtime.cpp). An
+//     access before the start, or within the 16-byte alignment slack after the end, is not seen.
 //   racecheck: the call runs twice, threads (and blocks) resumed in order and then in reverse
 //     order at every synchronisation point, shared memory poisoned before every block; any bit
 //     that differs between the two runs' outputs is an error "race". This catches a missing
@@ -19,6 +23,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/CPUAllocator.h>
+#include <sys/mman.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -44,27 +49,43 @@ inline void check_cuda(const at::Tensor& t, const char* name) {
 
 namespace sim_checks {
 
-// Wraps the CPU allocator while the glue runs: fresh memory comes back poisoned.
+// The CPU allocator while the glue runs: fresh memory comes back poisoned, and ends (16-byte
+// aligned) right before an inaccessible page, so a read or write past the end faults (bounds).
 class PoisonAllocator final : public c10::Allocator {
  public:
-  explicit PoisonAllocator(c10::Allocator* base) : base_(base) {}
   c10::DataPtr allocate(size_t n) override {
-    c10::DataPtr p = base_->allocate(n);
-    if (n > 0) ::nit::sim::poison(p.get(), n);
-    return p;
+    constexpr size_t kPage = 4096;
+    const size_t data = (n + 15) / 16 * 16;
+    const size_t body = (data + kPage - 1) / kPage * kPage;
+    void* base = mmap(nullptr, body + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(base != MAP_FAILED, "cuda_sim: cannot allocate ", n, " bytes");
+    mprotect(static_cast<char*>(base) + body, kPage, PROT_NONE);
+    char* p = static_cast<char*>(base) + body - data;
+    ::nit::sim::poison(p, data);
+    ::nit::sim::note_buffer(p, n);
+    return {p, new Mapping{base, body + kPage, p}, &release, c10::Device(c10::DeviceType::CPU)};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return base_->raw_deleter(); }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
 
  private:
-  c10::Allocator* base_;
+  struct Mapping {
+    void* base;
+    size_t bytes;
+    void* data;
+  };
+  static void release(void* ctx) {
+    auto* m = static_cast<Mapping*>(ctx);
+    ::nit::sim::forget_buffer(m->data);
+    munmap(m->base, m->bytes);
+    delete m;
+  }
 };
 
 class PoisonScope {
  public:
-  PoisonScope() : base_(c10::GetCPUAllocator()), poison_(base_) {
+  PoisonScope() : base_(c10::GetCPUAllocator()) {
     c10::SetCPUAllocator(&poison_, /*priority=*/255);
   }
   ~PoisonScope() { c10::SetCPUAllocator(base_, /*priority=*/255); }
@@ -174,6 +195,17 @@ R run_checked(const char* op, Call&& call) {
   return first;
 }
 
+// A copy of an input tensor in guarded memory (same sizes and strides), made inside the poison
+// scope, so that reads past its end fault too; other arguments pass through.
+inline at::Tensor guarded(const at::Tensor& t) {
+  if (!t.defined()) return t;
+  return at::empty_strided(t.sizes(), t.strides(), t.options()).copy_(t);
+}
+template <typename A>
+inline const A& guarded(const A& a) {
+  return a;
+}
+
 // Stands in for the torch::Library of TORCH_LIBRARY_IMPL: m.impl(name, &fn) registers fn
 // wrapped in run_checked.
 class Registrar {
@@ -182,7 +214,7 @@ class Registrar {
   template <typename R, typename... Args>
   void impl(const char* name, R (*fn)(Args...)) {
     lib_.impl(name, [fn, name](Args... args) -> R {
-      return run_checked<R>(name, [&] { return fn(args...); });
+      return run_checked<R>(name, [&] { return fn(guarded(args)...); });
     });
   }
 

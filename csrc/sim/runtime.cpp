@@ -2,6 +2,7 @@
 // checks, and the few CUDA runtime API functions the kernels and the glue call.
 #include "sim/runtime.h"
 
+#include <signal.h>
 #include <sys/mman.h>
 
 #include <cstdio>
@@ -103,6 +104,8 @@ ucontext_t g_sched_ctx;
 #endif
 std::string g_fiber_error;  // set when a fiber raised: the block is abandoned
 std::map<const void*, int> g_smem_optin;
+std::mutex g_buffers_mutex;
+std::map<uintptr_t, size_t> g_buffers;  // start -> bytes of the guarded buffers
 int g_schedule = 0;  // 0: threads and blocks in order, 1: reversed
 
 std::string dim_str(uint3 d) {
@@ -174,6 +177,58 @@ void resume(int i) {
   swapcontext(&g_sched_ctx, &g_fibers[i].ctx);
 #endif
   g_current = -1;
+}
+
+// ---- bounds: faults of a simulated thread ----------------------------------------------------
+struct sigaction g_old_segv, g_old_bus;
+
+std::string describe_address(uintptr_t a) {
+  for (const Fiber& f : g_fibers) {
+    const auto s = reinterpret_cast<uintptr_t>(f.stack);
+    if (s && a >= s && a < s + 4096) return "a stack overflow of the simulated thread";
+  }
+  auto it = g_buffers.upper_bound(a);
+  if (it == g_buffers.begin()) return "outside every buffer the kernel was given";
+  --it;
+  if (a >= it->first + it->second) {
+    return std::to_string(a - (it->first + it->second)) + " bytes past the end of a " +
+           std::to_string(it->second) + "-byte buffer the kernel was given";
+  }
+  return "inside a buffer that cannot be accessed";
+}
+
+void on_fault(int sig, siginfo_t* info, void*) {
+  if (g_current < 0) {  // not a simulated thread: let the previous handler see it
+    sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, nullptr);
+    return;
+  }
+  const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
+  char buf[32];
+  snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(addr));
+  g_fiber_error = "cuda_sim out of bounds error (" + where() + "): access at address " + buf + ", " +
+                  describe_address(addr);
+  g_fibers[g_current].state = State::kDone;
+  switch_to_scheduler();  // the faulting thread is abandoned with its block
+}
+
+void install_fault_handler() {
+  thread_local std::vector<unsigned char> alt;  // the handler runs here, off the fiber's stack
+  if (alt.empty()) {
+    alt.resize(256 * 1024);
+    stack_t ss{};
+    ss.ss_sp = alt.data();
+    ss.ss_size = alt.size();
+    sigaltstack(&ss, nullptr);
+  }
+  static bool done = false;
+  if (done) return;
+  done = true;
+  struct sigaction sa {};
+  sa.sa_sigaction = &on_fault;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &g_old_segv);
+  sigaction(SIGBUS, &sa, &g_old_bus);
 }
 
 std::string hex(unsigned m) {
@@ -334,6 +389,16 @@ unsigned char* dynamic_smem_base() { return g_dyn_smem; }
 
 void set_schedule(int schedule) { g_schedule = schedule; }
 
+void note_buffer(const void* p, size_t bytes) {
+  const std::lock_guard<std::mutex> lock(g_buffers_mutex);
+  g_buffers[reinterpret_cast<uintptr_t>(p)] = bytes;
+}
+
+void forget_buffer(const void* p) {
+  const std::lock_guard<std::mutex> lock(g_buffers_mutex);
+  g_buffers.erase(reinterpret_cast<uintptr_t>(p));
+}
+
 [[noreturn]] void fail(std::string_view check, const std::string& what) {
   throw std::runtime_error("cuda_sim " + std::string(check) + " error (" + where() + "): " + what);
 }
@@ -374,6 +439,7 @@ uint64_t shfl(unsigned mask, uint64_t bits, ShflKind kind, int arg, int width, c
 void run_kernel(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem,
                 Body body, const void* closure) {
   const std::lock_guard<std::mutex> lock(g_mutex);
+  install_fault_handler();
   g_launch = {name, body, closure};
   auto launch_error = [&](const std::string& what) {
     throw std::runtime_error("cuda_sim launch error in kernel " + std::string(name) + ": " + what);

@@ -46,6 +46,12 @@ extern ThreadState g_state;
 constexpr uint8_t kPoisonLo = 0xBA, kPoisonHi = 0x7F;
 void poison(void* p, size_t bytes);
 
+// Bounds check: buffers a kernel may be given are allocated with an inaccessible page right
+// after their last byte (glue_hooks.h); an access there faults, and the fault becomes an error
+// "out of bounds" naming the kernel, block, thread and how far past which buffer it reached.
+void note_buffer(const void* p, size_t bytes);
+void forget_buffer(const void* p);
+
 // Dynamic shared memory of the running block (the opt-in limit of the largest target).
 constexpr size_t kMaxDynamicSmem = 227 * 1024;
 unsigned char* dynamic_smem_base();
@@ -70,16 +76,15 @@ void run_kernel(const void* kernel, const char* name, dim3 grid, dim3 block, siz
                 Body body, const void* closure);
 
 // "nit::cuda::attn::{anonymous}::attn_fwd_kernel<float, 64>" from the signature of this function.
+inline std::string name_from_signature(std::string s) {
+  const auto at = s.find("kKernel = ");
+  if (at == std::string::npos) return s;
+  s = s.substr(at + 10);
+  return s.substr(0, s.find_first_of(";]"));
+}
 template <auto kKernel>
 const char* kernel_name() {
-  static const std::string name = [] {
-    std::string s = __PRETTY_FUNCTION__;
-    const auto at = s.find("kKernel = ");
-    if (at == std::string::npos) return s;
-    s = s.substr(at + 10);
-    const auto end = s.find_first_of(";]");
-    return s.substr(0, end);
-  }();
+  static const std::string name = name_from_signature(__PRETTY_FUNCTION__);
   return name.c_str();
 }
 
