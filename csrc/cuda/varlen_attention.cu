@@ -161,8 +161,8 @@ cudaError_t varlen_attention_fwd(DType dt, const void* q, const void* k, const v
   int2* items = reinterpret_cast<int2*>(workspace);
   NIT_DISPATCH_DTYPE(dt, T, {
     constexpr int BM = Tile<T, 64>::kRows;  // the same for every kDp
-    cudaError_t err = build_work_list(a.cu_q, a.num_seqs, a.nq, BM, items, stream);
-    if (err != cudaSuccess) return err;
+    const cudaError_t list_err = build_work_list(a.cu_q, a.num_seqs, a.nq, BM, items, stream);
+    if (list_err != cudaSuccess) return list_err;
     const bool vec = can_vectorize_strided<T>(a.D, q, a.q_row, a.q_head) &&
                      can_vectorize_strided<T>(a.D, k, a.k_row, a.k_head) &&
                      can_vectorize_strided<T>(a.D, v, a.v_row, a.v_head) &&
@@ -172,8 +172,8 @@ cudaError_t varlen_attention_fwd(DType dt, const void* q, const void* k, const v
       using L = FwdLayout<T, kDp>;
       static_assert(L::BM == BM, "one work list for every head dim");
       auto kernel = attn_fwd_kernel<T, kDp>;
-      cudaError_t e = allow_smem(kernel, L::bytes);
-      if (e != cudaSuccess) return e;
+      cudaError_t err = allow_smem(kernel, L::bytes);
+      if (err != cudaSuccess) return err;
       const dim3 grid(static_cast<unsigned>(work_capacity(a.nq, a.num_seqs, BM)),
                       static_cast<unsigned>(a.H));
       launch<attn_fwd_kernel<T, kDp>>(
