@@ -17,7 +17,6 @@ import nit_kernels as nk
 from nit_kernels import backends
 from nit_kernels.testing import _ATOL, _forward_and_grads, assert_accuracy, check_against_reference
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOW = (torch.float16, torch.bfloat16)
 
 
@@ -80,7 +79,7 @@ def _residual_stream(packed, dim, mean_over_std, seed=0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("dim", [1, 2, 3, 5, 8])
 def test_residual_adaln_backward_small_rows_with_large_mean(backend, dtype, dim):
     packed = nk.PackedSeqs.from_sizes([(1, 1), (3, 5), (2, 7)], device=_device(backend))
@@ -88,7 +87,7 @@ def test_residual_adaln_backward_small_rows_with_large_mean(backend, dtype, dim)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("mean_over_std", [4.0, 16.0])
 def test_residual_adaln_backward_wide_rows_with_large_mean(backend, dtype, mean_over_std):
     packed = nk.PackedSeqs.from_sizes([(2, 3), (1, 5)], device=_device(backend))
@@ -143,8 +142,8 @@ MIXED = [(9, 11), (1, 1), (2, 3), (1, 7), (5, 1), (3, 3), (2, 2), (1, 2)]
 
 
 @pytest.mark.parametrize("backend", SIM)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype, causal", [(torch.float32, False), (torch.float16, False), (torch.bfloat16, True)],
+                         ids=str)
 def test_attention_covers_every_row_whatever_max_seqlen_says(backend, dtype, causal):
     # the kernels schedule the tiles cu_seqlens describes: a max_seqlen smaller than the longest
     # image (99 tokens), or 0, must not leave rows of out/dq/dk/dv unwritten (at::empty garbage);
@@ -181,9 +180,10 @@ def test_cpu_attention_refuses_a_max_seqlen_below_the_longest_sequence():
         _attn("cpu", q, k, v, packed.cu_seqlens, 5)
 
 
+# seeds 0 (fp16) and 5, 6 (bf16) failed the rule with dS rounded once; 1 and 0 are controls
 @pytest.mark.parametrize("backend", SIM)
-@pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("dtype, seed", [(torch.float16, 0), (torch.float16, 1), (torch.bfloat16, 0),
+                                         (torch.bfloat16, 5), (torch.bfloat16, 6)], ids=str)
 def test_attention_backward_head_dim_128_within_the_accuracy_rule(backend, dtype, seed):
     # dS rounded once to fp16/bf16 before the dK/dQ products put dk at 1.01x the bound (fp16) and
     # past it on 2 of 8 seeds (bf16); the hi + lo split keeps dS to about twice the precision
@@ -193,8 +193,8 @@ def test_attention_backward_head_dim_128_within_the_accuracy_rule(backend, dtype
 
 
 @pytest.mark.parametrize("backend", SIM)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim", [64, 72])
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float32, 72), (torch.float16, 64), (torch.bfloat16, 72)],
+                         ids=str)
 def test_attention_reads_strided_qkv_views(backend, dtype, head_dim):
     # q, k, v as views of one fused projection, qkv.view(N, 3, H, D).unbind(1): token stride
     # 3*H*D, head stride D; the results must equal those of contiguous copies (whose accuracy
