@@ -14,6 +14,8 @@
 // dS is split as hi + lo, both in the input dtype (hi = round(dS), lo = round(dS - hi)), and the
 // dK and dQ products take both: rounding dS once to fp16/bf16 put dK at the accuracy bound
 // (fp16, head_dim 128) or past it (bf16); the split keeps dS to about 2x the dtype's precision.
+// Measured in the simulator (head_dim 128, 8 seeds): worst gradient error / bound went from
+// 1.01 (fp16 dk) and 1.06 (bf16 dq) to 0.74 and 0.69, where dv (no dS) is now the worst.
 #include "cuda/attention_tile.cuh"
 
 namespace nit {
