@@ -7,6 +7,9 @@ cannot serve a call raises ``BackendUnavailable`` listing the reasons. ``NIT_KER
 names one backend for every op it implements (ops it does not implement, e.g. adaln under
 ``flash_attn``, choose automatically).
 
+``cuda_sim`` is a test backend: the CUDA kernels on CPU tensors in the SIMT simulator of
+csrc/sim (nit_kernels/cuda_sim.py), used only when asked for by name.
+
 Every backend provides the same kernel interface (see nit_kernels/reference.py for the spec):
 
     adaln_modulate(x, shift, scale, cu_seqlens, eps) -> y

@@ -11,7 +11,7 @@
 //     and raises "out of bounds" with the kernel, block, thread and distance (runtime.cpp). An
 //     access before the start, or within the 16-byte alignment slack after the end, is not seen.
 //   racecheck: the call runs twice, threads (and blocks) resumed in order and then in reverse
-//     order at every synchronisation point, shared memory poisoned before every block; any bit
+//     order at every synchronisation point, dynamic shared memory poisoned before every block; any bit
 //     that differs between the two runs' outputs is an error "race". This catches a missing
 //     barrier or warp sync whenever the two interleavings it allows give different values (a
 //     thread reading shared memory that another thread writes, or writes later, in the same
@@ -28,6 +28,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -206,6 +207,12 @@ inline const A& guarded(const A& a) {
   return a;
 }
 
+// One checked call at a time: the poisoning allocator is process-wide while a call runs.
+inline std::mutex& call_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 // Stands in for the torch::Library of TORCH_LIBRARY_IMPL: m.impl(name, &fn) registers fn
 // wrapped in run_checked.
 class Registrar {
@@ -214,6 +221,7 @@ class Registrar {
   template <typename R, typename... Args>
   void impl(const char* name, R (*fn)(Args...)) {
     lib_.impl(name, [fn, name](Args... args) -> R {
+      const std::lock_guard<std::mutex> lock(call_mutex());
       return run_checked<R>(name, [&] { return fn(guarded(args)...); });
     });
   }

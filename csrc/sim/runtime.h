@@ -13,7 +13,9 @@
 // (and blocks in reverse order) under the second schedule of the race check (see glue_hooks.h).
 //
 // Shared memory: `__shared__` variables are static storage (blocks run one at a time, under one
-// lock); dynamic shared memory is one buffer, poison-filled before every block. The build
+// lock) and keep what the previous block left (g++ puts template statics in COMDAT storage the
+// runtime cannot enumerate, so they are not poisoned); dynamic shared memory is one buffer,
+// poison-filled before every block. The build
 // rewrites `extern __shared__ T name[];` to `T* const name = dynamic_shared<T>();` (a macro
 // cannot turn an extern declaration into a definition).
 #pragma once
