@@ -16,17 +16,19 @@ TORCH_LIBRARY(nit, m) {
   // gated residual: out = x + gate[seg] * y
   m.def("gated_residual_fwd(Tensor x, Tensor y, Tensor gate, Tensor cu_seqlens) -> Tensor");
   m.def("gated_residual_bwd(Tensor dout, Tensor y, Tensor gate, Tensor cu_seqlens) -> (Tensor dy, Tensor dgate)");
-  // residual + next AdaLN in one pass: x_new = x + gate[seg]*y; h = adaln(x_new)
+  // residual + next AdaLN in one pass: x_new = x + gate[seg]*y; h = adaln(x_new). The backward
+  // takes x (not the rounded x_new) and re-forms x_new in fp32 from x, y and gate.
   m.def("residual_adaln_fwd(Tensor x, Tensor y, Tensor gate, Tensor shift, Tensor scale, Tensor cu_seqlens, float eps) -> (Tensor x_new, Tensor h, Tensor mean, Tensor rstd)");
-  m.def("residual_adaln_bwd(Tensor dx_new, Tensor dh, Tensor x_new, Tensor y, Tensor gate, Tensor scale, Tensor mean, Tensor rstd, Tensor cu_seqlens) -> (Tensor dx, Tensor dy, Tensor dgate, Tensor dshift, Tensor dscale)");
+  m.def("residual_adaln_bwd(Tensor dx_new, Tensor dh, Tensor x, Tensor y, Tensor gate, Tensor scale, Tensor mean, Tensor rstd, Tensor cu_seqlens) -> (Tensor dx, Tensor dy, Tensor dgate, Tensor dshift, Tensor dscale)");
   // axial 2D RoPE on q [N,H,Dh] and k [N,Hk,Dh]; inverse=true applies the transposed rotation (backward)
   m.def("rope_2d(Tensor q, Tensor k, Tensor cu_seqlens, Tensor sizes, Tensor freqs, str positions, float mscale, bool inverse) -> (Tensor q_rot, Tensor k_rot)");
   // LayerNorm over Dh with affine, then rope_2d; mean/rstd [N,H] and [N,Hk]
   m.def("qk_norm_rope_fwd(Tensor q, Tensor k, Tensor cu_seqlens, Tensor sizes, Tensor freqs, Tensor q_weight, Tensor q_bias, Tensor k_weight, Tensor k_bias, float eps, str positions, float mscale) -> (Tensor q_rot, Tensor k_rot, Tensor q_mean, Tensor q_rstd, Tensor k_mean, Tensor k_rstd)");
   m.def("qk_norm_rope_bwd(Tensor dq_rot, Tensor dk_rot, Tensor q, Tensor k, Tensor cu_seqlens, Tensor sizes, Tensor freqs, Tensor q_weight, Tensor k_weight, Tensor q_mean, Tensor q_rstd, Tensor k_mean, Tensor k_rstd, str positions, float mscale) -> (Tensor dq, Tensor dk, Tensor dq_weight, Tensor dq_bias, Tensor dk_weight, Tensor dk_bias)");
-  // varlen attention, flash_attn_varlen_func semantics; lse [H, N_q] fp32 (natural log)
-  m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
-  m.def("varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // varlen attention, flash_attn_varlen_func semantics; lse [H, N_q] fp32 (natural log).
+  // max_seqlen_* are SymInt so that torch.compile does not specialise (and recompile) on them.
+  m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+  m.def("varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 // `import nit_kernels._C` loads this library (and with it the registrations above).

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import operator
 import os
 from typing import Callable, Optional
 
@@ -183,7 +184,11 @@ def _auto_order(call: Call) -> tuple[str, ...]:
 
 def select(call: Call, backend: Optional[str] = None) -> tuple[str, Callable]:
     """The backend name and kernel-interface function that will run `call`."""
-    name = _select_name(call.op, call.device.type, call.dtype, call.head_dim, call.gqa, call.causal, backend)
+    # head_dim is symbolic under torch.compile(dynamic=True) and assume_constant_result takes only
+    # constants: operator.index specialises it (dynamo guards on its value, so another head_dim
+    # recompiles and re-selects), where int() would keep it symbolic
+    head_dim = None if call.head_dim is None else operator.index(call.head_dim)
+    name = _select_name(call.op, call.device.type, call.dtype, head_dim, bool(call.gqa), bool(call.causal), backend)
     return name, _REGISTRY[name]._ops[call.op]
 
 

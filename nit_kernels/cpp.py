@@ -141,18 +141,20 @@ def register_autograd(ns: str) -> None:
         return torch.empty_like(x), torch.empty_like(x), _f32(x, x.shape[0]), _f32(x, x.shape[0])
 
     @lib.register_fake(f"{ns}::residual_adaln_bwd")
-    def _(dx_new, dh, x_new, y, gate, scale, mean, rstd, cu_seqlens):
-        return (torch.empty_like(x_new), torch.empty_like(y), torch.empty_like(gate),
+    def _(dx_new, dh, x, y, gate, scale, mean, rstd, cu_seqlens):
+        return (torch.empty_like(x), torch.empty_like(y), torch.empty_like(gate),
                 torch.empty_like(scale), torch.empty_like(scale))
 
     def _res_setup(ctx, inputs, output):
+        # x, not the rounded x_new: the backward re-forms x_new = x + gate*y in fp32, since the
+        # rounding error of x_new dwarfs a row's deviations when the row mean is large
         x, y, gate, shift, scale, cu, eps = inputs
-        ctx.save_for_backward(output[0], y, gate, scale, output[2], output[3], cu)
+        ctx.save_for_backward(x, y, gate, scale, output[2], output[3], cu)
 
     def _res_backward(ctx, dx_new, dh, _dmean, _drstd):
-        x_new, y, gate, scale, mean, rstd, cu = ctx.saved_tensors
+        x, y, gate, scale, mean, rstd, cu = ctx.saved_tensors
         dx, dy, dgate, dshift, dscale = ops.residual_adaln_bwd(
-            _or_zeros(dx_new, x_new), _or_zeros(dh, x_new), x_new, y, gate, scale, mean, rstd, cu)
+            _or_zeros(dx_new, x), _or_zeros(dh, x), x, y, gate, scale, mean, rstd, cu)
         return dx, dy, dgate, dshift, dscale, None, None
 
     lib.register_autograd(f"{ns}::residual_adaln_fwd", _res_backward, setup_context=_res_setup)
@@ -206,7 +208,8 @@ def register_autograd(ns: str) -> None:
 
     @lib.register_fake(f"{ns}::varlen_attention_bwd")
     def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # contiguous like the kernels' outputs, whatever the strides of q, k, v
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _attn_setup(ctx, inputs, output):
         q, k, v, cu_q, cu_k, max_q, max_k, scale, causal = inputs
@@ -228,6 +231,17 @@ if _C is not None:
 # ---------------------------------------------------------------------------------------------
 # kernel interface (see backends.py); inputs are made contiguous here, the C++ side checks it
 # ---------------------------------------------------------------------------------------------
+def _attn_operand(t: torch.Tensor, ns: str) -> torch.Tensor:
+    """q/k/v as the kernel takes them. The CUDA kernels (library "nit" on CUDA tensors, and any
+    other library, i.e. the simulator's, which runs them on CPU tensors) read token and head
+    strides and need only a contiguous last dim, so a qkv.unbind view is not copied; the CPU
+    kernels take contiguous tensors."""
+    cuda_kernels = ns != "nit" or t.device.type != "cpu"
+    if cuda_kernels and (t.shape[-1] <= 1 or t.stride(-1) == 1):
+        return t
+    return t.contiguous()
+
+
 def kernel_interface(ns: str) -> dict:
     """Op name -> kernel-interface function calling the ops of library `ns`."""
     ops = getattr(torch.ops, ns)
@@ -251,7 +265,8 @@ def kernel_interface(ns: str) -> dict:
         return out[0], out[1]
 
     def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-        return ops.varlen_attention_fwd(_c(q), _c(k), _c(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        q, k, v = (_attn_operand(t, ns) for t in (q, k, v))
+        return ops.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, softmax_scale, causal)[0]
 
     return {

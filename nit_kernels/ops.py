@@ -7,6 +7,7 @@ differentiable and traceable by ``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -225,6 +226,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             if longest > m:
                 _fail(op, f"max_seqlen_{name[-1]}={m} is smaller than the longest sequence ({longest})")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    call = Call(op, q.device, q.dtype, head_dim=q.shape[-1], gqa=k.shape[1] != q.shape[1], causal=bool(causal))
+    # operator.index: head counts are symbolic under torch.compile(dynamic=True), the choice of a
+    # backend needs constants (see backends.select)
+    gqa = operator.index(k.shape[1]) != operator.index(q.shape[1])
+    call = Call(op, q.device, q.dtype, head_dim=q.shape[-1], gqa=gqa, causal=bool(causal))
     _, fn = backends.select(call, backend)
     return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))

@@ -192,6 +192,39 @@ def test_setup_builds_cuda_sources_for_both_archs():
     assert not cpp_stems & {f.stem for f in CU_FILES}
 
 
+def _setup_module():
+    """setup.py imported as a module (its setup() call runs only as __main__)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nit_setup", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("value, expected", [("80;90", ["80", "90"]), ("8.6, sm_90a", ["86", "90a"]),
+                                             ("compute_80;", ["80"])])
+def test_setup_reads_cuda_archs(value, expected):
+    assert _setup_module().cuda_archs(value) == expected
+
+
+@pytest.mark.parametrize("value, message", [("75", "sm_75, but the CUDA kernels need sm_80"),
+                                            ("80;7.0", "sm_70, but the CUDA kernels need sm_80"),
+                                            ("ampere", "'ampere' is not a CUDA arch"),
+                                            (";", "names no arch")])
+def test_setup_refuses_bad_cuda_archs(value, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        _setup_module().cuda_archs(value)
+
+
+def test_setup_py_fails_fast_on_an_arch_older_than_sm80():
+    # before nvcc runs (bf16 WMMA has no sm_75 form, so nvcc itself would fail deep in a kernel)
+    env = dict(os.environ, NIT_CUDA_ARCHS="75", NIT_BUILD_CUDA="auto")
+    r = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "sm_75, but the CUDA kernels need sm_80" in r.stderr, r.stderr[-2000:]
+
+
 @needs_nvcc
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("src", [f.name for f in CU_FILES])

@@ -8,7 +8,8 @@
 // (the mean, then the mean squared deviation, which stays accurate for rows with a large mean)
 // and the outputs are written once. Per-image rows (shift, scale, gate) are widened to fp32 when
 // the row loop enters a new image, so no per-token conditioning tensor exists.
-// Backward: dx in one pass per row; the per-image sums accumulate over the fixed row blocks of
+// Backward: dx in one pass per row (residual_adaln re-forms x_new = x + gate*y in fp32 rather
+// than reading the rounded x_new, whose error dwarfs a row's deviations when its mean is large); the per-image sums accumulate over the fixed row blocks of
 // row_blocks.h, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -217,32 +218,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_adaln_fwd_cp
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_adaln_bwd_cpu(
-    const at::Tensor& dx_new, const at::Tensor& dh, const at::Tensor& x_new, const at::Tensor& y,
+    const at::Tensor& dx_new, const at::Tensor& dh, const at::Tensor& x, const at::Tensor& y,
     const at::Tensor& gate, const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& cu_seqlens) {
-  const int64_t B = check_modulation(x_new, "x_new", cu_seqlens, {{&gate, "gate"}, {&scale, "scale"}});
-  check_tokens(x_new, "x_new", {{&dx_new, "dx_new"}, {&dh, "dh"}, {&y, "y"}});
-  const int64_t N = x_new.size(0), D = x_new.size(1), Dp = cpu::padded(D);
-  check_fp32(mean, {N}, x_new, "mean");
-  check_fp32(rstd, {N}, x_new, "rstd");
+  const int64_t B = check_modulation(x, "x", cu_seqlens, {{&gate, "gate"}, {&scale, "scale"}});
+  check_tokens(x, "x", {{&dx_new, "dx_new"}, {&dh, "dh"}, {&y, "y"}});
+  const int64_t N = x.size(0), D = x.size(1), Dp = cpu::padded(D);
+  check_fp32(mean, {N}, x, "mean");
+  check_fp32(rstd, {N}, x, "rstd");
   const cpu::ImageBlocks blocks(cu_seqlens.data_ptr<int32_t>(), B);
   const int64_t K = blocks.count();
-  auto dx = at::empty_like(x_new);
+  auto dx = at::empty_like(x);
   auto dy = at::empty_like(y);
   auto dgate = at::empty_like(gate);
   auto dshift = at::empty_like(scale);
   auto dscale = at::empty_like(scale);
   // per-block partial sums of dh, dh * xhat and dx * y
-  auto partial = at::zeros({3, K, Dp}, x_new.options().dtype(at::kFloat));
+  auto partial = at::zeros({3, K, Dp}, x.options().dtype(at::kFloat));
   float* p_shift = partial.data_ptr<float>();
   float* p_scale = p_shift + K * Dp;
   float* p_gate = p_scale + K * Dp;
   const float* mp = mean.data_ptr<float>();
   const float* rp = rstd.data_ptr<float>();
-  NIT_DISPATCH_FLOAT_TYPES(x_new.scalar_type(), "residual_adaln_bwd", [&] {
+  NIT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "residual_adaln_bwd", [&] {
     const scalar_t* dxnp = dx_new.data_ptr<scalar_t>();
     const scalar_t* dhp = dh.data_ptr<scalar_t>();
-    const scalar_t* xnp = x_new.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* gp = gate.data_ptr<scalar_t>();
     const scalar_t* scp = scale.data_ptr<scalar_t>();
@@ -258,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
         float* acc_scale = p_scale + k * Dp;
         float* acc_gate = p_gate + k * Dp;
         for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* xr = xnp + r * D;
+          const scalar_t* xr = xp + r * D;
           const scalar_t* dhr = dhp + r * D;
           const scalar_t* dxnr = dxnp + r * D;
           const scalar_t* yr = yp + r * D;
@@ -269,7 +270,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
           float sum_dxh, sum_dxh_xh;
           cpu::reduce_sum2(D, [&](int64_t j, auto tag, Vec8& a, Vec8& b) {
             const int64_t c = j * kLanes;
-            const Vec8 xhat = ln_normalize(load_v(xr, j, D, tag), mv, rv);
+            // x_new in fp32 as the forward formed it: the rounded x_new loses the row's
+            // deviations from its mean when that mean dwarfs them (real residual streams)
+            const Vec8 xn = gated_residual_elem(load_v(xr, j, D, tag), Vec8::loadu(g + c), load_v(yr, j, D, tag));
+            const Vec8 xhat = ln_normalize(xn, mv, rv);
             const Vec8 gh = load_v(dhr, j, D, tag);  // zero in the padding, which then adds nothing
             const Vec8 dxhat = gh * Vec8::loadu(s1 + c);
             xhat.storeu(xh + c);

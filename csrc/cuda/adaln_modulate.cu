@@ -114,7 +114,7 @@ cudaError_t adaln_modulate_bwd(DType dt, const void* dy, const void* x, const vo
   float* partial = workspace + 2 * pack.num_tokens;
   cudaError_t err = cudaSuccess;
   NIT_DISPATCH_DTYPE(dt, T, {
-    err = adaln_grad_rows<T>(static_cast<const T*>(dy), static_cast<const T*>(x),
+    err = adaln_grad_rows<T>(static_cast<const T*>(dy), static_cast<const T*>(x), nullptr, nullptr,
                              static_cast<const T*>(scale), mean, rstd, pack, D, rowstat, stream);
     if (err != cudaSuccess) return err;
     if (pack.num_tokens > 0 && D > 0) {

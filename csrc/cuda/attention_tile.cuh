@@ -277,6 +277,92 @@ __device__ __forceinline__ Ranges image_ranges(const AttnArgs& a, int b) {
   return {q0, q1 - q0, k0, k1 - k0};
 }
 
+// ---- work lists: one (image, tile) item per tile of rows that exists --------------------------
+// A grid of cdiv(max_seqlen, rows) x images leaves most blocks idle on packs of mixed sizes
+// (max ~4,096, mean ~170 tokens) and trusts max_seqlen to cover every row. Instead every call
+// builds, on the device and without a host sync, the flat list of the tiles that exist:
+// items[i] = (image, tile index in the image), in image order, unused slots (-1, 0). The grid
+// has one block per slot. Capacity: sum_b cdiv(len_b, rows) <= n / rows + B, so
+// cdiv(n, rows) + B slots always suffice. Cost: one single-block launch reading cu_seqlens
+// once (B + 1 ints) and writing the list (8 bytes a slot), a few microseconds.
+__host__ __device__ inline int64_t work_capacity(int64_t n, int64_t num_seqs, int64_t rows) {
+  return (n + rows - 1) / rows + num_seqs;
+}
+
+constexpr int kListThreads = 1024;
+
+// A template, so that both attention translation units may instantiate it (one definition).
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    build_work_list_kernel(const int32_t* __restrict__ cu, int num_seqs, int64_t n, int rows,
+                           int64_t capacity, int2* __restrict__ items) {
+  static_assert(kThreads == 1024, "warp 0 scans the totals of exactly 32 warps");
+  constexpr int kWarps = kThreads / 32;
+  __shared__ long long warp_total[kWarps];
+  __shared__ long long carry;  // slots taken by the images of earlier chunks
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  for (int b0 = 0; b0 < num_seqs; b0 += kThreads) {
+    const int b = b0 + static_cast<int>(threadIdx.x);
+    long long tiles = 0;
+    if (b < num_seqs) {
+      int64_t s0, s1;
+      segment_range(cu, b, n, &s0, &s1);
+      tiles = (s1 - s0 + rows - 1) / rows;
+    }
+    long long incl = tiles;  // inclusive scan over the chunk: warps, then warp totals
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const long long up = __shfl_up_sync(kFullMask, incl, o);
+      if (lane >= o) incl += up;
+    }
+    if (lane == 31) warp_total[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+      long long t = warp_total[lane];
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const long long up = __shfl_up_sync(kFullMask, t, o);
+        if (lane >= o) t += up;
+      }
+      warp_total[lane] = t;
+    }
+    __syncthreads();
+    const long long first = carry + (warp > 0 ? warp_total[warp - 1] : 0) + incl - tiles;
+    for (long long t = 0; t < tiles && first + t < capacity; ++t) {
+      items[first + t] = make_int2(b, static_cast<int>(t));
+    }
+    __syncthreads();  // carry and warp_total are read
+    if (threadIdx.x == kThreads - 1) carry = first + tiles;
+    __syncthreads();
+  }
+  for (long long i = carry + threadIdx.x; i < capacity; i += kThreads) items[i] = make_int2(-1, 0);
+}
+
+inline cudaError_t build_work_list(const int32_t* cu, int num_seqs, int64_t n, int rows,
+                                   int2* items, cudaStream_t stream) {
+  launch<build_work_list_kernel<kListThreads>>(1, kListThreads, 0, stream, cu, num_seqs, n, rows,
+                                               work_capacity(n, num_seqs, rows), items);
+  return cudaGetLastError();
+}
+
+// The image and first row of this block's item; false for an unused slot (the whole block
+// returns before any barrier).
+__device__ __forceinline__ bool work_item(const int2* items, int rows, int* image, int64_t* row0) {
+  const int2 it = items[blockIdx.x];
+  *image = it.x;
+  *row0 = int64_t(it.y) * rows;
+  return it.x >= 0;
+}
+
+// 16-byte loads of q/k/v rows need D, both strides and the base pointers in 16-byte units.
+template <typename T>
+inline bool can_vectorize_strided(int64_t D, const void* p, int64_t row, int64_t head) {
+  constexpr int64_t E = 16 / sizeof(T);
+  return can_vectorize<T>(D, p) && row % E == 0 && head % E == 0;
+}
+
 // Key j (in the image) is visible to query i: causal attention is aligned bottom-right
 // (flash-attn >= 2.1): j <= i + sk - sq.
 __device__ __forceinline__ bool visible(bool causal, int64_t i, int64_t j, int64_t sq, int64_t sk) {

@@ -4,7 +4,8 @@
 // and workspaces with torch's caching allocator, and calls one of these on the current stream.
 //
 // Conventions shared by every launcher:
-//   - tensors are contiguous and row-major; x [N, D], per-image rows [B, D], q [N, H, Dh];
+//   - tensors are contiguous and row-major; x [N, D], per-image rows [B, D], q [N, H, Dh]
+//     (attention inputs may be strided views, see AttnArgs);
 //   - cu_seqlens int32 [B+1] and sizes int32 [B, 2] live on the device; they are trusted (the
 //     host validates them once per pack), but kernels clamp every row index to [0, N) so a bad
 //     cu_seqlens gives wrong numbers, never an out-of-bounds access;
@@ -55,7 +56,8 @@ cudaError_t residual_adaln_fwd(DType dt, const void* x, const void* y, const voi
                                float eps, void* x_new, void* h, float* mean, float* rstd,
                                cudaStream_t stream);
 int64_t residual_adaln_bwd_workspace(Pack pack, int64_t D);
-cudaError_t residual_adaln_bwd(DType dt, const void* dx_new, const void* dh, const void* x_new,
+// x is the forward's input: x_new = x + gate[seg] * y is re-formed in fp32 from x, y and gate.
+cudaError_t residual_adaln_bwd(DType dt, const void* dx_new, const void* dh, const void* x,
                                const void* y, const void* gate, const void* scale,
                                const float* mean, const float* rstd, Pack pack, int64_t D,
                                void* dx, void* dy, void* dgate, void* dshift, void* dscale,
@@ -96,16 +98,24 @@ struct AttnArgs {
   const int32_t* cu_k;  // [B+1]
   int num_seqs;
   int64_t nq, nk;       // total query / key tokens
-  int64_t max_seqlen_q, max_seqlen_k;
+  int64_t max_seqlen_q, max_seqlen_k;  // informational: every real row is covered whatever they say
   int64_t H, Hk, D;     // query heads, k/v heads (H % Hk == 0), head_dim <= kAttnMaxHeadDim
+  // Element strides of q, k, v between tokens and between heads (the last dim is contiguous),
+  // so views such as qkv.view(N, 3, H, D).unbind(1) are read in place. out, dout, dq, dk, dv
+  // are contiguous.
+  int64_t q_row, q_head, k_row, k_head, v_row, v_head;
   float softmax_scale;
   bool causal;          // bottom-right aligned; rows that see no key output 0 (lse = -inf)
 };
+// Workspace (4-byte elements) of the forward: its (image, query tile) work list.
+int64_t varlen_attention_fwd_workspace(DType dt, const AttnArgs& a);
 // out [nq, H, D] (input dtype), lse fp32 [H, nq] (natural log).
 cudaError_t varlen_attention_fwd(DType dt, const void* q, const void* k, const void* v,
-                                 AttnArgs a, void* out, float* lse, cudaStream_t stream);
-// Workspace (fp32 elements) of the backward: delta = rowsum(dO * O), [H, nq].
-int64_t varlen_attention_bwd_workspace(const AttnArgs& a);
+                                 AttnArgs a, void* out, float* lse, float* workspace,
+                                 cudaStream_t stream);
+// Workspace (4-byte elements) of the backward: delta = rowsum(dO * O) [H, nq], then the
+// (image, query tile) and (image, key tile) work lists.
+int64_t varlen_attention_bwd_workspace(DType dt, const AttnArgs& a);
 cudaError_t varlen_attention_bwd(DType dt, const void* dout, const void* q, const void* k,
                                  const void* v, const void* out, const float* lse, AttnArgs a,
                                  void* dq, void* dk, void* dv, float* workspace,

@@ -2,7 +2,9 @@
 //   x_new = x + gate[seg] * y
 //   h     = (x_new - mean) * rstd * (1 + scale[seg]) + shift[seg]
 // h is computed from the fp32 x_new (before rounding to the output dtype).
-// Backward, with xhat = (x_new - mean) * rstd and g = dh * (1 + scale[seg]):
+// Backward, with xhat = (x_new - mean) * rstd and g = dh * (1 + scale[seg]), where x_new is
+// re-formed in fp32 from x, y and gate (the rounded x_new loses a row's deviations from its
+// mean when the mean dwarfs them, as in real residual streams):
 //   dtot = dx_new + rstd * (g - mean(g) - xhat * mean(g * xhat))   (total gradient of x_new)
 //   dx = dtot,  dy = dtot * gate[seg]
 //   dgate[b] = sum dtot * y,  dshift[b] = sum dh,  dscale[b] = sum dh * xhat   (rows of image b)
@@ -69,7 +71,7 @@ __global__ void __launch_bounds__(kRowThreads)
 template <typename T>
 __global__ void __launch_bounds__(kColThreads)
     residual_adaln_bwd_chunks_kernel(const T* __restrict__ dx_new, const T* __restrict__ dh,
-                                     const T* __restrict__ x_new, const T* __restrict__ y,
+                                     const T* __restrict__ x, const T* __restrict__ y,
                                      const T* __restrict__ gate, const T* __restrict__ scale,
                                      const float* __restrict__ mean,
                                      const float* __restrict__ rstd,
@@ -85,13 +87,14 @@ __global__ void __launch_bounds__(kColThreads)
         const int64_t i = r * D + col;
         const float d = to_float(dh[i]);
         const float rs = rstd[r];
-        const float xhat = (to_float(x_new[i]) - mean[r]) * rs;
+        const float yi = to_float(y[i]), gi = to_float(gate[int64_t(seg) * D + col]);
+        const float xhat = (gated_residual_elem(to_float(x[i]), gi, yi) - mean[r]) * rs;
         const float g = d * (1.f + to_float(scale[int64_t(seg) * D + col]));
         const float2 st = rowstat[r];
         const float dtot = to_float(dx_new[i]) + layernorm_dx(g, xhat, rs, st.x, st.y);
         dx[i] = from_float<T>(dtot);
-        dy[i] = from_float<T>(dtot * to_float(gate[int64_t(seg) * D + col]));
-        dgate += dtot * to_float(y[i]);
+        dy[i] = from_float<T>(dtot * gi);
+        dgate += dtot * yi;
         dshift += d;
         dscale += d * xhat;
       },
@@ -127,7 +130,7 @@ int64_t residual_adaln_bwd_workspace(Pack pack, int64_t D) {
   return 2 * pack.num_tokens + L.num_slots * 3 * D;
 }
 
-cudaError_t residual_adaln_bwd(DType dt, const void* dx_new, const void* dh, const void* x_new,
+cudaError_t residual_adaln_bwd(DType dt, const void* dx_new, const void* dh, const void* x,
                                const void* y, const void* gate, const void* scale,
                                const float* mean, const float* rstd, Pack pack, int64_t D,
                                void* dx, void* dy, void* dgate, void* dshift, void* dscale,
@@ -137,12 +140,13 @@ cudaError_t residual_adaln_bwd(DType dt, const void* dx_new, const void* dh, con
   float* partial = workspace + 2 * pack.num_tokens;
   cudaError_t err = cudaSuccess;
   NIT_DISPATCH_DTYPE(dt, T, {
-    err = adaln_grad_rows<T>(static_cast<const T*>(dh), static_cast<const T*>(x_new),
+    err = adaln_grad_rows<T>(static_cast<const T*>(dh), static_cast<const T*>(x),
+                             static_cast<const T*>(y), static_cast<const T*>(gate),
                              static_cast<const T*>(scale), mean, rstd, pack, D, rowstat, stream);
     if (err != cudaSuccess) return err;
     if (pack.num_tokens > 0 && D > 0) {
       launch<residual_adaln_bwd_chunks_kernel<T>>(
-          chunk_grid(L, D), kColThreads, 0, stream, static_cast<const T*>(dx_new), static_cast<const T*>(dh), static_cast<const T*>(x_new),
+          chunk_grid(L, D), kColThreads, 0, stream, static_cast<const T*>(dx_new), static_cast<const T*>(dh), static_cast<const T*>(x),
           static_cast<const T*>(y), static_cast<const T*>(gate), static_cast<const T*>(scale),
           mean, rstd, rowstat, pack, D, L.rows_per_chunk, static_cast<T*>(dx),
           static_cast<T*>(dy), partial);

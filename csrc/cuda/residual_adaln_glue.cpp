@@ -31,29 +31,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
-    const at::Tensor& dx_new, const at::Tensor& dh, const at::Tensor& x_new, const at::Tensor& y,
+    const at::Tensor& dx_new, const at::Tensor& dh, const at::Tensor& x, const at::Tensor& y,
     const at::Tensor& gate, const at::Tensor& scale, const at::Tensor& mean,
     const at::Tensor& rstd, const at::Tensor& cu_seqlens) {
-  const int64_t B = check_token_matrix(x_new, "x_new", cu_seqlens, true);
-  check_same_kind(y, "y", x_new, "x_new", x_new.sizes());
-  check_same_kind(dx_new, "dx_new", x_new, "x_new", x_new.sizes());
-  check_same_kind(dh, "dh", x_new, "x_new", x_new.sizes());
-  check_same_kind(gate, "gate", x_new, "x_new", {B, x_new.size(1)});
-  check_same_kind(scale, "scale", x_new, "x_new", {B, x_new.size(1)});
-  const int64_t N = x_new.size(0), D = x_new.size(1);
-  check_stats(mean, {N}, x_new, "mean");
-  check_stats(rstd, {N}, x_new, "rstd");
-  const DeviceGuard guard(x_new.device());
+  const int64_t B = check_token_matrix(x, "x", cu_seqlens, true);
+  check_same_kind(y, "y", x, "x", x.sizes());
+  check_same_kind(dx_new, "dx_new", x, "x", x.sizes());
+  check_same_kind(dh, "dh", x, "x", x.sizes());
+  check_same_kind(gate, "gate", x, "x", {B, x.size(1)});
+  check_same_kind(scale, "scale", x, "x", {B, x.size(1)});
+  const int64_t N = x.size(0), D = x.size(1);
+  check_stats(mean, {N}, x, "mean");
+  check_stats(rstd, {N}, x, "rstd");
+  const DeviceGuard guard(x.device());
   const cuda::Pack pack = pack_of(cu_seqlens, N);
-  auto dx = at::empty_like(x_new);
+  auto dx = at::empty_like(x);
   auto dy = at::empty_like(y);
   auto dgate = at::empty_like(gate);
   auto dshift = at::empty_like(scale);
   auto dscale = at::empty_like(scale);
   auto ws = at::empty({cuda::residual_adaln_bwd_workspace(pack, D)},
-                      x_new.options().dtype(at::kFloat));
-  check_launch(cuda::residual_adaln_bwd(dtype_of(x_new), dx_new.data_ptr(), dh.data_ptr(),
-                                        x_new.data_ptr(), y.data_ptr(), gate.data_ptr(),
+                      x.options().dtype(at::kFloat));
+  check_launch(cuda::residual_adaln_bwd(dtype_of(x), dx_new.data_ptr(), dh.data_ptr(),
+                                        x.data_ptr(), y.data_ptr(), gate.data_ptr(),
                                         scale.data_ptr(), mean.data_ptr<float>(),
                                         rstd.data_ptr<float>(), pack, D, dx.data_ptr(),
                                         dy.data_ptr(), dgate.data_ptr(), dshift.data_ptr(),

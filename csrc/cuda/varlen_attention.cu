@@ -4,8 +4,10 @@
 //   S = scale * Q K^T,  P = softmax(S) (causal: bottom-right aligned mask),  O = P V
 //   lse = log(sum exp(S)) per query row (natural log), -inf for a row that sees no key (O = 0)
 //
-// Grid (ceil(max_seqlen_q / kRows), H, B): one CTA per tile of query rows of one head of one
-// image; tiles past the image's length exit at once. Each warp owns 16 query rows; per step of
+// Grid (work-list slots, H): one CTA per (image, tile of kRows query rows) item of the list built
+// from cu_seqlens on the device (attention_tile.cuh), per head; every real row is covered
+// whatever max_seqlen says, and only the list's few spare slots exit at once. q, k, v may be
+// strided (token and head strides; last dim contiguous). Each warp owns 16 query rows; per step of
 // kFwdCols keys: S strip = Q K^T (tensor cores for fp16/bf16), online softmax on the strip
 // (row max/sum by warp shuffles), P rounded to the input dtype, O = alpha * O + P V.
 #include "cuda/attention_tile.cuh"
@@ -32,7 +34,8 @@ struct FwdLayout {
 template <typename T, int kDp>
 __global__ void __launch_bounds__(Tile<T, kDp>::kThreads)
     attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                    AttnArgs a, bool vec, T* __restrict__ out, float* __restrict__ lse) {
+                    AttnArgs a, const int2* __restrict__ items, bool vec, T* __restrict__ out,
+                    float* __restrict__ lse) {
   using L = FwdLayout<T, kDp>;
   constexpr int BM = L::BM, BN = L::BN, LDI = L::LDI, LDS = L::LDS, LDP = L::LDP;
   constexpr int kThreads = Tile<T, kDp>::kThreads;
@@ -44,17 +47,18 @@ __global__ void __launch_bounds__(Tile<T, kDp>::kThreads)
   T* sP = reinterpret_cast<T*>(smem + L::p);
   float* sRow = reinterpret_cast<float*>(smem + L::row);  // [3][BM]: row factor, max m, sum l
 
-  const Ranges rg = image_ranges(a, blockIdx.z);
-  const int64_t m0 = int64_t(blockIdx.x) * BM;
-  if (m0 >= rg.sq) return;  // uniform: the whole CTA leaves before any barrier
+  int image;
+  int64_t m0;
+  if (!work_item(items, BM, &image, &m0)) return;  // uniform: the CTA leaves before any barrier
+  const Ranges rg = image_ranges(a, image);
   const int64_t h = blockIdx.y, hk = h / (a.H / a.Hk);
   const int64_t D = a.D;
-  const int64_t q_stride = a.H * D, k_stride = a.Hk * D;
+  const int64_t o_stride = a.H * D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rows_valid = static_cast<int>(rg.sq - m0 < BM ? rg.sq - m0 : BM);
 
-  load_tile<T, BM, kDp, LDI, kThreads>(sQ, q + (rg.q_begin + m0) * q_stride + h * D, q_stride,
-                                       rows_valid, static_cast<int>(D), vec);
+  load_tile<T, BM, kDp, LDI, kThreads>(sQ, q + (rg.q_begin + m0) * a.q_row + h * a.q_head,
+                                       a.q_row, rows_valid, static_cast<int>(D), vec);
 
   float* my_S = sS + warp * 16 * LDS;
   T* my_P = sP + warp * 16 * LDP;
@@ -75,9 +79,10 @@ __global__ void __launch_bounds__(Tile<T, kDp>::kThreads)
   for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
     __syncthreads();  // every warp is done with the previous K/V tiles
     const int keys = static_cast<int>(rg.sk - n0 < BN ? rg.sk - n0 : BN);
-    const int64_t kv_off = (rg.k_begin + n0) * k_stride + hk * D;
-    load_tile<T, BN, kDp, LDI, kThreads>(sK, k + kv_off, k_stride, keys, static_cast<int>(D), vec);
-    load_tile<T, BN, kDp, LDI, kThreads>(sV, v + kv_off, k_stride, keys, static_cast<int>(D), vec);
+    load_tile<T, BN, kDp, LDI, kThreads>(sK, k + (rg.k_begin + n0) * a.k_row + hk * a.k_head,
+                                         a.k_row, keys, static_cast<int>(D), vec);
+    load_tile<T, BN, kDp, LDI, kThreads>(sV, v + (rg.k_begin + n0) * a.v_row + hk * a.v_head,
+                                         a.v_row, keys, static_cast<int>(D), vec);
     __syncthreads();
 
     strip_nt<T, kDp, BN>(my_S, LDS, sQ + warp * 16 * LDI, LDI, sK, LDI);
@@ -134,32 +139,46 @@ __global__ void __launch_bounds__(Tile<T, kDp>::kThreads)
   acc.scale_rows(my_factor);
   acc.for_each(my_S, LDS, [&](int r, int c, float val) {
     const int64_t i = m0 + warp * 16 + r;
-    if (i < rg.sq && c < D) out[(rg.q_begin + i) * q_stride + h * D + c] = from_float<T>(val);
+    if (i < rg.sq && c < D) out[(rg.q_begin + i) * o_stride + h * D + c] = from_float<T>(val);
   });
 }
 
 }  // namespace
 }  // namespace attn
 
+int64_t varlen_attention_fwd_workspace(DType dt, const AttnArgs& a) {
+  const int rows = dt == DType::kFloat32 ? attn::Tile<float, 64>::kRows : attn::Tile<__half, 64>::kRows;
+  return 2 * attn::work_capacity(a.nq, a.num_seqs, rows);  // int2 items
+}
+
 cudaError_t varlen_attention_fwd(DType dt, const void* q, const void* k, const void* v,
-                                 AttnArgs a, void* out, float* lse, cudaStream_t stream) {
+                                 AttnArgs a, void* out, float* lse, float* workspace,
+                                 cudaStream_t stream) {
   if (a.H <= 0 || a.Hk <= 0 || a.H % a.Hk != 0) return cudaErrorInvalidValue;
-  if (a.H > 65535 || a.num_seqs > 65535) return cudaErrorInvalidConfiguration;
-  if (a.nq == 0 || a.max_seqlen_q == 0) return cudaSuccess;
+  if (a.H > 65535) return cudaErrorInvalidConfiguration;  // heads index grid y
+  if (a.nq == 0) return cudaSuccess;
   using namespace attn;
+  int2* items = reinterpret_cast<int2*>(workspace);
   NIT_DISPATCH_DTYPE(dt, T, {
-    const bool vec = can_vectorize<T>(a.D, q, k, v, out);
+    constexpr int BM = Tile<T, 64>::kRows;  // the same for every kDp
+    const cudaError_t list_err = build_work_list(a.cu_q, a.num_seqs, a.nq, BM, items, stream);
+    if (list_err != cudaSuccess) return list_err;
+    const bool vec = can_vectorize_strided<T>(a.D, q, a.q_row, a.q_head) &&
+                     can_vectorize_strided<T>(a.D, k, a.k_row, a.k_head) &&
+                     can_vectorize_strided<T>(a.D, v, a.v_row, a.v_head) &&
+                     can_vectorize<T>(a.D, out);
     return with_padded_head_dim(a.D, [&](auto P) -> cudaError_t {
       constexpr int kDp = decltype(P)::value;
       using L = FwdLayout<T, kDp>;
+      static_assert(L::BM == BM, "one work list for every head dim");
       auto kernel = attn_fwd_kernel<T, kDp>;
       cudaError_t err = allow_smem(kernel, L::bytes);
       if (err != cudaSuccess) return err;
-      const dim3 grid(static_cast<unsigned>(cdiv(a.max_seqlen_q, int64_t(L::BM))),
-                      static_cast<unsigned>(a.H), static_cast<unsigned>(a.num_seqs));
+      const dim3 grid(static_cast<unsigned>(work_capacity(a.nq, a.num_seqs, BM)),
+                      static_cast<unsigned>(a.H));
       launch<attn_fwd_kernel<T, kDp>>(
-          grid, Tile<T, kDp>::kThreads, L::bytes, stream, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), a, vec,
-          static_cast<T*>(out), lse);
+          grid, Tile<T, kDp>::kThreads, L::bytes, stream, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), a, items,
+          vec, static_cast<T*>(out), lse);
       return cudaGetLastError();
     });
   })

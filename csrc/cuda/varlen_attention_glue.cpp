@@ -1,6 +1,8 @@
 // Torch glue of the CUDA varlen attention kernels (varlen_attention.cu, varlen_attention_bwd.cu).
-// cu_seqlens and max_seqlen are trusted as flash-attn does (PackedSeqs validates them on the
-// host once per pack); reading them here would synchronise the stream in every call.
+// cu_seqlens stays on the device (reading it here would synchronise the stream in every call):
+// the kernels schedule the tiles that cu_seqlens describes, so a max_seqlen smaller than a real
+// sequence cannot leave rows unwritten; it is only checked to be >= 0. q, k, v may be strided
+// views (e.g. qkv.view(N, 3, H, D).unbind(1)) with a contiguous last dim: no copy is made.
 #include <torch/library.h>
 
 #include "cuda/glue.h"
@@ -9,20 +11,29 @@ namespace nit {
 namespace cuda_glue {
 namespace varlen_attention {
 
-constexpr int64_t kMaxGridDim = 65535;  // heads and images index grid dims y and z
+constexpr int64_t kMaxGridDim = 65535;  // heads index grid dim y
+
+// q, k, v: a float dtype and a contiguous last dim; the token and head strides are passed on.
+void check_attn_input(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, name,
+              " must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK(t.dim() == 3, name, " must be [N, H, D], got shape ", t.sizes());
+  TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, name,
+              " must have a contiguous last dim (stride 1), got strides ", t.strides());
+  TORCH_CHECK(t.stride(0) >= 0 && t.stride(1) >= 0, name,
+              " must have non-negative strides, got ", t.strides());
+}
 
 cuda::AttnArgs check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
                           int64_t max_k, double softmax_scale, bool causal) {
   check_cuda(q, "q");
-  check_float_input(q, "q");
-  check_float_input(k, "k");
-  check_float_input(v, "v");
+  check_attn_input(q, "q");
+  check_attn_input(k, "k");
+  check_attn_input(v, "v");
   check_like(k, q, "k", "q");
   check_like(v, q, "v", "q");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
-              "q, k, v must be [N, H, D], got shapes ", q.sizes(), ", ", k.sizes(), ", ",
-              v.sizes());
   const int64_t H = q.size(1), Hk = k.size(1), D = q.size(2);
   TORCH_CHECK(k.size(2) == D && v.size(2) == D, "q, k, v must share head_dim, got ", D, ", ",
               k.size(2), ", ", v.size(2));
@@ -37,7 +48,6 @@ cuda::AttnArgs check_args(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t Bk = check_cu_seqlens(cu_k, k.size(0), q, "cu_seqlens_k");
   TORCH_CHECK(B == Bk, "cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got ",
               B, " and ", Bk);
-  TORCH_CHECK(B <= kMaxGridDim, "at most ", kMaxGridDim, " sequences per call are supported, got ", B);
   TORCH_CHECK(max_q >= 0 && max_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0, got ", max_q,
               " and ", max_k);
   cuda::AttnArgs a;
@@ -51,6 +61,12 @@ cuda::AttnArgs check_args(const at::Tensor& q, const at::Tensor& k, const at::Te
   a.H = H;
   a.Hk = Hk;
   a.D = D;
+  a.q_row = q.stride(0);
+  a.q_head = q.stride(1);
+  a.k_row = k.stride(0);
+  a.k_head = k.stride(1);
+  a.v_row = v.stride(0);
+  a.v_head = v.stride(1);
   a.softmax_scale = static_cast<float>(softmax_scale);
   a.causal = causal;
   return a;
@@ -62,10 +78,13 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        double softmax_scale, bool causal) {
   const cuda::AttnArgs a = check_args(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal);
   const DeviceGuard guard(q.device());
-  auto out = at::empty_like(q);
+  auto out = at::empty(q.sizes(), q.options());  // contiguous whatever q's strides
   auto lse = at::empty({a.H, a.nq}, q.options().dtype(at::kFloat));
+  auto ws = at::empty({cuda::varlen_attention_fwd_workspace(dtype_of(q), a)},
+                      q.options().dtype(at::kFloat));
   check_launch(cuda::varlen_attention_fwd(dtype_of(q), q.data_ptr(), k.data_ptr(), v.data_ptr(), a,
-                                          out.data_ptr(), lse.data_ptr<float>(), current_stream()),
+                                          out.data_ptr(), lse.data_ptr<float>(),
+                                          ws.data_ptr<float>(), current_stream()),
                "varlen_attention_fwd");
   return {out, lse};
 }
@@ -83,10 +102,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   check_shape(out, q.sizes(), "out");
   check_stats(lse, {a.H, a.nq}, q, "lse");
   const DeviceGuard guard(q.device());
-  auto dq = at::empty_like(q);
-  auto dk = at::empty_like(k);
-  auto dv = at::empty_like(v);
-  auto ws = at::empty({cuda::varlen_attention_bwd_workspace(a)}, q.options().dtype(at::kFloat));
+  auto dq = at::empty(q.sizes(), q.options());  // contiguous whatever q, k, v's strides
+  auto dk = at::empty(k.sizes(), k.options());
+  auto dv = at::empty(v.sizes(), v.options());
+  auto ws = at::empty({cuda::varlen_attention_bwd_workspace(dtype_of(q), a)},
+                      q.options().dtype(at::kFloat));
   check_launch(cuda::varlen_attention_bwd(dtype_of(q), dout.data_ptr(), q.data_ptr(), k.data_ptr(),
                                           v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(), a,
                                           dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
