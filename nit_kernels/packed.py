@@ -121,6 +121,12 @@ class PackedSeqs:
     num_seqs: int
 
     def __post_init__(self):
+        for name in ("sizes", "cu_seqlens"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            # kernels read the metadata as flat arrays: a strided view is stored as a contiguous copy
+            object.__setattr__(self, name, t.contiguous())
         host = _host_sizes(self.sizes)
         if self.sizes.dtype != torch.int32:
             raise ValueError(f"sizes must be int32, got {self.sizes.dtype} (use PackedSeqs.from_sizes to convert)")
