@@ -27,6 +27,14 @@ def _check_packed(op: str, packed) -> PackedSeqs:
     if not isinstance(packed, PackedSeqs):
         _fail(op, f"packed must be a PackedSeqs (build one with PackedSeqs.from_sizes([(h, w), ...])), "
                   f"got {type(packed).__name__}")
+    # a pack changed in place or assembled without its constructor is checked again (CPU packs:
+    # no device sync; a pack unchanged since its last check costs a few attribute reads)
+    cu = getattr(packed, "cu_seqlens", None)
+    if not torch.compiler.is_compiling() and not (isinstance(cu, torch.Tensor) and cu.device.type != "cpu"):
+        try:
+            packed.validate()
+        except ValueError as e:
+            _fail(op, str(e))
     return packed
 
 

@@ -127,3 +127,38 @@ def test_a_pack_built_from_strided_tensors_works(backend):
     want = call_op("qk_norm_rope", PACK, inp, backend)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def _forged(**fields):
+    """A PackedSeqs put together without its constructor (as PackedSeqs.to does), fields as given."""
+    good = {f: getattr(PACK, f) for f in ("sizes", "cu_seqlens", "max_seqlen", "total_tokens", "num_seqs")}
+    good.update(fields)
+    p = object.__new__(nk.PackedSeqs)
+    for k, v in good.items():
+        object.__setattr__(p, k, v)
+    return p
+
+
+FORGED = {
+    "cu past the end": lambda: _forged(cu_seqlens=torch.tensor([0, 6, 16], dtype=torch.int32)),
+    "cu decreasing": lambda: _forged(cu_seqlens=torch.tensor([0, 9, 6], dtype=torch.int32), total_tokens=6),
+    "sizes not matching cu": lambda: _forged(sizes=torch.tensor([[3, 3], [2, 3]], dtype=torch.int32)),
+    "total_tokens forged": lambda: _forged(total_tokens=16),
+    "cu changed in place": lambda: _modified_in_place(),
+}
+
+
+def _modified_in_place():
+    p = nk.PackedSeqs.from_sizes([(2, 3), (3, 3)])
+    p.cu_seqlens[1] = 7
+    return p
+
+
+@pytest.mark.parametrize("backend", ARG_BACKENDS)
+@pytest.mark.parametrize("case", FORGED, ids=list(FORGED))
+@pytest.mark.parametrize("op", ["adaln_modulate", "rope_2d"])
+def test_forged_or_modified_packs_are_refused(backend, case, op):
+    packed = FORGED[case]()
+    inp = cast_inputs(op, op_inputs(op, PACK, dim=8, head_dim=8, seed=6), torch.float32)
+    with pytest.raises(ValueError, match=rf"{op}: .*(cu_seqlens|sizes|total_tokens)"):
+        call_op(op, packed, inp, backend)
