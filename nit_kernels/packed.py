@@ -121,16 +121,11 @@ class PackedSeqs:
     num_seqs: int
 
     def __post_init__(self):
-        for name in ("sizes", "cu_seqlens"):
-            t = getattr(self, name)
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            # kernels read the metadata as flat arrays: a strided view is stored as a contiguous copy
-            object.__setattr__(self, name, t.contiguous())
         self.validate()
 
     def validate(self) -> None:
-        """Check that the tensors and ints agree (ValueError naming the problem otherwise).
+        """Check that the tensors and ints agree (ValueError naming the problem otherwise); a strided
+        sizes or cu_seqlens is replaced by a contiguous copy.
 
         Runs at construction; the ops run it again (host side, CPU packs) for a pack whose fields
         changed since, or that was put together without the constructor. One device->host copy
@@ -140,15 +135,16 @@ class PackedSeqs:
         if seen is not None and seen[0] is self.sizes and seen[1] is self.cu_seqlens and seen[2] == self._stamp():
             return
         for name in ("sizes", "cu_seqlens"):
-            if not isinstance(getattr(self, name, None), torch.Tensor):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(getattr(self, name, None)).__name__}")
+            t = getattr(self, name, None)
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_contiguous():  # kernels read the metadata as flat arrays: keep a contiguous copy
+                object.__setattr__(self, name, t.contiguous())
         host = _host_sizes(self.sizes)
         if self.sizes.dtype != torch.int32:
             raise ValueError(f"sizes must be int32, got {self.sizes.dtype} (use PackedSeqs.from_sizes to convert)")
         if self.cu_seqlens.device != self.sizes.device:
             raise ValueError(f"cu_seqlens is on {self.cu_seqlens.device} but sizes is on {self.sizes.device}")
-        if not (self.sizes.is_contiguous() and self.cu_seqlens.is_contiguous()):
-            raise ValueError("sizes and cu_seqlens must be contiguous (the constructor stores contiguous copies)")
         seqlens = host[:, 0] * host[:, 1]
         validate_cu_seqlens(self.cu_seqlens, int(seqlens.sum()))
         if self.cu_seqlens.numel() != host.shape[0] + 1:
