@@ -198,8 +198,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """Attention inside each packed sequence only; the positional signature of flash_attn_varlen_func.
 
     q [Nq, H, D], k [Nk, Hk, D], v [Nk, Hk, D] with H a multiple of Hk; cu_seqlens int32 [B+1];
-    max_seqlen_* Python ints, computed once per pack on the host. softmax_scale defaults to
-    D ** -0.5. causal masks are aligned bottom-right as in flash-attn >= 2.1. Returns [Nq, H, D].
+    max_seqlen_* Python ints in [0, 2**31 - 1] at least the longest sequence, computed once per pack
+    on the host. A strided cu_seqlens is accepted (copied). softmax_scale (finite) defaults to
+    D ** -0.5. causal masks are aligned bottom-right as in flash-attn >= 2.1; a query that sees no
+    key outputs 0. NaN and inf flow as through softmax(scale * q k^T) v. Returns [Nq, H, D].
     On CPU tensors the contents of cu_seqlens are validated; on GPU they are trusted (no sync).
     """
     op = "varlen_attention"
@@ -227,12 +229,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         _fail(op, f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
                   f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        # int32 like cu_seqlens (and the kernels' schemas); a SymInt passes while tracing
+        # at most the int32 range of cu_seqlens (a SymInt passes while tracing)
         if isinstance(m, (torch.Tensor, bool)) or not isinstance(m, (int, torch.SymInt)) or not 0 <= m < 2**31:
             _fail(op, f"{name} must be a Python int in [0, 2**31 - 1] (the longest sequence, computed once per "
                       f"pack), got {m!r}")
-    if softmax_scale is not None and not math.isfinite(softmax_scale):
-        _fail(op, f"softmax_scale must be finite, got {softmax_scale!r}")
+    if softmax_scale is not None:
+        try:
+            finite = math.isfinite(float(softmax_scale))
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            _fail(op, f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
     # a strided cu_seqlens is accepted, as q, k and v are: every backend gets a contiguous copy
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if q.device.type == "cpu" and not torch.compiler.is_compiling():

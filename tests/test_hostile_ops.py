@@ -1,8 +1,9 @@
 """Hostile input at the public op API: answers that are right or clear errors, never silent zeros.
 
 - Second derivatives: the compiled backends implement first derivatives only; a double backward
-  through them raises an error naming the op and the backend that can do it (the reference), where
-  it used to return zeros with a PyTorch warning. rope_2d is linear, its double backward is exact.
+  through them raises an error naming the op and the backend that can do it (the reference), not
+  zeros with a PyTorch warning. rope_2d's backward is rope_2d itself, so its double backward is exact.
+- Packs that were changed in place or put together without the constructor are checked again.
 - Arguments a flash-attn user can get wrong (max_seqlen beyond int32, zero heads, head_dim 0,
   a strided cu_seqlens) get the same answer on every backend: a ValueError saying what is allowed,
   or the same result.
@@ -111,8 +112,9 @@ def test_rope_of_zero_heads_or_head_dim_is_a_clear_error(backend, q_heads, k_hea
 def test_zero_head_dim_and_non_finite_scale_are_clear_errors(backend):
     with pytest.raises(ValueError, match=r"head_dim must be positive"):
         _attn(backend, head_dim=0)
-    with pytest.raises(ValueError, match=r"softmax_scale must be finite"):
-        _attn(backend, scale=float("nan"))
+    for scale in (float("nan"), float("inf"), "large"):
+        with pytest.raises(ValueError, match=r"softmax_scale must be a finite float or None"):
+            _attn(backend, scale=scale)
 
 
 @pytest.mark.parametrize("backend", ARG_BACKENDS)
@@ -226,6 +228,26 @@ def _main_and_other(op):
             "rope_2d": ("q", "k"), "qk_norm_rope": ("q", "k"), "varlen_attention": ("q", "v")}[op]
 
 
+def _clean_inputs(op, packed, shape, seed):
+    """fp32 inputs of `op` for `packed` with the (possibly unusable) heads and head_dim of `shape`."""
+    g = torch.Generator().manual_seed(seed)
+    n, dh = packed.total_tokens, shape["head_dim"]
+    if op == "varlen_attention":  # built here: op_inputs reads kv_heads=0 as "as many as q"
+        return {"q": torch.randn(n, shape["heads"], dh, generator=g),
+                "k": torch.randn(n, shape["kv_heads"], dh, generator=g),
+                "v": torch.randn(n, shape["kv_heads"], dh, generator=g)}
+    rope_ok = dh > 0 and dh % 4 == 0  # else built with head_dim 4, then q, k and the tables replaced
+    inp = cast_inputs(op, op_inputs(op, packed, seed=seed, **{**shape, "head_dim": dh if rope_ok else 4}),
+                      torch.float32, requires_grad=False)
+    if op in ("rope_2d", "qk_norm_rope") and not rope_ok:
+        inp["q"], inp["k"] = (torch.randn(n, h, dh, generator=g) for h in (shape["heads"], shape["kv_heads"]))
+        inp["freqs"] = torch.ones(2, dh // 4)
+        for name in ("q_weight", "q_bias", "k_weight", "k_bias"):
+            if name in inp:
+                inp[name] = torch.ones(dh)
+    return inp
+
+
 def _build(spec):
     """(call, valid): call(backend) runs the op of `spec` on its (mutated) arguments."""
     op, sizes = spec["op"], [tuple(s) for s in spec["sizes"]]
@@ -247,26 +269,7 @@ def _build(spec):
             else:
                 shape["head_dim"] = int(value.split()[1])
                 valid &= modulation or (value == "head_dim 6" and op == "varlen_attention")
-    if op == "varlen_attention":
-        # k/v heads: zero when asked, else heads (op_inputs' kv_heads 0 means "same as q")
-        g = torch.Generator().manual_seed(spec["seed"])
-        n, dh = packed.total_tokens, shape["head_dim"]
-        inp = {"q": torch.randn(n, shape["heads"], dh, generator=g),
-               "k": torch.randn(n, shape["kv_heads"], dh, generator=g),
-               "v": torch.randn(n, shape["kv_heads"], dh, generator=g)}
-    else:
-        dh = shape["head_dim"]
-        rope_ok = dh > 0 and dh % 4 == 0  # else built with 4, then q, k, freqs replaced
-        inp = cast_inputs(op, op_inputs(op, packed, seed=spec["seed"], **{**shape, "head_dim": dh if rope_ok else 4}),
-                          torch.float32, requires_grad=False)
-        if op in ("rope_2d", "qk_norm_rope") and not rope_ok:
-            g = torch.Generator().manual_seed(spec["seed"])
-            inp["q"], inp["k"] = (torch.randn(packed.total_tokens, h, dh, generator=g)
-                                  for h in (shape["heads"], shape["kv_heads"]))
-            inp["freqs"] = torch.ones(2, dh // 4)
-            for name in ("q_weight", "q_bias", "k_weight", "k_bias"):
-                if name in inp:
-                    inp[name] = torch.ones(dh)
+    inp = _clean_inputs(op, packed, shape, spec["seed"])
     fields = {f: getattr(packed, f) for f in ("sizes", "cu_seqlens", "max_seqlen", "total_tokens", "num_seqs")}
     longest = packed.max_seqlen
     attn = {"cu_q": packed.cu_seqlens, "cu_k": packed.cu_seqlens, "max_q": longest, "max_k": longest,
