@@ -126,7 +126,8 @@ def _check_rope(op: str, q, k, packed, freqs, positions):
     if q.shape[1] == 0 or k.shape[1] == 0:
         _fail(op, f"q and k need at least one head, got {q.shape[1]} q heads and {k.shape[1]} k heads")
     if dh % 4 or dh == 0:
-        _fail(op, f"head_dim must be a positive multiple of 4 for axial 2D RoPE (two axes of interleaved pairs), got {dh}")
+        _fail(op, f"head_dim must be a positive multiple of 4 for axial 2D RoPE (two axes of interleaved pairs), "
+                  f"got {dh}")
     if k.shape[-1] != dh:
         _fail(op, f"q and k must share head_dim, got {dh} and {k.shape[-1]}")
     if k.dtype != q.dtype:

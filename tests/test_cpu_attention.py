@@ -3,9 +3,10 @@
 tests/test_ops_conformance.py covers the dtype x head_dim x causal grid on packs with equal query
 and key lengths; this module covers what it does not: cross lengths, empty sequences, rows that
 see no key, the saved log-sum-exp, grouped-query heads, long images split across backward tasks,
-thread-count determinism, both vector widths, registration (opcheck, torch.compile), fuzzed packs
-and bad input. Forward and gradients are judged against the float64 reference by the accuracy
-rule of nit_kernels.testing (error <= 2x that of the float32 reference + a small atol).
+thread-count determinism, both vector widths, registration (opcheck, torch.compile), fuzzed packs,
+NaN/inf propagation, a huge softmax_scale and bad input. Forward and gradients are judged against
+the float64 reference by the accuracy rule of nit_kernels.testing (error <= 2x that of the float32
+reference + a small atol).
 """
 import contextlib
 

@@ -10,6 +10,11 @@
 - A fuzz test throws malformed packing metadata and shapes at every op in a child process and
   checks each answer there (see the end of this file).
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -183,10 +188,6 @@ def test_forged_or_modified_packs_are_refused(backend, case, op):
 # whether the call stays valid; a valid call must match the reference on the same arguments, an
 # invalid one must raise ValueError or RuntimeError with a message. The child prints every example
 # before running it, so a crash or a hang names the example that caused it.
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 # every example runs on each of these backends. triton is left out: under its interpreter the
 # attention launch grid follows max_seqlen, so a valid max_seqlen of 2**31 - 1 does not finish.
@@ -404,6 +405,7 @@ def _fuzz_child(backends_: list, examples: int):
     run()
 
 
+@pytest.mark.slow
 def test_fuzz_malformed_metadata_and_shapes_in_a_child_process():
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, TRITON_INTERPRET="1",
