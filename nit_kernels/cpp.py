@@ -223,6 +223,25 @@ def register_autograd(ns: str) -> None:
 
     lib.register_autograd(f"{ns}::varlen_attention_fwd", _attn_backward, setup_context=_attn_setup)
 
+    # The *_bwd kernels compute first derivatives only. Without an autograd formula PyTorch
+    # would differentiate through them as constants (zeros and a warning) in a double backward.
+    def _no_second_derivative(op: str, bwd: str):
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"{op}: the {ctx.backend} backend computes first derivatives only; a second derivative "
+                f"(double backward, e.g. torch.autograd.grad(..., create_graph=True) then backward) "
+                f"needs backend=\"reference\"")
+
+        def setup(ctx, inputs, output):
+            ctx.backend = "cuda_sim" if ns == "nit_sim" else ("cuda" if inputs[0].is_cuda else "cpu")
+
+        lib.register_autograd(f"{ns}::{bwd}", backward, setup_context=setup)
+
+    for op, bwd in (("adaln_modulate", "adaln_modulate_bwd"), ("gated_residual", "gated_residual_bwd"),
+                    ("residual_adaln", "residual_adaln_bwd"), ("qk_norm_rope", "qk_norm_rope_bwd"),
+                    ("varlen_attention", "varlen_attention_bwd")):
+        _no_second_derivative(op, bwd)
+
 
 if _C is not None:
     register_autograd("nit")

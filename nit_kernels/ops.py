@@ -7,6 +7,7 @@ differentiable and traceable by ``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional
 
@@ -27,6 +28,14 @@ def _check_packed(op: str, packed) -> PackedSeqs:
     if not isinstance(packed, PackedSeqs):
         _fail(op, f"packed must be a PackedSeqs (build one with PackedSeqs.from_sizes([(h, w), ...])), "
                   f"got {type(packed).__name__}")
+    # a pack changed in place or assembled without its constructor is checked again (CPU packs:
+    # no device sync; a pack unchanged since its last check costs a few attribute reads)
+    cu = getattr(packed, "cu_seqlens", None)
+    if not torch.compiler.is_compiling() and not (isinstance(cu, torch.Tensor) and cu.device.type != "cpu"):
+        try:
+            packed.validate()
+        except ValueError as e:
+            _fail(op, str(e))
     return packed
 
 
@@ -115,8 +124,11 @@ def _check_rope(op: str, q, k, packed, freqs, positions):
     _check_tokens(op, q, "q", packed, 3, "[N, H, Dh]")
     _check_tokens(op, k, "k", packed, 3, "[N, Hk, Dh]")
     dh = q.shape[-1]
-    if dh % 4:
-        _fail(op, f"head_dim must be a multiple of 4 for axial 2D RoPE (two axes of interleaved pairs), got {dh}")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        _fail(op, f"q and k need at least one head, got {q.shape[1]} q heads and {k.shape[1]} k heads")
+    if dh % 4 or dh == 0:
+        _fail(op, f"head_dim must be a positive multiple of 4 for axial 2D RoPE (two axes of interleaved pairs), "
+                  f"got {dh}")
     if k.shape[-1] != dh:
         _fail(op, f"q and k must share head_dim, got {dh} and {k.shape[-1]}")
     if k.dtype != q.dtype:
@@ -188,8 +200,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """Attention inside each packed sequence only; the positional signature of flash_attn_varlen_func.
 
     q [Nq, H, D], k [Nk, Hk, D], v [Nk, Hk, D] with H a multiple of Hk; cu_seqlens int32 [B+1];
-    max_seqlen_* Python ints, computed once per pack on the host. softmax_scale defaults to
-    D ** -0.5. causal masks are aligned bottom-right as in flash-attn >= 2.1. Returns [Nq, H, D].
+    max_seqlen_* Python ints in [0, 2**31 - 1] at least the longest sequence, computed once per pack
+    on the host. A strided cu_seqlens is accepted (copied). softmax_scale (finite) defaults to
+    D ** -0.5. causal masks are aligned bottom-right as in flash-attn >= 2.1; a query that sees no
+    key outputs 0. NaN and inf flow as through softmax(scale * q k^T) v. Returns [Nq, H, D].
     On CPU tensors the contents of cu_seqlens are validated; on GPU they are trusted (no sync).
     """
     op = "varlen_attention"
@@ -205,16 +219,31 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         _fail(op, f"q and k must share head_dim, got {q.shape[-1]} and {k.shape[-1]}")
     if v.shape[:2] != k.shape[:2]:
         _fail(op, f"v must have k's tokens and heads {tuple(k.shape[:2])}, got {tuple(v.shape[:2])}")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        _fail(op, f"q and k/v need at least one head, got {q.shape[1]} q heads and {k.shape[1]} k/v heads")
     if q.shape[1] % k.shape[1]:
         _fail(op, f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        _fail(op, f"head_dim must be positive, got {q.shape[-1]} for q/k and {v.shape[-1]} for v")
     _check_cu(op, cu_seqlens_q, "cu_seqlens_q", q.device)
     _check_cu(op, cu_seqlens_k, "cu_seqlens_k", q.device)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         _fail(op, f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
                   f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, torch.Tensor) or isinstance(m, bool) or not isinstance(m, int) or m < 0:
-            _fail(op, f"{name} must be a non-negative Python int computed once per pack, got {m!r}")
+        # at most the int32 range of cu_seqlens (a SymInt passes while tracing)
+        if isinstance(m, (torch.Tensor, bool)) or not isinstance(m, (int, torch.SymInt)) or not 0 <= m < 2**31:
+            _fail(op, f"{name} must be a Python int in [0, 2**31 - 1] (the longest sequence, computed once per "
+                      f"pack), got {m!r}")
+    if softmax_scale is not None:
+        try:
+            finite = math.isfinite(float(softmax_scale))
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            _fail(op, f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    # a strided cu_seqlens is accepted, as q, k and v are: every backend gets a contiguous copy
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         for name, cu, n, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
