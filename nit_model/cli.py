@@ -7,8 +7,9 @@ import sys
 
 
 def _kernels(args):
+    from .checks import integer
     from .kernel_tour import run
-    run(tokens=args.tokens, reps=args.reps)
+    run(tokens=integer("--tokens", args.tokens, 1), reps=integer("--reps", args.reps, 1))
 
 
 def _bench(args, rest):
@@ -30,28 +31,48 @@ def _train(args):
         sys.exit(code)
 
 
-def _threads(n):
-    if n:
-        import torch
-        torch.set_num_threads(int(n))
+def check_threads(n) -> None:
+    """Validate a --threads value (None: torch's choice) and apply it."""
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"--threads must be a positive number of threads, got {n}")
+    import torch
+    torch.set_num_threads(n)
+
+
+_threads = check_threads
+
+
+def _cfg_interval(spec: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--cfg-interval is LOW,HIGH (e.g. 0,0.7), got {spec!r}") from None
+    return low, high
+
+
+def _writable_folder(path: str) -> str:
+    """Create the output folder now, so that a path that cannot be written fails before the work."""
+    os.makedirs(path, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path}: the output folder is not writable")
+    return path
 
 
 def _sample(args):
     from .report import save_samples, write_text
-    from .sampling import load_sampling_model, parse_sizes, sample
+    from .sampling import check_sampling_args, load_sampling_model, parse_sizes, sample
     _threads(args.threads)
-    try:
-        low, high = (float(v) for v in args.cfg_interval.split(","))
-    except ValueError:
-        raise SystemExit(f"nit sample: error: --cfg-interval is LOW,HIGH (e.g. 0,0.7), got {args.cfg_interval!r}")
-    try:
-        sizes = parse_sizes(args.sizes)
-        sm = load_sampling_model(args.ckpt, ema=not args.no_ema, vae=args.vae, vae_factor=args.vae_factor)
-        res = sample(sm, sizes, args.labels, num=args.num, steps=args.steps, solver=args.solver,
-                     cfg_scale=args.cfg_scale, cfg_interval=(low, high), seed=args.seed,
-                     token_budget=args.token_budget, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"nit sample: error: {e}")
+    low, high = _cfg_interval(args.cfg_interval)
+    check_sampling_args(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale, cfg_interval=(low, high),
+                        seed=args.seed, token_budget=args.token_budget)
+    sizes = parse_sizes(args.sizes)
+    sm = load_sampling_model(args.ckpt, ema=not args.no_ema, vae=args.vae, vae_factor=args.vae_factor)
+    _writable_folder(args.out)
+    res = sample(sm, sizes, args.labels, num=args.num, steps=args.steps, solver=args.solver,
+                 cfg_scale=args.cfg_scale, cfg_interval=(low, high), seed=args.seed,
+                 token_budget=args.token_budget, progress=not args.no_progress, force=args.force)
     files = save_samples(res, args.out, class_names=sm.class_names, write_pngs=not args.no_png)
     import json
     write_text(os.path.join(args.out, "samples.json"), json.dumps(
@@ -74,17 +95,16 @@ def _eval(args):
     if args.baseline_ckpt:
         specs.append(f"baseline={args.baseline_ckpt}")
     if not specs:
-        raise SystemExit("nit eval: error: give at least one --ckpt [NAME=]PATH")
-    try:
-        low, high = (float(v) for v in args.cfg_interval.split(","))
-        models = parse_named_checkpoints(specs)
-        rep = evaluate_models(models, args.sizes or DEFAULT_EVAL_SIZES, num=args.num, steps=args.steps,
-                              solver=args.solver, cfg_scale=args.cfg_scale, cfg_interval=(low, high),
-                              seed=args.seed, num_real=args.num_real, cache_dir=args.cache_dir,
-                              classifier_config=ClassifierConfig(steps=args.classifier_steps),
-                              palette=args.palette, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"nit eval: error: {e}")
+        raise ValueError("give at least one --ckpt [NAME=]PATH")
+    low, high = _cfg_interval(args.cfg_interval)
+    models = parse_named_checkpoints(specs)
+    if args.out:
+        _writable_folder(args.out)
+    rep = evaluate_models(models, args.sizes or DEFAULT_EVAL_SIZES, num=args.num, steps=args.steps,
+                          solver=args.solver, cfg_scale=args.cfg_scale, cfg_interval=(low, high),
+                          seed=args.seed, num_real=args.num_real, cache_dir=args.cache_dir,
+                          classifier_config=ClassifierConfig(steps=args.classifier_steps),
+                          palette=args.palette, progress=not args.no_progress)
     table = markdown_table(rep)
     print(table)
     if args.out:
@@ -153,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae", default=None, help="latent models: diffusers autoencoder name or local folder")
     s.add_argument("--vae-factor", type=int, default=None, help="latent models: pixels per latent pixel")
     s.add_argument("--no-png", action="store_true", help="write only the contact sheet and .npz files")
+    s.add_argument("--force", action="store_true",
+                   help="sample even when the memory estimate exceeds the available memory")
     s.set_defaults(func=_sample)
     e = sub.add_parser("eval", help="per-resolution accuracy and Fréchet distance on the shapes data",
                        description="Sample every model at seen and unseen sizes (same seeds), judge the samples "
@@ -189,13 +211,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_error_types() -> tuple:
+    """Exceptions that mean bad input or an unusable file, not a bug: reported in one line."""
+    from .memory import MemoryRefusal
+    return (ValueError, OSError, MemoryRefusal)
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an exception: an OSError names its path; newlines become spaces."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())
+
+
 def main(argv=None) -> int:
+    """Run a `nit` subcommand. Bad input ends in one line `nit <cmd>: error: ...` on stderr and
+    exit code 2 (as argparse's own errors); NIT_TRACEBACK=1 re-raises with the traceback."""
     args, rest = build_parser().parse_known_args(argv)
     if getattr(args, "passthrough", False):
         return args.func(args, rest) or 0
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    args.func(args)
+    try:
+        args.func(args)
+    except user_error_types() as e:
+        if os.environ.get("NIT_TRACEBACK"):
+            raise
+        print(f"nit {args.command}: error: {error_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
     return 0
 
 

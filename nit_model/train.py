@@ -31,6 +31,7 @@ import sys
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 from .checkpoint import CheckpointMismatchError
+from .memory import MemoryRefusal
 from .trainer.checkpointing import CheckpointNotFound
 from .trainer.config import ConfigError, TrainConfig, resolve_config_path, shipped_configs
 
@@ -147,8 +148,9 @@ def main_train(args) -> int:
         stem = os.path.splitext(os.path.basename(resolve_config_path(args.config)))[0]
         out = args.out or os.path.join("runs", stem)
         result = train(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
-    except (ConfigError, CheckpointNotFound, CheckpointMismatchError) as e:
-        print(f"nit train: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, MemoryRefusal) as e:  # ConfigError, CheckpointNotFound, ... included
+        from .cli import error_line
+        print(f"nit train: error: {error_line(e)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         h = result.history
