@@ -174,6 +174,9 @@ def save_weights(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: Path
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0o600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

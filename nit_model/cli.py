@@ -125,6 +125,48 @@ def _demo(args):
         sys.exit(code)
 
 
+def _ckpt_dirs(path: str) -> tuple[str, list[str]]:
+    """(checkpoints folder, checkpoint directories to look at) for a run, its checkpoints folder or one checkpoint."""
+    from .trainer import checkpointing as ck
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if os.path.isfile(os.path.join(path, "trainer.pt")) or os.path.isfile(os.path.join(path, ck.MANIFEST)):
+        return os.path.dirname(os.path.abspath(path)), [path]
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    names = sorted(n for n in os.listdir(root) if n.startswith("step-") and os.path.isdir(os.path.join(root, n)))
+    return root, [os.path.join(root, n) for n in names]
+
+
+def _ckpt(args):
+    """`nit ckpt list|verify PATH`: the checkpoints of a run and whether their files match their manifests."""
+    from .memory import fmt_bytes
+    from .trainer import checkpointing as ck
+    root, dirs = _ckpt_dirs(args.path)
+    bad = 0
+    if args.action == "list":
+        pointer = os.path.join(root, ck.LATEST)
+        if os.path.isfile(pointer):
+            print(f"latest -> {open(pointer).read().strip()}")
+        for name in sorted(os.listdir(root)):
+            p = os.path.join(root, name)
+            if os.path.isdir(p):
+                size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs)
+                kind = ("checkpoint" if ck.is_complete(p) else "incomplete") if name.startswith("step-") else \
+                    "damaged, set aside" if name.startswith(ck.CORRUPT_PREFIX) else \
+                    "later checkpoints of an abandoned timeline" if name.startswith("abandoned-") else \
+                    "debris of an interrupted save" if name.startswith(".tmp-") else "other"
+                print(f"{name}  {fmt_bytes(size)}  ({kind})")
+        return
+    for d in dirs:
+        problems = ck.verify_checkpoint(d)
+        bad += bool(problems)
+        print(f"{os.path.basename(d)}: " + (f"damaged ({'; '.join(problems)})" if problems else "ok"))
+    if not dirs:
+        print(f"no checkpoints under {root}")
+    if bad:
+        raise SystemExit(1)
+
+
 def _add_sampling_knobs(p, *, steps: int, num: int) -> None:
     from .solvers import SOLVERS
     p.add_argument("--num", type=int, default=num, help=f"images per size (default {num})")
@@ -199,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that `nit train` reads (data.kind=latents).")
     add_latent_arguments(x)
     x.set_defaults(func=_extract_latents)
+    c = sub.add_parser("ckpt", help="list the checkpoints of a run, or verify their files against their manifests",
+                       description="list: every folder under RUN/checkpoints with its size and kind (checkpoints, "
+                                   "corrupt-* set aside, abandoned-* timelines, debris). verify: size and sha256 of "
+                                   "every file of every checkpoint; exit code 1 when one is damaged.")
+    c.add_argument("action", choices=("list", "verify"))
+    c.add_argument("path", help="run directory, its checkpoints folder, or one checkpoint")
+    c.set_defaults(func=_ckpt)
     from .demo import add_demo_arguments
     d = sub.add_parser("demo", help="train, sample and evaluate tiny NiT on shapes in minutes; writes runs/demo/REPORT.md",
                        description="The main job on a CPU: train the tiny NiT on shapes at native resolutions and a "

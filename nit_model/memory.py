@@ -105,7 +105,9 @@ def available_memory(device=None) -> tuple[int, str]:
 
 def _attention_bytes(cfg, longest: int, device, training: bool) -> int:
     from nit_kernels import backends
-    name = cfg.backend or os.environ.get("NIT_KERNELS_BACKEND")
+    if not hasattr(cfg, "num_heads"):
+        return 0
+    name = getattr(cfg, "backend", None) or os.environ.get("NIT_KERNELS_BACKEND")
     if name is None:
         call = backends.Call("varlen_attention", torch.device(device or "cpu"), torch.float32, head_dim=cfg.head_dim)
         name = next((n for n in backends._auto_order(call) if backends.get(n).refuse(call) is None), "reference")
@@ -115,14 +117,21 @@ def _attention_bytes(cfg, longest: int, device, training: bool) -> int:
     return 4 * threads * 2 * longest * cfg.head_dim * (3 if training else 1)
 
 
+def _dims(cfg) -> tuple[int, int, int]:
+    """(D, M, P) of a NiTConfig; a stand-in model's config may only have in_channels and patch_size."""
+    p = int(getattr(cfg, "in_channels", 1)) * int(getattr(cfg, "patch_size", 1)) ** 2
+    return int(getattr(cfg, "hidden_size", 0)), int(getattr(cfg, "mlp_hidden", 0)), p
+
+
 def inference_bytes_per_token(cfg) -> int:
-    return 4 * (6 * cfg.hidden_size + 2 * cfg.mlp_hidden + 6 * cfg.patch_dim)
+    d, m, p = _dims(cfg)
+    return 4 * (6 * d + 2 * m + 6 * p)
 
 
 def training_bytes_per_token(cfg) -> int:
-    d, m = cfg.hidden_size, cfg.mlp_hidden
+    d, m, p = _dims(cfg)
     kept = 2 * d * cfg.depth + 8 * d + m if cfg.gradient_checkpointing else (8 * d + m) * cfg.depth
-    return 4 * (kept + 4 * d + 2 * m + 6 * cfg.patch_dim)
+    return 4 * (kept + 4 * d + 2 * m + 6 * p)
 
 
 def sampling_estimate(cfg, token_sizes: Sequence[tuple[int, int]], *, num: int = 1, token_budget: int,
@@ -133,6 +142,7 @@ def sampling_estimate(cfg, token_sizes: Sequence[tuple[int, int]], *, num: int =
     above the budget alone; no plan is built, so any request is estimated in microseconds.
     """
     factor = 2 if guidance else 1
+    p = _dims(cfg)[2]
     counts = [int(h) * int(w) for h, w in token_sizes]
     longest = max(counts)
     total = sum(counts) * int(num)
@@ -141,17 +151,22 @@ def sampling_estimate(cfg, token_sizes: Sequence[tuple[int, int]], *, num: int =
         f"activations ({pack:,} tokens in the biggest pack x {fmt_bytes(inference_bytes_per_token(cfg))})":
             pack * inference_bytes_per_token(cfg),
         f"attention (longest image {longest:,} tokens)": _attention_bytes(cfg, longest, device, False),
-        f"outputs ({total:,} tokens)": total * (4 * cfg.patch_dim + 32 * int(pixels_per_token)),
+        f"outputs ({total:,} tokens)": total * (4 * p + 32 * int(pixels_per_token)),
         "fixed": FIXED_BYTES,
     }
     return MemoryEstimate(sum(parts.values()), parts, "sampling")
 
 
 def count_parameters(cfg) -> int:
-    """Parameters of a NiT of `cfg`, built on the meta device (nothing is allocated)."""
-    from .model import NiT
-    with torch.device("meta"):
-        return sum(p.numel() for p in NiT(cfg).parameters())
+    """Parameters of a NiT of `cfg`, counted from its shapes (nothing is built); equals
+    ``NiT(cfg).num_params`` (tests/model/test_memory.py)."""
+    d, m, p = _dims(cfg)
+    f, pd, z, dh = cfg.frequency_embedding_size, cfg.projector_dim, cfg.z_dim, cfg.head_dim
+    r = cfg.adaln_lora_dim
+    adaln = d * 6 * d + 6 * d if r is None else d * r + r + r * 6 * d + 6 * d
+    block = (d * 3 * d + 3 * d) + (4 * dh if cfg.qk_norm else 0) + (d * d + d) + (d * m + m) + (m * d + d) + adaln
+    return (d * p + d) + (f * d + d + d * d + d) + cfg.num_label_rows * d + (d * pd + pd + pd * pd + pd + pd * z + z) \
+        + cfg.depth * block + (d * p + p) + (d * 2 * d + 2 * d)
 
 
 def training_estimate(cfg, token_budget: int, *, device=None, processes: int = 1) -> MemoryEstimate:
