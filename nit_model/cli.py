@@ -96,6 +96,9 @@ def _eval(args):
         specs.append(f"baseline={args.baseline_ckpt}")
     if not specs:
         raise ValueError("give at least one --ckpt [NAME=]PATH")
+    from .checks import integer
+    integer("--num-real", args.num_real, 2)
+    integer("--classifier-steps", args.classifier_steps, 1)
     low, high = _cfg_interval(args.cfg_interval)
     models = parse_named_checkpoints(specs)
     if args.out:

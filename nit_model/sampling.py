@@ -132,7 +132,7 @@ def check_sampling_args(*, steps, solver: str, cfg_scale, cfg_interval, seed, to
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"cfg_interval must satisfy 0 <= low <= high <= 1, got ({low}, {high})")
     return dict(steps=integer("steps", steps, 1), solver=solver, cfg_scale=at_least("cfg_scale", cfg_scale, 0.0),
-                cfg_interval=(low, high), seed=integer("seed", seed), token_budget=integer("token_budget", token_budget, 1))
+                cfg_interval=(low, high), seed=integer("seed", seed, 0), token_budget=integer("token_budget", token_budget, 1))
 
 
 def check_sampling_memory(cfg, token_sizes, *, num: int, token_budget: int, guidance: bool, pixels_per_token: int,

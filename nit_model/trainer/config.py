@@ -285,6 +285,9 @@ class TrainConfig:
                 d = yaml.safe_load(f)
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if d is not None and not isinstance(d, Mapping):
+            raise ConfigError(f"{path}: a training config is a YAML mapping of sections (model, data, ...), "
+                              f"got {type(d).__name__}")
         try:
             return cls.from_dict(_apply(d or {}, overrides))
         except ConfigError as e:

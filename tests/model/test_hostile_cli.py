@@ -63,7 +63,8 @@ def tiny_ckpt(tmp_path_factory):
     ({"steps": 0}, r"steps must be an integer >= 1, got 0"),
     ({"token_budget": INF}, r"token_budget must be an integer >= 1, got inf"),
     ({"token_budget": 0}, r"token_budget must be an integer >= 1, got 0"),
-    ({"seed": NAN}, r"seed must be an integer, got nan"),
+    ({"seed": NAN}, r"seed must be an integer >= 0, got nan"),
+    ({"seed": -1}, r"seed must be an integer >= 0, got -1"),
 ])
 def test_sampling_refuses_non_finite_and_out_of_range_numbers(kw, match):
     model = NiT(NiTConfig.from_name("tiny")).eval()
@@ -165,6 +166,9 @@ def _cli_error(capsys, argv):
     (["eval", "--ckpt", "CKPT", "--cfg-scale", "inf"], "cfg_scale must be a finite number"),
     (["eval", "--ckpt", "CKPT", "--threads", "-3"], "--threads must be a positive number"),
     (["train", "--config", "no-such-config"], "no config file"),
+    (["train", "--config", "/etc/hostname", "--out", "OUT"], "a training config is a YAML mapping of sections"),
+    (["eval", "--ckpt", "CKPT", "--classifier-steps", "0"], "--classifier-steps must be an integer >= 1"),
+    (["eval", "--ckpt", "CKPT", "--num-real", "1"], "--num-real must be an integer >= 2"),
     (["train", "--config", "tiny-shapes", "--set", "train.steps=-1"], "train.steps must be positive"),
     (["extract-latents", "--data", "/no/such/images", "--out", "OUT"], "/no/such/images"),
     (["demo", "--train-steps", "0", "--out", "OUT"], "--train-steps must be"),
@@ -178,3 +182,11 @@ def test_every_subcommand_refuses_bad_input_in_one_line(argv, needle, tiny_ckpt,
         argv += [] if "--num" in argv else ["--num", "2"]
     err = _cli_error(capsys, argv)
     assert err.startswith(f"nit {argv[0]}: error: ") and needle in err, err
+
+
+def test_train_on_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: train.device=cuda is valid here")
+    err = _cli_error(capsys, ["train", "--config", "tiny-shapes", "--out", str(tmp_path / "r"), "--set",
+                              "train.device=cuda"])
+    assert err.startswith("nit train: error: train.device='cuda' but torch sees no CUDA device"), err
