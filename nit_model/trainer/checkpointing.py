@@ -144,6 +144,10 @@ def clean_debris(root: str) -> list[str]:
         return []
     gone = []
     for name in os.listdir(root):
+        m = re.match(rf"^{re.escape(_TMP_PREFIX)}old-(step-\d+)-\d+$", name)
+        if m and is_complete(os.path.join(root, name)) and not os.path.exists(os.path.join(root, m.group(1))):
+            os.rename(os.path.join(root, name), os.path.join(root, m.group(1)))  # killed between the two renames
+            continue
         if name.startswith(_TMP_PREFIX) or name.startswith(LATEST + _TMP_PREFIX):
             p = os.path.join(root, name)
             shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)

@@ -31,11 +31,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..checkpoint import (CheckpointMismatchError, check_state_dict, load_state_dict_file, save_weights,
                           CONFIG_KEY)
 from ..flow import FlowMatchingLoss
+from ..memory import check_fits, training_estimate
 from ..model import NiT
 from . import checkpointing as ck
 from .config import ConfigError, TrainConfig
 from .data import PackStream, build_dataset, check_dataset
-from ..memory import check_fits, training_estimate
 from .distributed import DistInfo
 from .rundir import RunDirLocked, RunLock
 from .ema import EMA

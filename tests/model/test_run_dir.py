@@ -110,9 +110,11 @@ def test_damaged_checkpoints_are_skipped_moved_aside_and_training_goes_on(tmp_pa
     o2.write_bytes(bytes(data))
     assert "model.safetensors has 1000 bytes" in ck.verify_checkpoint(str(root / "step-00000003"))[0]
     assert "optimizer.pt does not match its sha256" in ck.verify_checkpoint(str(root / "step-00000002"))[0]
-    # debris of a killed save and of a killed pointer update
+    # debris of a killed save and of a killed pointer update; a step re-saved in place and killed
+    # between its two renames leaves the only copy of step 1 in .tmp-old-*: it is put back
     os.makedirs(root / ".tmp-step-00000004-999")
     (root / "latest.tmp-999").write_text("x")
+    os.rename(root / "step-00000001", root / ".tmp-old-step-00000001-999")
     capsys.readouterr()
     r = train(small(steps=4), out_dir=run, progress=False)
     err = capsys.readouterr().err
