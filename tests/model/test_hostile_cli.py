@@ -107,6 +107,7 @@ def test_nit_config_refuses_non_finite_fields():
             NiTConfig.from_name("tiny", **{field: math.nan})
 
 
+@pytest.mark.slow
 def test_cli_refuses_nan_cfg_scale_and_nan_lr_in_one_line(tiny_ckpt, tmp_path):
     proc = run_nit("sample", "--ckpt", tiny_ckpt, "--sizes", "16x16", "--num", "1", "--steps", "1",
                    "--cfg-scale", "nan", "--out", tmp_path / "s", "--no-progress")
@@ -120,29 +121,33 @@ def test_cli_refuses_nan_cfg_scale_and_nan_lr_in_one_line(tiny_ckpt, tmp_path):
 # ------------------------------------------------------------------------------ one-line errors
 
 
-def test_corrupt_or_truncated_weights_give_one_line_naming_the_path(tiny_ckpt, tmp_path):
+@pytest.mark.slow
+def test_corrupt_or_truncated_weights_give_one_line_naming_the_path(tiny_ckpt, tmp_path, capsys):
     data = open(tiny_ckpt, "rb").read()
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(data[: len(data) // 2])
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
-    for bad in (truncated, garbage):
-        proc = run_nit("sample", "--ckpt", bad, "--sizes", "16x16", "--num", "1", "--steps", "1",
-                       "--out", tmp_path / "s", "--no-progress")
-        assert_one_line_error(proc, "sample", str(bad), "safetensors")
+    proc = run_nit("sample", "--ckpt", truncated, "--sizes", "16x16", "--num", "1", "--steps", "1",
+                   "--out", tmp_path / "s", "--no-progress")
+    assert_one_line_error(proc, "sample", str(truncated), "safetensors")
+    err = _cli_error(capsys, ["sample", "--ckpt", str(garbage), "--out", str(tmp_path / "s"), "--no-progress"])
+    assert str(garbage) in err and "not a readable safetensors file" in err, err
 
 
-def test_unwritable_out_and_bad_threads_give_one_line(tiny_ckpt, tmp_path):
+@pytest.mark.slow
+def test_unwritable_out_and_bad_threads_give_one_line(tiny_ckpt, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     # a path below a regular file cannot be created, whoever runs the test (root included)
     proc = run_nit("sample", "--ckpt", tiny_ckpt, "--sizes", "16x16", "--num", "1", "--steps", "1",
                    "--out", blocker / "out", "--no-progress")
     assert_one_line_error(proc, "sample", str(blocker / "out"))
-    proc = run_nit("sample", "--ckpt", tiny_ckpt, "--threads", "-1", "--out", tmp_path / "s")
-    assert_one_line_error(proc, "sample", "--threads must be a positive number of threads, got -1")
-    proc = run_nit("train", "--config", "tiny-shapes", "--out", blocker / "run", "--set", "train.steps=1")
-    assert_one_line_error(proc, "train", str(blocker / "run"))
+    err = _cli_error(capsys, ["sample", "--ckpt", tiny_ckpt, "--threads", "-1", "--out", str(tmp_path / "s")])
+    assert "--threads must be a positive number of threads, got -1" in err, err
+    err = _cli_error(capsys, ["train", "--config", "tiny-shapes", "--out", str(blocker / "run"),
+                              "--set", "train.steps=1", "--no-progress"])
+    assert err.startswith("nit train: error: ") and str(blocker / "run") in err, err
 
 
 def _cli_error(capsys, argv):

@@ -122,7 +122,7 @@ def test_cli_refuses_fast_under_a_memory_cap(tmp_path):
     ckpt = tmp_path / "tiny.safetensors"
     save_weights(NiT(NiTConfig.from_name("tiny")), str(ckpt))
     cap = 12 << 30  # a cap that torch's import fits in and no tested plan does
-    for sizes in ("8192x8192", "100000x100000"):
+    for sizes in ("8192x8192",):  # 100000x100000 is refused in-process above
         rc, err, secs = _run_capped(["sample", "--ckpt", ckpt, "--sizes", sizes, "--num", "1", "--steps", "1",
                                      "--out", tmp_path / "s", "--no-progress"], cap)
         assert rc == 2 and "Traceback" not in err, (sizes, rc, err[-3000:])
