@@ -126,6 +126,15 @@ def test_damaged_checkpoints_are_skipped_moved_aside_and_training_goes_on(tmp_pa
     names = sorted(os.listdir(root))
     assert "corrupt-step-00000003" in names and "corrupt-step-00000002" in names
     assert not any(n.startswith(".tmp-") or n.startswith("latest.tmp") for n in names), names
+    # sampling from the run directory skips a damaged newest checkpoint too (read-only: not moved)
+    from nit_model.sampling import load_sampling_model
+    e4 = root / "step-00000004" / "ema.safetensors"
+    e4.write_bytes(e4.read_bytes()[:-8])
+    capsys.readouterr()
+    sm = load_sampling_model(str(run))
+    assert sm.source.endswith(os.path.join("step-00000003", "ema.safetensors")), sm.source
+    assert "step-00000004 is damaged (ema.safetensors has" in capsys.readouterr().err
+    assert (root / "step-00000004").is_dir()
     # a damaged checkpoint named directly is an error, not a silent fallback
     with pytest.raises(ck.CheckpointNotFound, match="is damaged"):
         ck.resolve_checkpoint(str(root / "corrupt-step-00000003"))
