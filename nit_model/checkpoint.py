@@ -66,13 +66,22 @@ def load_state_dict_file(path: PathLike, prefer: Sequence[str] = WRAPPER_KEYS) -
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return unwrap_state_dict(load_file(path, device="cpu"), prefer)
+        try:
+            sd = load_file(path, device="cpu")
+        except Exception as e:  # SafetensorError, or an OSError of a half-written file
+            raise _unreadable(path, e) from None
+        return unwrap_state_dict(sd, prefer)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint (arbitrary pickled "
                          f"objects are refused): {type(e).__name__}: {e}") from None
     return unwrap_state_dict(obj, prefer)
+
+
+def _unreadable(path: str, e: Exception) -> ValueError:
+    return ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}")
 
 
 def _shape(t) -> tuple:
@@ -165,6 +174,9 @@ def save_weights(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: Path
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0o600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -178,9 +190,20 @@ def read_config(path: PathLike):
     from safetensors import safe_open
 
     from .config import NiTConfig
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return NiTConfig.from_dict(json.loads(meta[CONFIG_KEY])) if CONFIG_KEY in meta else None
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # SafetensorError: a header that cannot be parsed
+        raise _unreadable(path, e) from None
+    if CONFIG_KEY not in meta:
+        return None
+    try:
+        return NiTConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: the NiT config in its metadata is unusable: {e}") from None
 
 
 def config_from_state_dict(sd: Mapping[str, torch.Tensor], **overrides):

@@ -7,8 +7,9 @@ import sys
 
 
 def _kernels(args):
+    from .checks import integer
     from .kernel_tour import run
-    run(tokens=args.tokens, reps=args.reps)
+    run(tokens=integer("--tokens", args.tokens, 1), reps=integer("--reps", args.reps, 1))
 
 
 def _bench(args, rest):
@@ -30,28 +31,48 @@ def _train(args):
         sys.exit(code)
 
 
-def _threads(n):
-    if n:
-        import torch
-        torch.set_num_threads(int(n))
+def check_threads(n) -> None:
+    """Validate a --threads value (None: torch's choice) and apply it."""
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"--threads must be a positive number of threads, got {n}")
+    import torch
+    torch.set_num_threads(n)
+
+
+_threads = check_threads
+
+
+def _cfg_interval(spec: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--cfg-interval is LOW,HIGH (e.g. 0,0.7), got {spec!r}") from None
+    return low, high
+
+
+def _writable_folder(path: str) -> str:
+    """Create the output folder now, so that a path that cannot be written fails before the work."""
+    os.makedirs(path, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path}: the output folder is not writable")
+    return path
 
 
 def _sample(args):
     from .report import save_samples, write_text
-    from .sampling import load_sampling_model, parse_sizes, sample
+    from .sampling import check_sampling_args, load_sampling_model, parse_sizes, sample
     _threads(args.threads)
-    try:
-        low, high = (float(v) for v in args.cfg_interval.split(","))
-    except ValueError:
-        raise SystemExit(f"nit sample: error: --cfg-interval is LOW,HIGH (e.g. 0,0.7), got {args.cfg_interval!r}")
-    try:
-        sizes = parse_sizes(args.sizes)
-        sm = load_sampling_model(args.ckpt, ema=not args.no_ema, vae=args.vae, vae_factor=args.vae_factor)
-        res = sample(sm, sizes, args.labels, num=args.num, steps=args.steps, solver=args.solver,
-                     cfg_scale=args.cfg_scale, cfg_interval=(low, high), seed=args.seed,
-                     token_budget=args.token_budget, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"nit sample: error: {e}")
+    low, high = _cfg_interval(args.cfg_interval)
+    check_sampling_args(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale, cfg_interval=(low, high),
+                        seed=args.seed, token_budget=args.token_budget)
+    sizes = parse_sizes(args.sizes)
+    sm = load_sampling_model(args.ckpt, ema=not args.no_ema, vae=args.vae, vae_factor=args.vae_factor)
+    _writable_folder(args.out)
+    res = sample(sm, sizes, args.labels, num=args.num, steps=args.steps, solver=args.solver,
+                 cfg_scale=args.cfg_scale, cfg_interval=(low, high), seed=args.seed,
+                 token_budget=args.token_budget, progress=not args.no_progress, force=args.force)
     files = save_samples(res, args.out, class_names=sm.class_names, write_pngs=not args.no_png)
     import json
     write_text(os.path.join(args.out, "samples.json"), json.dumps(
@@ -74,17 +95,19 @@ def _eval(args):
     if args.baseline_ckpt:
         specs.append(f"baseline={args.baseline_ckpt}")
     if not specs:
-        raise SystemExit("nit eval: error: give at least one --ckpt [NAME=]PATH")
-    try:
-        low, high = (float(v) for v in args.cfg_interval.split(","))
-        models = parse_named_checkpoints(specs)
-        rep = evaluate_models(models, args.sizes or DEFAULT_EVAL_SIZES, num=args.num, steps=args.steps,
-                              solver=args.solver, cfg_scale=args.cfg_scale, cfg_interval=(low, high),
-                              seed=args.seed, num_real=args.num_real, cache_dir=args.cache_dir,
-                              classifier_config=ClassifierConfig(steps=args.classifier_steps),
-                              palette=args.palette, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"nit eval: error: {e}")
+        raise ValueError("give at least one --ckpt [NAME=]PATH")
+    from .checks import integer
+    integer("--num-real", args.num_real, 2)
+    integer("--classifier-steps", args.classifier_steps, 1)
+    low, high = _cfg_interval(args.cfg_interval)
+    models = parse_named_checkpoints(specs)
+    if args.out:
+        _writable_folder(args.out)
+    rep = evaluate_models(models, args.sizes or DEFAULT_EVAL_SIZES, num=args.num, steps=args.steps,
+                          solver=args.solver, cfg_scale=args.cfg_scale, cfg_interval=(low, high),
+                          seed=args.seed, num_real=args.num_real, cache_dir=args.cache_dir,
+                          classifier_config=ClassifierConfig(steps=args.classifier_steps),
+                          palette=args.palette, progress=not args.no_progress)
     table = markdown_table(rep)
     print(table)
     if args.out:
@@ -103,6 +126,48 @@ def _demo(args):
     code = main_demo(args)
     if code:
         sys.exit(code)
+
+
+def _ckpt_dirs(path: str) -> tuple[str, list[str]]:
+    """(checkpoints folder, checkpoint directories to look at) for a run, its checkpoints folder or one checkpoint."""
+    from .trainer import checkpointing as ck
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if os.path.isfile(os.path.join(path, "trainer.pt")) or os.path.isfile(os.path.join(path, ck.MANIFEST)):
+        return os.path.dirname(os.path.abspath(path)), [path]
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    names = sorted(n for n in os.listdir(root) if n.startswith("step-") and os.path.isdir(os.path.join(root, n)))
+    return root, [os.path.join(root, n) for n in names]
+
+
+def _ckpt(args):
+    """`nit ckpt list|verify PATH`: the checkpoints of a run and whether their files match their manifests."""
+    from .memory import fmt_bytes
+    from .trainer import checkpointing as ck
+    root, dirs = _ckpt_dirs(args.path)
+    bad = 0
+    if args.action == "list":
+        pointer = os.path.join(root, ck.LATEST)
+        if os.path.isfile(pointer):
+            print(f"latest -> {open(pointer).read().strip()}")
+        for name in sorted(os.listdir(root)):
+            p = os.path.join(root, name)
+            if os.path.isdir(p):
+                size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs)
+                kind = ("checkpoint" if ck.is_complete(p) else "incomplete") if name.startswith("step-") else \
+                    "damaged, set aside" if name.startswith(ck.CORRUPT_PREFIX) else \
+                    "later checkpoints of an abandoned timeline" if name.startswith("abandoned-") else \
+                    "debris of an interrupted save" if name.startswith(".tmp-") else "other"
+                print(f"{name}  {fmt_bytes(size)}  ({kind})")
+        return
+    for d in dirs:
+        problems = ck.verify_checkpoint(d)
+        bad += bool(problems)
+        print(f"{os.path.basename(d)}: " + (f"damaged ({'; '.join(problems)})" if problems else "ok"))
+    if not dirs:
+        print(f"no checkpoints under {root}")
+    if bad:
+        raise SystemExit(1)
 
 
 def _add_sampling_knobs(p, *, steps: int, num: int) -> None:
@@ -153,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae", default=None, help="latent models: diffusers autoencoder name or local folder")
     s.add_argument("--vae-factor", type=int, default=None, help="latent models: pixels per latent pixel")
     s.add_argument("--no-png", action="store_true", help="write only the contact sheet and .npz files")
+    s.add_argument("--force", action="store_true",
+                   help="sample even when the memory estimate exceeds the available memory")
     s.set_defaults(func=_sample)
     e = sub.add_parser("eval", help="per-resolution accuracy and Fréchet distance on the shapes data",
                        description="Sample every model at seen and unseen sizes (same seeds), judge the samples "
@@ -177,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that `nit train` reads (data.kind=latents).")
     add_latent_arguments(x)
     x.set_defaults(func=_extract_latents)
+    c = sub.add_parser("ckpt", help="list the checkpoints of a run, or verify their files against their manifests",
+                       description="list: every folder under RUN/checkpoints with its size and kind (checkpoints, "
+                                   "corrupt-* set aside, abandoned-* timelines, debris). verify: size and sha256 of "
+                                   "every file of every checkpoint; exit code 1 when one is damaged.")
+    c.add_argument("action", choices=("list", "verify"))
+    c.add_argument("path", help="run directory, its checkpoints folder, or one checkpoint")
+    c.set_defaults(func=_ckpt)
     from .demo import add_demo_arguments
     d = sub.add_parser("demo", help="train, sample and evaluate tiny NiT on shapes in minutes; writes runs/demo/REPORT.md",
                        description="The main job on a CPU: train the tiny NiT on shapes at native resolutions and a "
@@ -189,13 +263,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_error_types() -> tuple:
+    """Exceptions that mean bad input or an unusable file, not a bug: reported in one line."""
+    from .memory import MemoryRefusal
+    return (ValueError, OSError, MemoryRefusal)
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an exception: an OSError names its path; newlines become spaces."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())
+
+
 def main(argv=None) -> int:
+    """Run a `nit` subcommand. Bad input ends in one line `nit <cmd>: error: ...` on stderr and
+    exit code 2 (as argparse's own errors); NIT_TRACEBACK=1 re-raises with the traceback."""
     args, rest = build_parser().parse_known_args(argv)
     if getattr(args, "passthrough", False):
         return args.func(args, rest) or 0
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    args.func(args)
+    try:
+        args.func(args)
+    except user_error_types() as e:
+        if os.environ.get("NIT_TRACEBACK"):
+            raise
+        print(f"nit {args.command}: error: {error_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
     return 0
 
 

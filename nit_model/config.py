@@ -9,6 +9,7 @@ tanh-GELU, 1000 classes plus a null class for classifier-free guidance. NiT-XXL 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional
 
 from nit_kernels import ROPE_METHODS, rope_freqs, rope_mscale
@@ -116,6 +117,10 @@ class NiTConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 fail(f"{name} must be a positive int, got {v!r}")
+        for name in ("mlp_ratio", "class_dropout_prob", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                fail(f"{name} must be a finite number, got {v!r}")
         if self.hidden_size % self.num_heads:
             fail(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         if self.head_dim % 4:

@@ -357,6 +357,14 @@ def settings_from_args(args) -> DemoSettings:
                      eval_steps=args.eval_steps, eval_cfg_scale=args.eval_cfg_scale, num_real=args.num_real,
                      bench_reps=args.bench_reps, threads=args.threads, seed=args.seed, progress=not args.no_progress,
                      quick=args.quick)
+    from .checks import finite, integer
+    for flag in ("train_steps", "baseline_size", "token_budget", "sample_steps", "sample_num", "eval_num",
+                 "eval_steps", "num_real", "bench_reps"):
+        integer("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+    finite("cfg_scale", args.cfg_scale)
+    finite("eval_cfg_scale", args.eval_cfg_scale)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive number of threads, got {args.threads}")
     if args.quick:
         s = dataclasses.replace(s, **QUICK)
     return s
@@ -364,12 +372,7 @@ def settings_from_args(args) -> DemoSettings:
 
 def main_demo(args) -> int:
     s = settings_from_args(args)
-    from .train import CheckpointMismatchError, ConfigError
-    try:
-        r = run_demo(s)
-    except (ConfigError, CheckpointMismatchError, ValueError) as e:
-        print(f"nit demo: error: {e}", file=sys.stderr)
-        return 2
+    r = run_demo(s)  # bad input raises ValueError / OSError: `nit` reports it in one line
     path = os.path.abspath(os.path.join(s.out, "REPORT.md"))
     print(f"\n[demo] done in {r['timings']['total_s']:.0f} s")
     v = _verdict(r["eval"]["rows"])

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from .data.shapes import PALETTES, SHAPE_CLASSES
-from .sampling import DEFAULT_TOKEN_BUDGET, SamplingModel, load_sampling_model, parse_sizes, sample
+from .sampling import (DEFAULT_TOKEN_BUDGET, SamplingModel, check_sampling_args, load_sampling_model, parse_sizes,
+                       sample)
 from .shapes_eval import ClassifierConfig, evaluate_resolution, load_or_train_classifier, real_shapes
 
 __all__ = ["DEFAULT_EVAL_SIZES", "EvalReport", "seen_in_training", "real_floor", "training_palette", "evaluate_models",
@@ -122,6 +123,8 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
     palette: of the real images ("colour" or "mono"); None: the one the models were trained on.
     """
     sizes = parse_sizes(sizes)
+    check_sampling_args(steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=cfg_interval, seed=seed,
+                        token_budget=token_budget)
     if num < 2:
         raise ValueError(f"num must be >= 2 images per size (a Fréchet distance needs a covariance), got {num}")
     if not models:

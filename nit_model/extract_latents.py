@@ -141,6 +141,8 @@ def extract_latents(data_dir: str, out_dir: str, *, vae: Union[str, torch.nn.Mod
     Returns:
         a summary dict (items, shards, seconds, latent channels, out_dir, skipped files).
     """
+    if not os.path.isdir(data_dir):  # before loading the autoencoder (seconds, or a download attempt)
+        raise FileNotFoundError(f"the image folder {data_dir} does not exist")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae_name = vae if isinstance(vae, str) else type(vae).__name__
     if isinstance(vae, str):

@@ -34,11 +34,12 @@ import torch
 
 import nit_kernels as nk
 
+from .checks import at_least, finite, integer
 from .data.collate import patchify, unpatchify
 from .packing import pack as pack_items
 from .solvers import SOLVERS, guided, solve
 
-__all__ = ["SampleResult", "parse_sizes", "parse_labels", "pixel_stride", "nearest_valid_sizes", "check_sizes",
+__all__ = ["SampleResult", "check_sampling_args", "parse_sizes", "parse_labels", "pixel_stride", "nearest_valid_sizes", "check_sizes",
            "image_seed", "plan_packs", "sample_tokens", "sample", "load_sampling_model", "SamplingModel",
            "benchmark_packed_vs_per_resolution", "DEFAULT_TOKEN_BUDGET"]
 
@@ -115,6 +116,38 @@ def image_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+def check_sampling_args(*, steps, solver: str, cfg_scale, cfg_interval, seed, token_budget) -> dict:
+    """The sampling settings validated and normalised (ValueError naming the first bad one).
+
+    NaN or infinite numbers are refused: a NaN cfg_scale fails ``cfg_scale > 1`` and would sample
+    unguided without a word.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    try:
+        low, high = cfg_interval
+    except (TypeError, ValueError):
+        raise ValueError(f"cfg_interval must be a pair (low, high), got {cfg_interval!r}") from None
+    low, high = finite("cfg_interval[0]", low), finite("cfg_interval[1]", high)
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"cfg_interval must satisfy 0 <= low <= high <= 1, got ({low}, {high})")
+    return dict(steps=integer("steps", steps, 1), solver=solver, cfg_scale=at_least("cfg_scale", cfg_scale, 0.0),
+                cfg_interval=(low, high), seed=integer("seed", seed, 0), token_budget=integer("token_budget", token_budget, 1))
+
+
+def check_sampling_memory(cfg, token_sizes, *, num: int, token_budget: int, guidance: bool, pixels_per_token: int,
+                          device=None, force: bool = False) -> None:
+    """Raise MemoryRefusal when sampling these sizes cannot fit (see nit_model.memory), naming what to change."""
+    from .memory import check_fits, sampling_estimate
+    est = sampling_estimate(cfg, token_sizes, num=num, token_budget=token_budget, guidance=guidance,
+                            pixels_per_token=pixels_per_token, device=device)
+    longest = max(int(h) * int(w) for h, w in token_sizes)
+    advice = ("request smaller sizes (one image alone is too big: "
+              f"{longest:,} tokens)" if (2 if guidance else 1) * longest >= token_budget else
+              "lower the token budget (--token-budget) so that packs hold fewer tokens, or request fewer images")
+    check_fits(est, device=device, force=force, advice=advice + ", or pass --force (force=True) to try anyway")
+
+
 # ----------------------------------------------------------------------------------------------
 # packs
 
@@ -158,8 +191,8 @@ def sample_tokens(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], labe
                   steps: int = 32, solver: str = "euler", cfg_scale: float = 1.0,
                   cfg_interval: tuple[float, float] = (0.0, 1.0), seed: int = 0,
                   image_ids: Optional[Sequence[int]] = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                  per_resolution: bool = False, progress: bool = True, stats: Optional[dict] = None
-                  ) -> list[torch.Tensor]:
+                  per_resolution: bool = False, progress: bool = True, stats: Optional[dict] = None,
+                  force: bool = False) -> list[torch.Tensor]:
     """Sample images given in tokens; returns one float32 CPU tensor [h*w, C, p, p] per image.
 
     model: a NiT (or a module with its ``config`` and ``forward(x, t, y, packed)``).
@@ -168,10 +201,14 @@ def sample_tokens(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], labe
         a generator seeded with image_seed(seed, i).
     per_resolution: pack only images of equal size together (the official one-size batches; for
         comparison). stats: if a dict, receives forwards, packs, tokens_forwarded, seconds.
+    force: sample even when the memory estimate (`nit_model.memory`) exceeds the available memory;
+        otherwise that raises MemoryRefusal before anything is allocated.
     """
     cfg = model.config
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    a = check_sampling_args(steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=cfg_interval, seed=seed,
+                            token_budget=token_budget)
+    steps, cfg_scale, cfg_interval, seed, token_budget = (a[k] for k in ("steps", "cfg_scale", "cfg_interval", "seed",
+                                                                           "token_budget"))
     n = len(sizes)
     if n == 0:
         raise ValueError("nothing to sample: no sizes given")
@@ -192,6 +229,8 @@ def sample_tokens(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], labe
     c, p = cfg.in_channels, cfg.patch_size
     sizes = [(int(h), int(w)) for h, w in sizes]
     counts = [h * w for h, w in sizes]
+    check_sampling_memory(cfg, sizes, num=1, token_budget=token_budget, guidance=guidance, pixels_per_token=0,
+                          device=device, force=force)
     packs = plan_packs(counts, token_budget, doubled=guidance, groups=sizes if per_resolution else None)
     evals_per_pack = 2 * steps - 1 if solver == "heun" else steps  # velocity calls of one pack's solve
     from tqdm.auto import tqdm
@@ -427,7 +466,7 @@ def sample(model, sizes, labels=None, *, num: int = 1, steps: int = 32, solver: 
            cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0), seed: int = 0,
            token_budget: int = DEFAULT_TOKEN_BUDGET, output: str = "images", vae=None,
            vae_factor: Optional[int] = None, ema: bool = True, progress: bool = True,
-           per_resolution: bool = False) -> SampleResult:
+           per_resolution: bool = False, force: bool = False) -> SampleResult:
     """Sample `num` images at every size of `sizes`, all packed together.
 
     model: a NiT, a SamplingModel, or a checkpoint (see `load_sampling_model`; EMA weights by default).
@@ -441,30 +480,37 @@ def sample(model, sizes, labels=None, *, num: int = 1, steps: int = 32, solver: 
     seed: image i (request order: sizes outer, num inner) uses image_seed(seed, i).
     token_budget: tokens per forward (both guidance halves counted); larger images go alone.
     output: "images" (decoded; uint8 arrays too) or "latents" (no decoding; latent models only).
+    force: go on when the peak-memory estimate exceeds the available memory (otherwise
+        MemoryRefusal is raised, naming the estimate, the memory available and what to change).
     """
     sm = load_sampling_model(model, vae=vae, vae_factor=vae_factor, ema=ema)
     cfg = sm.model.config
     if output not in ("images", "latents"):
         raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
-    if num < 1:
-        raise ValueError(f"num must be >= 1 (images per size), got {num}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    num = integer("num", num, 1)
+    a = check_sampling_args(steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=cfg_interval, seed=seed,
+                            token_budget=token_budget)
+    steps, cfg_scale, cfg_interval, seed, token_budget = (a[k] for k in ("steps", "cfg_scale", "cfg_interval", "seed",
+                                                                           "token_budget"))
     sizes_px = parse_sizes(sizes)
     what = (f" (VAE factor {sm.vae_factor} x patch {cfg.patch_size})" if sm.space == "latents"
             else f" (patch size {cfg.patch_size})")
     check_sizes(sizes_px, sm.stride, what)
+    s = sm.stride
+    guidance = cfg_scale > 1.0
+    check_sampling_memory(cfg, [(h // s, w // s) for h, w in sizes_px], num=num, token_budget=token_budget,
+                          guidance=guidance, pixels_per_token=s * s if output == "images" else 0,
+                          device=next(sm.model.parameters()).device, force=force)
     labels = parse_labels(labels)
     cycle = labels if labels else list(range(sm.trained_classes))
     req_sizes = [s for s in sizes_px for _ in range(num)]
     req_labels = [cycle[j % len(cycle)] for _ in sizes_px for j in range(num)]
-    s = sm.stride
     tok_sizes = [(h // s, w // s) for h, w in req_sizes]
     stats: dict = {}
     t0 = time.perf_counter()
     tokens = sample_tokens(sm.model, tok_sizes, req_labels, steps=steps, solver=solver, cfg_scale=cfg_scale,
                            cfg_interval=tuple(cfg_interval), seed=seed, token_budget=token_budget,
-                           per_resolution=per_resolution, progress=progress, stats=stats)
+                           per_resolution=per_resolution, progress=progress, stats=stats, force=force)
     if output == "latents":
         tensors, images = [unpatchify(t, hw) for t, hw in zip(tokens, tok_sizes)], None
     else:

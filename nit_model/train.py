@@ -19,7 +19,7 @@ Programmatic use::
 Command line::
 
     nit train --config tiny-shapes --out runs/tiny --set train.steps=200
-    nit train --config tiny-shapes --out runs/tiny --resume latest
+    nit train --config tiny-shapes --out runs/tiny      # the same command again resumes the run
     torchrun --nproc_per_node 2 -m nit_model train --config nit-s --set data.path=/data/latents
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ import sys
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 from .checkpoint import CheckpointMismatchError
+from .memory import MemoryRefusal
 from .trainer.checkpointing import CheckpointNotFound
 from .trainer.config import ConfigError, TrainConfig, resolve_config_path, shipped_configs
 
@@ -74,23 +75,33 @@ class TrainResult:
 
 def train(config: Union[TrainConfig, Mapping, str], *, out_dir: str, resume: Optional[str] = None,
           overrides: Sequence[str] = (), progress: bool = True, encoder=None,
-          callback: Optional[Callable[[dict], None]] = None, overwrite: bool = False) -> TrainResult:
+          callback: Optional[Callable[[dict], None]] = None, overwrite: bool = False,
+          force: bool = False) -> TrainResult:
     """Train a NiT as `config` says; write logs and checkpoints under `out_dir`.
 
     Args:
         config: a TrainConfig, a dict of sections, or a YAML path / shipped config name.
         out_dir: run directory: config.yaml, log.jsonl, checkpoints/step-*/ and checkpoints/latest.
-        resume: "latest" (the newest complete checkpoint in out_dir), or a checkpoint / run directory.
-            The run continues exactly: same data order, same random draws, same optimizer state.
+        resume: "auto" or None (the default): resume from the newest undamaged checkpoint in out_dir
+            when there is one and its config fits (else refuse, naming the differences), start
+            afresh when there is none -- one command for every state of the run directory.
+            "latest": the newest complete checkpoint in out_dir (an error when there is none);
+            or a checkpoint / run directory. The run continues exactly: same data order, same
+            random draws, same optimizer state. Damaged checkpoints (files that do not match their
+            manifest) are skipped with a warning and moved to checkpoints/corrupt-<name>.
         overrides: ``section.key=value`` strings applied to the config.
         progress: show a tqdm bar (rank 0) with the loss and tokens/s.
         encoder: a REPA encoder ``(x_clean [N, C, p, p], packed) -> [N, z_dim]`` (overrides
             flow.repa_encoder); None and no flow.repa_encoder means no projection loss.
         callback: called with every row written to log.jsonl (a dict), on every rank.
         overwrite: start afresh in an out_dir that holds checkpoints of an earlier run (deleting
-            them); without it that is an error (resume it or choose another out_dir).
-    Raises ConfigError, CheckpointNotFound or CheckpointMismatchError before the first step when
-    the configuration, the data or the checkpoint is unusable.
+            them) instead of resuming it.
+        force: train even when the memory estimate of a pack (`nit_model.memory`) exceeds the
+            available memory (otherwise MemoryRefusal before anything is allocated).
+    Only one trainer may use an out_dir at a time: it is locked (`nit_model.trainer.rundir`) and a
+    second trainer gets RunDirLocked (a ConfigError) naming the holder's pid and host.
+    Raises ConfigError, CheckpointNotFound, CheckpointMismatchError or MemoryRefusal before the
+    first step when the configuration, the data, the run directory or the checkpoint is unusable.
     """
     from .trainer.distributed import setup_distributed
     from .trainer.loop import Trainer
@@ -99,9 +110,10 @@ def train(config: Union[TrainConfig, Mapping, str], *, out_dir: str, resume: Opt
     if overrides:
         cfg = cfg.apply_overrides(overrides)
     dist = setup_distributed(cfg.train.device)
+    trainer = None
     try:
         trainer = Trainer(cfg, out_dir, dist, resume=resume, encoder=encoder, progress=progress, callback=callback,
-                          overwrite=overwrite)
+                          overwrite=overwrite, force=force)
         ckpt = trainer.run()
         dist.barrier()
         return TrainResult(checkpoint=ckpt, out_dir=trainer.out_dir, step=trainer.step, losses=trainer.losses,
@@ -110,6 +122,8 @@ def train(config: Union[TrainConfig, Mapping, str], *, out_dir: str, resume: Opt
                            wall_time=trainer.wall_time, log_path=trainer.log_path, config=cfg,
                            model=trainer.model, ema=trainer.ema.state_dict())
     finally:
+        if trainer is not None:
+            trainer.close()
         dist.cleanup()
 
 
@@ -121,7 +135,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     names = ", ".join(shipped_configs())
     p.add_argument("--config", help=f"YAML config: a path or a shipped name ({names})")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
-    p.add_argument("--resume", help="'latest' (newest checkpoint in --out) or a checkpoint / run directory")
+    p.add_argument("--resume", default="auto",
+                   help="'auto' (default: resume from the newest checkpoint in --out when there is one with the same "
+                        "config, else start afresh), 'latest' (it must exist) or a checkpoint / run directory")
+    p.add_argument("--force", action="store_true",
+                   help="train even when the memory estimate of a pack exceeds the available memory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=200 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds checkpoints")
@@ -146,9 +164,11 @@ def main_train(args) -> int:
             return 0
         stem = os.path.splitext(os.path.basename(resolve_config_path(args.config)))[0]
         out = args.out or os.path.join("runs", stem)
-        result = train(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
-    except (ConfigError, CheckpointNotFound, CheckpointMismatchError) as e:
-        print(f"nit train: error: {e}", file=sys.stderr)
+        result = train(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite,
+                       force=args.force)
+    except (ValueError, OSError, MemoryRefusal) as e:  # ConfigError, CheckpointNotFound, ... included
+        from .cli import error_line
+        print(f"nit train: error: {error_line(e)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         h = result.history

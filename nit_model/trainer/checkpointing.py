@@ -16,26 +16,42 @@ temporary directory, each file fsync'ed, then the directory is renamed into plac
 fsync'ed; only then is ``latest`` replaced (write, fsync, rename). A crash at any point leaves
 either the previous state or the new complete checkpoint: a partial one is never named
 ``step-*`` nor pointed to by ``latest``. Leftover temporary directories are ignored and removed
-by the next save.
+when the next trainer starts in the run directory (it holds the run's lock, see
+`nit_model.trainer.rundir`, so no other trainer can be writing them).
+
+Each checkpoint also holds ``manifest.json``: the size and sha256 of every file, written last into
+the temporary directory. Loading verifies it (`verify_checkpoint`); a checkpoint whose files are
+damaged (e.g. truncated by a full disk after the rename) is skipped in favour of the previous
+complete one, with a warning, and the trainer moves it aside to ``corrupt-<name>``. Files get one
+mode, 0o666 minus the umask. ``nit ckpt list|verify`` shows the state of a run directory.
+
+For tests only: NIT_TEST_CHECKPOINT_PAUSE_S=<seconds> sleeps after each file written into the
+temporary directory, so that a test can kill a trainer mid-checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+import sys
+import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["CKPT_FILES", "LATEST", "CheckpointNotFound", "checkpoint_name", "save_checkpoint", "list_checkpoints",
+__all__ = ["CKPT_FILES", "LATEST", "MANIFEST", "verify_checkpoint", "clean_debris", "file_mode", "CheckpointNotFound", "checkpoint_name", "save_checkpoint", "list_checkpoints",
            "resolve_checkpoint", "is_complete", "rng_state", "set_rng_state", "load_pt", "fsync_path"]
 
 CKPT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt", "trainer.pt", "config.yaml")
 LATEST = "latest"
+MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
+CORRUPT_PREFIX = "corrupt-"
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -54,6 +70,89 @@ def fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_mode() -> int:
+    """0o666 minus the process umask: the mode of every checkpoint file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: str, step: int, names: Sequence[str]) -> None:
+    files = {n: {"bytes": os.path.getsize(os.path.join(folder, n)), "sha256": sha256_file(os.path.join(folder, n))}
+             for n in names}
+    path = os.path.join(folder, MANIFEST)
+    with open(path, "w") as f:
+        json.dump({"step": int(step), "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_checkpoint(path: str, *, checksums: bool = True) -> list[str]:
+    """What is wrong with the checkpoint directory `path` (empty when nothing): missing files, and
+    sizes or sha256 that differ from its manifest. A checkpoint without a manifest (written by an
+    older version) is checked for its files only."""
+    problems = [f"{n} is missing" for n in CKPT_FILES if not os.path.isfile(os.path.join(path, n))]
+    mpath = os.path.join(path, MANIFEST)
+    if problems or not os.path.exists(mpath):
+        return problems
+    try:
+        with open(mpath) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"]
+    for name, want in files.items():
+        fp = os.path.join(path, name)
+        if not os.path.isfile(fp):
+            problems.append(f"{name} is missing")
+            continue
+        size = os.path.getsize(fp)
+        if size != want.get("bytes"):
+            problems.append(f"{name} has {size} bytes, the manifest says {want.get('bytes')}")
+        elif checksums and sha256_file(fp) != want.get("sha256"):
+            problems.append(f"{name} does not match its sha256 in the manifest")
+    return problems
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def set_aside(path: str, prefix: str = CORRUPT_PREFIX) -> str:
+    """Rename a checkpoint directory to <prefix><name> beside it (a free name); returns the new path."""
+    root, name = os.path.split(os.path.abspath(path))
+    dest, k = os.path.join(root, prefix + name), 1
+    while os.path.exists(dest):
+        dest, k = os.path.join(root, f"{prefix}{name}.{k}"), k + 1
+    os.rename(path, dest)
+    return dest
+
+
+def clean_debris(root: str) -> list[str]:
+    """Remove what interrupted saves and prunes leave under a checkpoints folder (temporary
+    directories and pointer files); call only while holding the run's lock. Returns the names."""
+    if not os.path.isdir(root):
+        return []
+    gone = []
+    for name in os.listdir(root):
+        m = re.match(rf"^{re.escape(_TMP_PREFIX)}old-(step-\d+)-\d+$", name)
+        if m and is_complete(os.path.join(root, name)) and not os.path.exists(os.path.join(root, m.group(1))):
+            os.rename(os.path.join(root, name), os.path.join(root, m.group(1)))  # killed between the two renames
+            continue
+        if name.startswith(_TMP_PREFIX) or name.startswith(LATEST + _TMP_PREFIX):
+            p = os.path.join(root, name)
+            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+            gone.append(name)
+    return gone
 
 
 def _write_text_atomic(path: str, text: str) -> None:
@@ -102,10 +201,17 @@ def save_checkpoint(root: str, step: int, writers: Sequence[tuple[str, Callable[
     tmp = os.path.join(root, f"{_TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}")
     os.makedirs(tmp)
     try:
+        pause = float(os.environ.get("NIT_TEST_CHECKPOINT_PAUSE_S", "0") or 0)  # tests only (see above)
+        mode = file_mode()
         for name, write in writers:
             path = os.path.join(tmp, name)
             write(path)
+            os.chmod(path, mode)  # one mode for all (safetensors come from mkstemp, 0o600)
             fsync_path(path)
+            if pause:
+                time.sleep(pause)
+        _write_manifest(tmp, step, names)
+        os.chmod(os.path.join(tmp, MANIFEST), mode)
         fsync_path(tmp)
         if os.path.exists(final):  # the same step saved again (e.g. a resumed run that ends where it began)
             old = os.path.join(root, f"{_TMP_PREFIX}old-{checkpoint_name(step)}-{os.getpid()}")
@@ -122,11 +228,15 @@ def save_checkpoint(root: str, step: int, writers: Sequence[tuple[str, Callable[
     if keep_last is not None:
         for _, path in list_checkpoints(root)[:-keep_last]:
             if os.path.abspath(path) != os.path.abspath(final):
-                shutil.rmtree(path, ignore_errors=True)
+                # renamed first: a kill during the deletion leaves debris, never a half step-* folder
+                doomed = os.path.join(root, f"{_TMP_PREFIX}prune-{os.path.basename(path)}-{os.getpid()}")
+                os.rename(path, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
 def _latest_in(root: str) -> Optional[str]:
+    """The newest complete checkpoint under `root` (the `latest` pointer, else the highest step)."""
     pointer = os.path.join(root, LATEST)
     if os.path.isfile(pointer):
         with open(pointer) as f:
@@ -138,16 +248,36 @@ def _latest_in(root: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
-def resolve_checkpoint(spec: str, run_dir: Optional[str] = None) -> str:
-    """The checkpoint directory that `spec` names.
+def newest_verified(root: str, *, quarantine: bool = False, warn: Callable[[str], None] = _warn) -> Optional[str]:
+    """The newest complete checkpoint under `root` whose files verify; damaged ones are skipped
+    with a warning and, with `quarantine`, renamed to corrupt-<name> (hold the run's lock)."""
+    first = _latest_in(root)
+    order = [first] if first else []
+    order += [p for _, p in reversed(list_checkpoints(root)) if p != first]
+    for path in order:
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path
+        msg = f"checkpoint {path} is damaged ({'; '.join(problems)})"
+        if quarantine:
+            msg += f"; moved to {set_aside(path)}"
+        warn(msg + "; falling back to the previous complete checkpoint")
+    return None
+
+
+def resolve_checkpoint(spec: str, run_dir: Optional[str] = None, *, quarantine: bool = False,
+                       warn: Callable[[str], None] = _warn) -> str:
+    """The checkpoint directory that `spec` names, verified (see verify_checkpoint).
 
     spec: "latest" (the newest complete checkpoint of `run_dir`), a checkpoint directory, a
-    run directory or its ``checkpoints`` folder (their newest complete checkpoint).
+    run directory or its ``checkpoints`` folder (their newest complete checkpoint). Damaged
+    checkpoints of a run are skipped with a warning (moved aside with `quarantine`); a damaged
+    checkpoint named directly raises CheckpointNotFound.
     """
     if spec == "latest":
         if run_dir is None:
             raise CheckpointNotFound("resume='latest' needs the run directory (out_dir)")
-        path = _latest_in(os.path.join(run_dir, "checkpoints"))
+        path = newest_verified(os.path.join(run_dir, "checkpoints"), quarantine=quarantine, warn=warn)
         if path is None:
             raise CheckpointNotFound(f"resume='latest': no complete checkpoint under {os.path.join(run_dir, 'checkpoints')}")
         return path
@@ -155,14 +285,17 @@ def resolve_checkpoint(spec: str, run_dir: Optional[str] = None) -> str:
     if not os.path.exists(spec):
         raise CheckpointNotFound(f"resume: {spec!r} does not exist")
     if is_complete(spec):
+        problems = verify_checkpoint(spec)
+        if problems:
+            raise CheckpointNotFound(f"checkpoint {spec} is damaged: {'; '.join(problems)}")
         return spec
     for root in (spec, os.path.join(spec, "checkpoints")):
-        path = _latest_in(root) if os.path.isdir(root) else None
+        path = newest_verified(root, quarantine=quarantine, warn=warn) if os.path.isdir(root) else None
         if path is not None:
             return path
     missing = [f for f in CKPT_FILES if not os.path.isfile(os.path.join(spec, f))]
     raise CheckpointNotFound(f"resume: {spec!r} is not a complete checkpoint (missing {', '.join(missing)}) "
-                             f"and holds no checkpoints/step-* directory")
+                             f"and holds no complete, undamaged checkpoints/step-* directory")
 
 
 def load_pt(path: str, map_location="cpu"):

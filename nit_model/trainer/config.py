@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import typing
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -202,13 +203,18 @@ def _coerce(value, tp, where: str):
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        v = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            v = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                v = float(value)
             except ValueError:
                 pass
+        if v is not None:
+            if not math.isfinite(v):  # NaN passes every range check below (comparisons are False)
+                raise ConfigError(f"{where} must be a finite number, got {v}")
+            return v
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -279,6 +285,9 @@ class TrainConfig:
                 d = yaml.safe_load(f)
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if d is not None and not isinstance(d, Mapping):
+            raise ConfigError(f"{path}: a training config is a YAML mapping of sections (model, data, ...), "
+                              f"got {type(d).__name__}")
         try:
             return cls.from_dict(_apply(d or {}, overrides))
         except ConfigError as e:

@@ -20,7 +20,8 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     """'auto' -> CUDA when available else CPU; 'cuda' fails clearly without a GPU."""
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device='cuda' but torch sees no CUDA device (this torch build or machine has none); "
+            from .config import ConfigError  # a setting that this machine cannot honour
+            raise ConfigError("train.device='cuda' but torch sees no CUDA device (this torch build or machine has none); "
                                "use train.device=cpu or auto")
         return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")

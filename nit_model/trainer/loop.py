@@ -31,11 +31,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..checkpoint import (CheckpointMismatchError, check_state_dict, load_state_dict_file, save_weights,
                           CONFIG_KEY)
 from ..flow import FlowMatchingLoss
+from ..memory import check_fits, training_estimate
 from ..model import NiT
 from . import checkpointing as ck
 from .config import ConfigError, TrainConfig
 from .data import PackStream, build_dataset, check_dataset
 from .distributed import DistInfo
+from .rundir import RunDirLocked, RunLock
 from .ema import EMA
 
 __all__ = ["Trainer", "TRAINER_FORMAT", "RESUME_MAY_CHANGE", "check_resume_config", "micro_seed"]
@@ -80,6 +82,14 @@ def check_resume_config(saved: TrainConfig, now: TrainConfig, where: str) -> lis
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in allowed]
 
 
+def _row_step(line: str) -> Optional[int]:
+    """The step of a log.jsonl row; None for a blank or half-written one (a kill mid-write)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
 def load_encoder(spec: Optional[str], nit_config):
     """The REPA encoder named by an import path 'package.module:factory' (factory(nit_config))."""
     if spec is None:
@@ -119,7 +129,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out_dir: str, dist: DistInfo, *, resume: Optional[str] = None,
                  encoder=None, progress: bool = True, callback: Optional[Callable[[dict], None]] = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, force: bool = False):
         self.cfg, self.dist, self.progress, self.callback = cfg, dist, progress, callback
         self.overwrite = overwrite
         self.out_dir = os.path.abspath(os.fspath(out_dir))
@@ -132,22 +142,54 @@ class Trainer:
         self.device = dist.device
         self.amp_dtype = self._amp_dtype()
 
-        # 1. the checkpoint to resume from, and whether its configuration fits
-        self.resume_path, self.resume_notes = None, []
-        if resume:
-            self.resume_path = ck.resolve_checkpoint(resume, self.out_dir)
+        self.lock = None
+        try:
+            self._setup(resume, encoder, force)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory's lock (the kernel releases it too if the process dies)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _setup(self, resume, encoder, force) -> None:
+        cfg, dist, t = self.cfg, self.dist, self.cfg.train
+        # 0. the memory a pack needs, from the config alone (nothing allocated yet)
+        check_fits(training_estimate(self.nit_config, cfg.data.token_budget, device=self.device,
+                                     processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+                                     if self.device.type == "cpu" else 1),
+                   device=self.device, force=force,
+                   advice="lower data.token_budget (smaller packs; raise train.grad_accum to keep the tokens per "
+                          "step), set model.gradient_checkpointing=true, or pass --force (force=True) to try anyway")
+
+        # 1. the data: opened and checked against the model (read-only, before touching out_dir)
+        ds = build_dataset(cfg)
+        lengths = check_dataset(ds, cfg)
+        self.stream = PackStream(ds, lengths, cfg, dist.rank, dist.world_size, pin_memory=self.device.type == "cuda")
+
+        # 2. the run directory: locked by rank 0, debris of killed saves removed, the checkpoint to
+        #    resume from chosen (damaged ones moved aside) and its configuration checked
+        decision = None
+        if dist.is_main:
+            try:
+                self.lock = RunLock(self.out_dir).acquire()
+                ck.clean_debris(self.ckpt_root)
+                decision = ("ok", self._choose_resume(resume))
+            except (ConfigError, ck.CheckpointNotFound) as e:
+                decision = ("error", type(e).__name__, str(e))
+        decision = dist.broadcast_object(decision)
+        if decision[0] == "error":
+            raise (ck.CheckpointNotFound if decision[1] == "CheckpointNotFound" else
+                   RunDirLocked if decision[1] == "RunDirLocked" else ConfigError)(decision[2])
+        self.resume_path, self.resume_notes = decision[1], []
+        if self.resume_path:
             saved = TrainConfig.from_yaml(os.path.join(self.resume_path, "config.yaml"))
             self.resume_notes = check_resume_config(saved, cfg, self.resume_path)
             self._resume_state = ck.load_pt(os.path.join(self.resume_path, "trainer.pt"))
             self._check_trainer_state(self._resume_state)
-        elif ck.list_checkpoints(self.ckpt_root) and not overwrite:
-            raise ConfigError(f"{self.out_dir} already holds checkpoints of a run: resume it (resume='latest', "
-                              f"--resume latest), choose another out_dir, or pass overwrite=True (--overwrite) to replace it")
-
-        # 2. the data: opened and checked against the model
-        ds = build_dataset(cfg)
-        lengths = check_dataset(ds, cfg)
-        self.stream = PackStream(ds, lengths, cfg, dist.rank, dist.world_size, pin_memory=self.device.type == "cuda")
 
         # 3. the model, its initial weights, EMA, optimizer, objective
         self.encoder = encoder if encoder is not None else load_encoder(cfg.flow.repa_encoder, self.nit_config)
@@ -182,6 +224,30 @@ class Trainer:
             self._check_encoder(ds)
 
     # ------------------------------------------------------------------ set-up helpers
+    def _choose_resume(self, resume: Optional[str]) -> Optional[str]:
+        """The checkpoint to resume from, or None to start afresh (rank 0, holding the lock).
+
+        "auto" (the default): the newest undamaged checkpoint of out_dir when there is one and its
+        configuration fits this one, None when there is none; overwrite=True: None.
+        """
+        mode = resume or "auto"
+        if mode != "auto":
+            own = os.path.abspath(os.fspath(mode)).startswith(self.out_dir + os.sep) or mode == "latest"
+            return ck.resolve_checkpoint(mode, self.out_dir, quarantine=own)
+        if self.overwrite:
+            return None
+        path = ck.newest_verified(self.ckpt_root, quarantine=True)
+        if path is None:
+            return None
+        saved = TrainConfig.from_yaml(os.path.join(path, "config.yaml"))
+        try:
+            check_resume_config(saved, self.cfg, path)
+        except ConfigError as e:
+            raise ConfigError(f"{self.out_dir} holds a run with another configuration, so it is not resumed: {e}; "
+                              f"or pass overwrite=True (--overwrite) to replace that run, or choose another out_dir "
+                              f"(--out)") from None
+        return path
+
     def _amp_dtype(self) -> Optional[torch.dtype]:
         p = self.cfg.train.precision
         if p == "bf16" or (p == "auto" and self.device.type == "cuda"):
@@ -316,7 +382,7 @@ class Trainer:
             self._set_aside_newer_checkpoints()
         if self.resume_path and os.path.isfile(self.log_path):  # drop rows of steps after the checkpoint
             with open(self.log_path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
+                rows = [line for line in f if _row_step(line) is not None and _row_step(line) <= self.step]
             with open(self.log_path + ".tmp", "w") as f:
                 f.writelines(rows)
             os.replace(self.log_path + ".tmp", self.log_path)

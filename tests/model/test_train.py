@@ -141,9 +141,9 @@ def test_keep_last_and_latest(tmp_path):
     assert kept == ["step-00000003", "step-00000004"]
     aside = [d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("abandoned-")]
     assert len(aside) == 1 and os.listdir(tmp_path / "checkpoints" / aside[0]) == ["step-00000004"]
-    # a fresh run does not silently mix with (or prune) the checkpoints of an earlier one
-    with pytest.raises(ConfigError, match="already holds checkpoints of a run: resume it"):
-        train(small(train={"steps": 1}), out_dir=tmp_path, progress=False)
+    # a run of another configuration is not resumed, mixed with nor pruned
+    with pytest.raises(ConfigError, match=r"holds a run with another configuration.*train\.seed.*--overwrite"):
+        train(small(train={"steps": 1, "seed": 5}), out_dir=tmp_path, progress=False)
     r = train(small(train={"steps": 1}), out_dir=tmp_path, progress=False, overwrite=True)
     assert [s for s, _ in ck.list_checkpoints(tmp_path / "checkpoints")] == [1] and _steps_logged(tmp_path) == [1]
 
