@@ -218,6 +218,25 @@ if _C is not None:
 
     lib.register_autograd("nit::varlen_attention_fwd", _attn_backward, setup_context=_attn_setup)
 
+    # The *_bwd kernels compute first derivatives only. Without an autograd formula PyTorch
+    # would differentiate through them as constants (zeros and a warning) in a double backward.
+    def _no_second_derivative(op: str, bwd: str):
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"{op}: the {ctx.backend} backend computes first derivatives only; a second derivative "
+                f"(double backward, e.g. torch.autograd.grad(..., create_graph=True) then backward) "
+                f"needs backend=\"reference\"")
+
+        def setup(ctx, inputs, output):
+            ctx.backend = "cuda" if inputs[0].is_cuda else "cpu"
+
+        lib.register_autograd(f"nit::{bwd}", backward, setup_context=setup)
+
+    for _op, _bwd in (("adaln_modulate", "adaln_modulate_bwd"), ("gated_residual", "gated_residual_bwd"),
+                      ("residual_adaln", "residual_adaln_bwd"), ("qk_norm_rope", "qk_norm_rope_bwd"),
+                      ("varlen_attention", "varlen_attention_bwd")):
+        _no_second_derivative(_op, _bwd)
+
 
 # ---------------------------------------------------------------------------------------------
 # kernel interface (see backends.py); inputs are made contiguous here, the C++ side checks it

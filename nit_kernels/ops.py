@@ -7,6 +7,7 @@ differentiable and traceable by ``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -26,6 +27,14 @@ def _check_packed(op: str, packed) -> PackedSeqs:
     if not isinstance(packed, PackedSeqs):
         _fail(op, f"packed must be a PackedSeqs (build one with PackedSeqs.from_sizes([(h, w), ...])), "
                   f"got {type(packed).__name__}")
+    # a pack changed in place or assembled without its constructor is checked again (CPU packs:
+    # no device sync; a pack unchanged since its last check costs a few attribute reads)
+    cu = getattr(packed, "cu_seqlens", None)
+    if not torch.compiler.is_compiling() and not (isinstance(cu, torch.Tensor) and cu.device.type != "cpu"):
+        try:
+            packed.validate()
+        except ValueError as e:
+            _fail(op, str(e))
     return packed
 
 
@@ -204,16 +213,26 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         _fail(op, f"q and k must share head_dim, got {q.shape[-1]} and {k.shape[-1]}")
     if v.shape[:2] != k.shape[:2]:
         _fail(op, f"v must have k's tokens and heads {tuple(k.shape[:2])}, got {tuple(v.shape[:2])}")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        _fail(op, f"q and k/v need at least one head, got {q.shape[1]} q heads and {k.shape[1]} k/v heads")
     if q.shape[1] % k.shape[1]:
         _fail(op, f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        _fail(op, f"head_dim must be positive, got {q.shape[-1]} for q/k and {v.shape[-1]} for v")
     _check_cu(op, cu_seqlens_q, "cu_seqlens_q", q.device)
     _check_cu(op, cu_seqlens_k, "cu_seqlens_k", q.device)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         _fail(op, f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
                   f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, torch.Tensor) or isinstance(m, bool) or not isinstance(m, int) or m < 0:
-            _fail(op, f"{name} must be a non-negative Python int computed once per pack, got {m!r}")
+        # int32 like cu_seqlens (and the kernels' schemas); a SymInt passes while tracing
+        if isinstance(m, (torch.Tensor, bool)) or not isinstance(m, (int, torch.SymInt)) or not 0 <= m < 2**31:
+            _fail(op, f"{name} must be a Python int in [0, 2**31 - 1] (the longest sequence, computed once per "
+                      f"pack), got {m!r}")
+    if softmax_scale is not None and not math.isfinite(softmax_scale):
+        _fail(op, f"softmax_scale must be finite, got {softmax_scale!r}")
+    # a strided cu_seqlens is accepted, as q, k and v are: every backend gets a contiguous copy
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         for name, cu, n, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):

@@ -121,11 +121,34 @@ class PackedSeqs:
     num_seqs: int
 
     def __post_init__(self):
+        for name in ("sizes", "cu_seqlens"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            # kernels read the metadata as flat arrays: a strided view is stored as a contiguous copy
+            object.__setattr__(self, name, t.contiguous())
+        self.validate()
+
+    def validate(self) -> None:
+        """Check that the tensors and ints agree (ValueError naming the problem otherwise).
+
+        Runs at construction; the ops run it again (host side, CPU packs) for a pack whose fields
+        changed since, or that was put together without the constructor. One device->host copy
+        for GPU packs.
+        """
+        seen = self.__dict__.get("_validated")
+        if seen is not None and seen[0] is self.sizes and seen[1] is self.cu_seqlens and seen[2] == self._stamp():
+            return
+        for name in ("sizes", "cu_seqlens"):
+            if not isinstance(getattr(self, name, None), torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(getattr(self, name, None)).__name__}")
         host = _host_sizes(self.sizes)
         if self.sizes.dtype != torch.int32:
             raise ValueError(f"sizes must be int32, got {self.sizes.dtype} (use PackedSeqs.from_sizes to convert)")
         if self.cu_seqlens.device != self.sizes.device:
             raise ValueError(f"cu_seqlens is on {self.cu_seqlens.device} but sizes is on {self.sizes.device}")
+        if not (self.sizes.is_contiguous() and self.cu_seqlens.is_contiguous()):
+            raise ValueError("sizes and cu_seqlens must be contiguous (the constructor stores contiguous copies)")
         seqlens = host[:, 0] * host[:, 1]
         validate_cu_seqlens(self.cu_seqlens, int(seqlens.sum()))
         if self.cu_seqlens.numel() != host.shape[0] + 1:
@@ -140,9 +163,14 @@ class PackedSeqs:
                 f"{tuple(host[i].tolist())} holds {int(seqlens[i])}"
             )
         expected = (int(seqlens.max()), int(seqlens.sum()), host.shape[0])
-        got = (self.max_seqlen, self.total_tokens, self.num_seqs)
+        got = tuple(getattr(self, f, None) for f in ("max_seqlen", "total_tokens", "num_seqs"))
         if got != expected:
             raise ValueError(f"(max_seqlen, total_tokens, num_seqs)={got} disagree with sizes, expected {expected}")
+        object.__setattr__(self, "_validated", (self.sizes, self.cu_seqlens, self._stamp()))
+
+    def _stamp(self) -> tuple:
+        """The in-place versions of the tensors and the ints: what a later validate() compares."""
+        return (self.sizes._version, self.cu_seqlens._version, self.max_seqlen, self.total_tokens, self.num_seqs)
 
     @classmethod
     def from_sizes(cls, sizes: SizesLike, device: torch.device | str | None = None) -> "PackedSeqs":

@@ -196,6 +196,26 @@ def _attn_backward(ctx, dout):
 _varlen_attention_op.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 
+def _attn_bwd_setup(ctx, inputs, output):
+    dout, q, k, v, cu_q, cu_k, scale, causal = inputs
+    ctx.save_for_backward(dout, q, k, v, cu_q, cu_k)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _attn_double_backward(ctx, ddq, ddk, ddv):
+    """Second derivatives: autograd through the explicit math of attention_math_backward."""
+    dout, q, k, v, cu_q, cu_k = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (dout, q, k, v)]
+        grads = attention_math_backward(*leaves, cu_q, cu_k, ctx.scale, ctx.causal)
+        gos = [torch.zeros_like(g) if gg is None else gg for g, gg in zip(grads, (ddq, ddk, ddv))]
+        d = torch.autograd.grad(grads, leaves, gos, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, d)) + (None,) * 4
+
+
+_varlen_attention_bwd_op.register_autograd(_attn_double_backward, setup_context=_attn_bwd_setup)
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                      softmax_scale: float, causal: bool = False):
     """Attention inside each image only (flash_attn_varlen_func semantics); out [Nq, H, Dv]."""

@@ -387,3 +387,86 @@ def test_backward_rejects_bad_input(case):
     mutate(t)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.nit.varlen_attention_bwd(t["do"], q, k, v, t["out"], t["lse"], cu_q, cu_k, mq, t["mk"], 0.25, False)
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite input: NaN propagates as in the reference, forward and backward, both vector widths
+# ------------------------------------------------------------------------------------------------
+def _poison(name, rows, heads=slice(None), dims=slice(None), value=float("nan")):
+    def f(t):
+        t[name][rows, heads, dims] = value
+    return f
+
+
+NONFINITE = {
+    "nan in one query row": ([10, 10], [10, 10], False, _poison("q", 3, 0)),
+    "one nan in k": ([10, 10], [10, 10], False, _poison("k", 2, 1, 0)),
+    "one nan in v": ([10, 10], [10, 10], False, _poison("v", 12, 0, 5)),
+    "all keys of an image nan": ([10, 10], [10, 10], False, _poison("k", slice(0, 10))),
+    "all keys of an image -inf": ([10, 10], [10, 10], False, _poison("k", slice(0, 10), value=float("-inf"))),
+    "inf in one query row": ([10, 10], [10, 10], False, _poison("q", 14, 1, value=float("inf"))),
+    "nan row among 130 keys": ([70, 5], [130, 5], False, _poison("q", 40, 0)),
+    "nan key in a later tile": ([70, 5], [130, 5], False, _poison("k", 100, 1, 3)),
+    # 6 queries, 2 keys: rows 0..3 see no key and stay 0 even with a NaN query; rows 4, 5 see k[0]
+    "causal, nan query of a row without keys": ([6], [2], True, _poison("q", 1)),
+    "causal, nan query of a row with keys": ([6], [2], True, _poison("q", 5, 0)),
+    "causal, nan in the first key": ([6, 3], [2, 3], True, _poison("k", 0, 1, 2)),
+}
+
+
+def _autograd_run(backend, q, k, v, do, cu_q, cu_k, scale, causal):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    mq, mk = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
+    out = nk.varlen_attention(*leaves, cu_q, cu_k, mq, mk, softmax_scale=scale, causal=causal, backend=backend)
+    return (out,) + torch.autograd.grad(out, leaves, do)
+
+
+def _check_like_reference(lq, lk, causal, t, scale, atol_rel=1e-5):
+    """cpu forward and gradients (fp32) against the float64 reference: same NaN/inf positions, close elsewhere."""
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    with _one_thread():
+        ref = _autograd_run("reference", t["q"], t["k"], t["v"], t["do"], cu_q, cu_k, scale, causal)
+    got = _autograd_run("cpu", *(t[n].float() for n in ("q", "k", "v", "do")), cu_q, cu_k, scale, causal)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, ref):
+        finite = e[torch.isfinite(e)]
+        assert_close(a, e, atol=atol_rel * max(1.0, finite.abs().max().item() if finite.numel() else 1.0), name=name)
+    return got, ref
+
+
+@pytest.mark.parametrize("bits", ["256", "512"])
+@pytest.mark.parametrize("case", NONFINITE, ids=list(NONFINITE))
+def test_nan_and_inf_propagate_like_the_reference(case, bits, monkeypatch):
+    if bits == "512" and not _has_avx512():
+        pytest.skip("the CPU has no AVX-512")
+    monkeypatch.setenv(ENV_BITS, bits)
+    lq, lk, causal, poison = NONFINITE[case]
+    q, k, v, do = _inputs(lq, lk, 2, 2, 16, 16, 7)
+    t = dict(q=q, k=k, v=v, do=do)
+    poison(t)
+    (out, dq, dk, dv), _ = _check_like_reference(lq, lk, causal, t, 0.25)
+    assert torch.isnan(out).any() or case.startswith("causal, nan query of a row without"), "nothing propagated"
+
+
+def test_nan_query_gives_nan_lse_and_the_documented_zero_rows_stay():
+    lq, lk = [6], [2]
+    q, k, v, _ = (t.float() for t in _inputs(lq, lk, 2, 2, 16, 16, 3))
+    q[5, 0] = float("nan")
+    out, lse = _fwd(q, k, v, _cu(lq), _cu(lk), 0.25, True)
+    assert torch.isnan(lse[0, 5]) and torch.isnan(out[5, 0]).all()
+    assert torch.equal(out[:4], torch.zeros_like(out[:4])) and torch.isneginf(lse[:, :4]).all()
+    assert torch.isfinite(out[4:, 1]).all() and torch.isfinite(lse[1, 4:]).all()
+
+
+@pytest.mark.parametrize("bits", ["256", "512"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_huge_softmax_scale_gives_the_reference_gradients(causal, bits, monkeypatch):
+    # scale 1e30: every softmax row is one-hot; the gradients must not blow up (NaN/inf in dk, dv)
+    if bits == "512" and not _has_avx512():
+        pytest.skip("the CPU has no AVX-512")
+    monkeypatch.setenv(ENV_BITS, bits)
+    lq, lk = [10, 10, 70], [10, 10, 70]
+    for seed in range(6):
+        for head_dim in (16, 64):
+            q, k, v, do = _inputs(lq, lk, 2, 2, head_dim, head_dim, seed)
+            got, _ = _check_like_reference(lq, lk, causal, dict(q=q, k=k, v=v, do=do), 1e30)
+            assert all(torch.isfinite(g).all() for g in got)

@@ -22,6 +22,11 @@
 // under `#pragma GCC target("avx512f")`; the wider one runs where the CPU has AVX-512F.
 // NIT_CPU_ATTENTION_VECTOR_BITS=256|512 overrides the choice (for tests and measurements).
 //
+// Non-finite input flows as through softmax(q k^T) v: a NaN score, or a row whose visible scores
+// are all -inf, makes the row NaN (out and lse), and the backward spreads it through the saved
+// lse, without a per-element test in the tile loops. A row that sees no key by the mask alone
+// (causal, sq > sk) keeps out 0 and lse -inf.
+//
 // Determinism: each task owns its output rows, the partial dK/dV of an image split into several
 // query chunks are summed in chunk order, and tiles are fixed: results are bitwise identical
 // for any thread count, forward and backward (for a given vector width).

@@ -108,19 +108,22 @@ inline void transpose(const float* src, int64_t lds, int64_t nj, int64_t nd, flo
   }
 }
 
-// 2^x for x <= 0 (x = -inf gives 0): n = round(x), f = x - n in [-1/2, 1/2], 2^f by the Taylor
-// series of e^(f ln2) to degree 7 (truncation error < 6e-9 relative), then n is added to the
-// exponent bits. Results below 2^-126 flush to 0: far below what a softmax weight contributes
-// next to its row maximum (weight 1).
+// 2^x for x <= 0 (x = -inf gives 0, NaN gives NaN): n = round(x), f = x - n in [-1/2, 1/2], 2^f
+// by the Taylor series of e^(f ln2) to degree 7 (truncation error < 6e-9 relative), times 2^n
+// built in the exponent bits. The product (rather than adding n to the exponent bits of 2^f)
+// keeps a NaN a NaN whatever its payload. Results below 2^-126 flush to 0: far below what a
+// softmax weight contributes next to its row maximum (weight 1).
 __attribute__((always_inline)) inline vf vexp2(const vf& x) {
   const vf magic = vsplat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
   const vf xc = x < vsplat(-126.f) ? vsplat(-126.f) : x;
   const vf r = xc + magic;
   const vf n = r - magic;
   const vf f = xc - n;
-  vi ni;
-  memcpy(&ni, &r, sizeof(ni));
-  ni -= 0x4B400000;  // the bits of `magic`: leaves the integer n
+  vi e;
+  memcpy(&e, &r, sizeof(e));
+  e = (e - (0x4B400000 - 127)) << 23;  // the bits of `magic` leave n; + 127 is the exponent bias
+  vf two_n;
+  memcpy(&two_n, &e, sizeof(two_n));
   vf p = vsplat(1.525273380405984e-05f);       // ln2^7 / 7!
   p = p * f + vsplat(1.540353039338161e-04f);  // ln2^6 / 6!
   p = p * f + vsplat(1.333355814642844e-03f);  // ln2^5 / 5!
@@ -129,12 +132,16 @@ __attribute__((always_inline)) inline vf vexp2(const vf& x) {
   p = p * f + vsplat(2.402265069591007e-01f);  // ln2^2 / 2!
   p = p * f + vsplat(6.931471805599453e-01f);  // ln2
   p = p * f + vsplat(1.f);
-  vi bits;
-  memcpy(&bits, &p, sizeof(bits));
-  bits += ni << 23;
-  vf out;
-  memcpy(&out, &bits, sizeof(out));
-  return x < vsplat(-126.f) ? vsplat(0.f) : out;
+  return x < vsplat(-126.f) ? vsplat(0.f) : p * two_n;
+}
+
+// x rounded to fp32 here: the compiler may not fuse the product that made it into a later
+// add (an FMA would keep the exact product, which the forward never saw).
+__attribute__((always_inline)) inline vf vround(vf x) {
+#if defined(__GNUC__)
+  asm("" : "+v"(x));
+#endif
+  return x;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -333,8 +340,12 @@ void fwd_task(const Geometry& g, const T* q, const T* k, const T* v, T* out, flo
           const vf x = vload(s + cc);
           vmax = x > vmax ? x : vmax;
         }
+        // NaN scores are skipped by the max and reach l and O through exp2 (vexp2(NaN) = NaN)
         const float m_new = std::max(m[r], hmax(vmax));
-        if (m_new == -INFINITY) {  // no visible key yet: weights 0; O and l stay 0
+        if (m_new == -INFINITY) {  // every visible score so far -inf or NaN: weights 0, O stays 0
+          for (int64_t cc = 0; cc < N; ++cc) {
+            if (std::isnan(s[cc])) l[r] = NAN;  // ... but a NaN score makes the row NaN
+          }
           std::fill(s, s + N, 0.f);
           continue;
         }
@@ -356,17 +367,23 @@ void fwd_task(const Geometry& g, const T* q, const T* k, const T* v, T* out, flo
       }
       gemm<true>(rows, Dvp, nk, S, kBk, 1, vp + j0 * Dvp, Dvp, O, Dvp);
     }
+    // l > 0: the row's softmax; l == 0 and no visible key (causal, or sk = 0): out 0, lse -inf;
+    // l == 0 with visible keys (all scores -inf) or l NaN: out and lse NaN, as softmax gives.
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = q0 + i0 + r;
-      store_row(out + (row * H + h) * Dv, O + r * Dvp, Dv, l[r] > 0.f ? 1.f / l[r] : 0.f);
-      lse[h * g.Nq + row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : -INFINITY;
+      const bool sees = visible_keys(g.causal, i0 + r + 1, sq, sk) > 0;
+      const float none = sees ? NAN : 0.f;
+      store_row(out + (row * H + h) * Dv, O + r * Dvp, Dv, l[r] > 0.f ? 1.f / l[r] : none);
+      lse[h * g.Nq + row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : sees ? NAN : -INFINITY;
     }
   }
 }
 
 // ----------------------------------------------------------------------------------------------
 // backward: one task = query rows [r0, r1) of image b and the G query heads of k/v head hk,
-// against every key of the image. With P = exp(s - lse) recomputed per tile:
+// against every key of the image. With P = exp(s - lse) recomputed per tile (s = the forward's
+// base-2 score, bit for bit, taken to natural units as the forward took the max: then
+// s ln2 <= lse exactly and P <= 1 however large the scores are, e.g. softmax_scale 1e30):
 //   dV += P^T dO,  dP = dO V^T,  dS = P (dP - delta) scale,  dK += dS^T Q,  dQ += dS K,
 // delta = rowsum(dO * O). The task owns its dQ rows; dK/dV rows go straight to the output when
 // the image is one task per head (t.chunk < 0), else to this chunk's slice of dk_part/dv_part.
@@ -380,12 +397,15 @@ void bwd_task(const Geometry& g, const T* dout, const T* q, const T* k, const T*
   const int64_t off = sk - sq, hk = t.head, G = g.G, H = g.H, Hk = g.Hk;
   const int64_t D = g.D, Dv = g.Dv, Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
   const int64_t rows = t.r1 - t.r0, nvis = visible_keys(g.causal, t.r1, sq, sk);
-  Carver c = carve(buf, pad(G * rows * Dp) * 2 + pad(G * rows * Dvp) + pad(G * rows) * 2 +
-                            pad(kBk * Dp) * 3 + pad(kBk * Dvp) * 3 + pad(kBq * kBk) * 2);
+  const float qmul = g.scale * kLog2e;
+  Carver c = carve(buf, pad(G * rows * Dp) * 3 + pad(G * rows * Dvp) + pad(G * rows) * 2 +
+                            pad(kBk * Dp) * 3 + pad(kBk * Dvp) * 3 + pad(kBq * kBk) * 2 +
+                            pad(Dv * kVec) + pad(kVec));
   float* Qp = c.take(G * rows * Dp);
+  float* Qs = c.take(G * rows * Dp);  // q * scale * log2(e), as the forward scores it
   float* dQ = c.take(G * rows * Dp);
   float* dOp = c.take(G * rows * Dvp);
-  float* lse2 = c.take(G * rows);
+  float* lse_r = c.take(G * rows);
   float* delta = c.take(G * rows);
   float* Kr = c.take(kBk * Dp);
   float* dKa = c.take(kBk * Dp);
@@ -395,6 +415,9 @@ void bwd_task(const Geometry& g, const T* dout, const T* q, const T* k, const T*
   float* Vt = c.take(Dvp * kBk);
   float* P = c.take(kBq * kBk);
   float* dS = c.take(kBq * kBk);
+  float* ocol = c.take(Dv * kVec);  // one out row as column 0 of a [Dv, kVec] panel
+  float* drow = c.take(kVec);
+  std::fill(ocol, ocol + Dv * kVec, 0.f);
 
   for (int64_t gi = 0; gi < G; ++gi) {
     const int64_t h = hk * G + gi;
@@ -407,16 +430,19 @@ void bwd_task(const Geometry& g, const T* dout, const T* q, const T* k, const T*
         prefetch_row(out + (ia * H + h) * Dv, Dv);
       }
       load_row(Qp + e * Dp, q + (i * H + h) * D, D, Dp);
+      load_row(Qs + e * Dp, q + (i * H + h) * D, D, Dp, qmul);
       load_row(dOp + e * Dvp, dout + (i * H + h) * Dv, Dv, Dvp);
+      // delta by the micro-GEMM that computes dP: a one-hot row (huge softmax_scale) then has
+      // dP - delta exactly 0 at its key, as the reference's rowsum(dP * P) gives, not a rounding
+      // difference times the scale
       const T* o = out + (i * H + h) * Dv;
-      float acc = 0.f;
-      for (int64_t d = 0; d < Dv; ++d) acc += dOp[e * Dvp + d] * static_cast<float>(o[d]);
-      delta[e] = acc;
-      lse2[e] = lse[h * g.Nq + i] * kLog2e;
+      for (int64_t d = 0; d < Dv; ++d) ocol[d * kVec] = static_cast<float>(o[d]);
+      gemm<false>(1, kVec, Dv, dOp + e * Dvp, Dvp, 1, ocol, kVec, drow, kVec);
+      delta[e] = drow[0];
+      lse_r[e] = lse[h * g.Nq + i];
     }
   }
   std::fill(dQ, dQ + G * rows * Dp, 0.f);
-  const float smul = g.scale * kLog2e;
 
   for (int64_t j0 = 0; j0 < sk; j0 += kBk) {
     const int64_t nk = std::min(kBk, sk - j0), N = round_up(nk, kVec);
@@ -449,16 +475,18 @@ void bwd_task(const Geometry& g, const T* dout, const T* q, const T* k, const T*
           const int64_t e0 = gi * rows + (i0 - t.r0);
           const float* Qb = Qp + e0 * Dp;
           const float* dOb = dOp + e0 * Dvp;
-          gemm<false>(mr, N, D, Qb, Dp, 1, Kt, N, P, N);
+          gemm<false>(mr, N, D, Qs + e0 * Dp, Dp, 1, Kt, N, P, N);
           for (int64_t r = 0; r < mr; ++r) {
             float* p = P + r * N;
-            const float l2 = lse2[e0 + r];
-            if (l2 == -INFINITY) {  // the row saw no key: all weights 0
+            const float lr = lse_r[e0 + r];
+            if (lr == -INFINITY) {  // the row saw no key: all weights 0 (a NaN lse flows on)
               std::fill(p, p + N, 0.f);
               continue;
             }
-            const vf vs = vsplat(smul), vl = vsplat(l2);
-            for (int64_t cc = 0; cc < N; cc += kVec) vstore(p + cc, vexp2(vload(p + cc) * vs - vl));
+            const vf vln2 = vsplat(kLn2), vl = vsplat(lr), vlog2e = vsplat(kLog2e);
+            for (int64_t cc = 0; cc < N; cc += kVec) {
+              vstore(p + cc, vexp2((vround(vload(p + cc) * vln2) - vl) * vlog2e));
+            }
           }
           // masked after exp (scale may be 0, and 0 * -inf would be NaN)
           mask_tile(P, N, mr, N, nk, g.causal, i0, j0, off, 0.f);
