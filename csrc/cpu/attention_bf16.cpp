@@ -1,0 +1,444 @@
+// bf16 varlen attention on the matrix units: the tile products run as bf16 x bf16 -> fp32 GEMMs
+// through ATen's batch-reduce GEMM (at::native::cpublas::brgemm, oneDNN's AMX micro-kernels, the
+// primitive PyTorch's own CPU flash attention uses), softmax and accumulation stay in fp32.
+//
+// Same tasks, tiling, masking and non-finite semantics as the fp32 tiles (attention.cpp,
+// attention_kernels.h); what differs:
+//   - scores s = (q . k) * scale * log2(e), the product in fp32 after the bf16 GEMM (the fp32
+//     tiles scale q before it);
+//   - the probabilities P and the score gradients dS enter their GEMMs (P V, P^T dO, dS K, dS^T Q)
+//     as two bf16 terms, hi = bf16(x) and lo = bf16(x - hi), two GEMMs into one fp32 accumulator:
+//     x keeps about 16 significant bits instead of 8. Rounding P and dS to bf16 once (as bf16
+//     flash attention kernels do) gave dK errors 3.4x those of the fp32-math reference rounded to
+//     bf16, beyond the accuracy rule; q, k, v and dO are bf16 already, so every other operand is exact;
+//   - the backward clamps s ln2 - lse at 0, so P <= 1 even if a GEMM rounded differently from the
+//     forward (a NaN stays NaN).
+// brgemm reads its B operand in the VNNI layout: column blocks of at most 64 columns (16 padded),
+// each [K/2][width][2] (pairs of consecutive k interleaved); pack_rows / pack_cols write it
+// straight from the strided [tokens, heads, dim] rows, with zeros in the padding.
+//
+// Chosen at run time: AMX-BF16 (cpublas::could_pack, which also asks the kernel for the tile
+// state), else the fp32 tiles; NIT_CPU_ATTENTION_ISA=amx|fp32 forces one. Results are
+// deterministic for any thread count, as on the fp32 path.
+#include "cpu/attention_bf16.h"
+
+#include <ATen/native/CPUBlas.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// The vector helpers of the fp32 tiles (exp2, reductions, masks, scratch), 512 bits wide: every
+// CPU with AMX has AVX-512F.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NIT_ATTENTION_BF16 1
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace nit {
+namespace {
+namespace vec512 {
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+#include "cpu/attention_kernels.h"
+}  // namespace vec512
+}  // namespace
+}  // namespace nit
+#else
+#define NIT_ATTENTION_BF16 0
+#endif
+
+namespace nit {
+
+#if NIT_ATTENTION_BF16
+namespace {
+using namespace vec512;
+using bf = at::BFloat16;
+
+inline int64_t even(int64_t n) { return (n + 1) & ~int64_t(1); }
+inline int64_t pad16(int64_t n) { return round_up(n, 16); }
+
+// B[k, n] = x[k * ldx + n] for k < K, n < N: the rows of x (e.g. V tokens) are B's rows.
+void pack_rows(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out) {
+  const int64_t K2 = even(K), N16 = pad16(N);
+  memset(static_cast<void*>(out), 0, sizeof(bf) * K2 * N16);
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t w = std::min<int64_t>(64, N16 - n0), nn = std::min<int64_t>(64, N - n0);
+    bf* o = out + n0 * K2;
+    for (int64_t k = 0; k < K; ++k) {
+      const bf* src = x + k * ldx + n0;
+      bf* ok = o + (k >> 1) * 2 * w + (k & 1);
+      for (int64_t n = 0; n < nn; ++n) ok[2 * n] = src[n];
+    }
+  }
+}
+
+// B[k, n] = x[n * ldx + k] for k < K, n < N <= 64: the rows of x (e.g. K tokens) are B's columns.
+void pack_cols(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out) {
+  const int64_t K2 = even(K), N16 = pad16(N);
+  memset(static_cast<void*>(out), 0, sizeof(bf) * K2 * N16);
+  for (int64_t n = 0; n < N; ++n) {
+    const bf* src = x + n * ldx;
+    for (int64_t k = 0; k < K; ++k) out[(k >> 1) * 2 * N16 + 2 * n + (k & 1)] = src[k];
+  }
+}
+
+// C[M, n] (+)= sum_k A[M, k] B[k, n] for n < pad16(N), k < even(K); B packed for (K, N) by
+// pack_rows/pack_cols, A row-major with finite values (zeros) in a padding column k = K.
+void mm(int64_t M, int64_t N, int64_t K, const bf* A, int64_t lda, const bf* B, float* C,
+        int64_t ldc, bool acc) {
+  if (M <= 0) return;
+  const int64_t K2 = even(K), N16 = pad16(N);
+  for (int64_t n0 = 0; n0 < N16; n0 += 64) {
+    const int64_t w = std::min<int64_t>(64, N16 - n0);
+    at::native::cpublas::brgemm(M, w, K2, lda, w, ldc, acc, A, B + n0 * K2, C + n0, true);
+  }
+}
+
+// n elements of x to dst, zeros up to n2
+inline void copy_row(bf* dst, const bf* x, int64_t n, int64_t n2) {
+  memcpy(static_cast<void*>(dst), x, sizeof(bf) * n);
+  for (int64_t d = n; d < n2; ++d) dst[d] = bf(0.f);
+}
+
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+
+// bf16 bits of 16 floats, rounded to nearest even (a NaN stays a NaN)
+__attribute__((always_inline)) inline vu bf16_bits(const vf& x) {
+  vu b;
+  memcpy(&b, &x, sizeof(b));
+  const vu r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  vu nan;
+  const auto m = x != x;
+  memcpy(&nan, &m, sizeof(nan));
+  return (r & ~nan) | (((b >> 16) | 0x40u) & nan);
+}
+
+// x[0..16) as hi + lo, two bf16 (lo 0 where hi is not finite, so an inf stays an inf)
+__attribute__((always_inline)) inline void split16(const float* src, bf* hi, bf* lo) {
+  const vf x = vload(src);
+  const vu h = bf16_bits(x);
+  const vh hs = __builtin_convertvector(h, vh);
+  memcpy(static_cast<void*>(hi), &hs, sizeof(hs));
+  const vu hb = h << 16;
+  vf hf;
+  memcpy(&hf, &hb, sizeof(hf));
+  const vf d = x - hf;
+  vu finite;
+  const auto m = (hf - hf) == vsplat(0.f);
+  memcpy(&finite, &m, sizeof(finite));
+  const vh ls = __builtin_convertvector(bf16_bits(d) & finite, vh);
+  memcpy(static_cast<void*>(lo), &ls, sizeof(ls));
+}
+
+// rows [r0, r1) of a [*, ld] fp32 tile set to 0 for columns < n
+inline void zero_rows(float* t, int64_t ld, int64_t r0, int64_t r1, int64_t n) {
+  for (int64_t r = r0; r < r1; ++r) std::fill(t + r * ld, t + r * ld + n, 0.f);
+}
+
+// bf16 scratch carved from the worker's float buffer
+inline bf* take_bf(Carver& c, int64_t n) { return reinterpret_cast<bf*>(c.take((n + 1) / 2)); }
+inline int64_t pad_bf(int64_t n) { return pad((n + 1) / 2); }
+
+// Releases the tile state at the end of a task (brgemm configures it on the next call).
+struct TileRelease {
+  ~TileRelease() { at::native::cpublas::brgemm_release(true); }
+};
+
+}  // namespace
+
+void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const bf* v, bf* out,
+                             float* lse, const Task& t, std::vector<float>& buf) {
+  TileRelease release;
+  const int64_t q0 = g.cq[t.b], sq = g.cq[t.b + 1] - q0;
+  const int64_t k0 = g.ck[t.b], sk = g.ck[t.b + 1] - k0;
+  const int64_t off = sk - sq, h = t.head, hk = h / g.G;
+  const int64_t D = g.D, Dv = g.Dv, H = g.H, Hk = g.Hk;
+  const int64_t D2 = even(D), Dv16 = pad16(Dv);
+  const int64_t nvis = visible_keys(g.causal, t.r1, sq, sk);
+  const int64_t nkb = (nvis + kBk - 1) / kBk;
+  const int64_t kt_size = D2 * kBk, v_size = kBk * Dv16;  // one packed key tile of K^T and of V
+  Carver c = carve(buf, pad_bf(nkb * kt_size) + pad_bf(nkb * v_size) + pad_bf(kBq * D2) +
+                            2 * pad_bf(kBq * kBk) + pad(kBq * kBk) + pad(kBq * Dv16) + 2 * pad(kBq));
+  bf* kt = take_bf(c, nkb * kt_size);
+  bf* vp = take_bf(c, nkb * v_size);
+  bf* qa = take_bf(c, kBq * D2);
+  bf* pa = take_bf(c, kBq * kBk);  // P = pa + pl
+  bf* pl = take_bf(c, kBq * kBk);
+  float* S = c.take(kBq * kBk);
+  float* O = c.take(kBq * Dv16);
+  float* m = c.take(kBq);
+  float* l = c.take(kBq);
+
+  for (int64_t jb = 0; jb < nkb; ++jb) {
+    const int64_t j0 = jb * kBk, nk = std::min(kBk, nvis - j0);
+    pack_cols(k + ((k0 + j0) * Hk + hk) * D, Hk * D, D, nk, kt + jb * kt_size);
+    pack_rows(v + ((k0 + j0) * Hk + hk) * Dv, Hk * Dv, nk, Dv, vp + jb * v_size);
+  }
+
+  const float qmul = g.scale * kLog2e;  // scores in base 2: exp(s) = 2^(s log2 e)
+  const vf vq = vsplat(qmul);
+  for (int64_t i0 = t.r0; i0 < t.r1; i0 += kBq) {
+    const int64_t rows = std::min(kBq, t.r1 - i0);
+    for (int64_t r = 0; r < rows; ++r) {
+      copy_row(qa + r * D2, q + ((q0 + i0 + r) * H + h) * D, D, D2);
+      m[r] = -INFINITY;
+      l[r] = 0.f;
+    }
+    std::fill(O, O + rows * Dv16, 0.f);
+    const int64_t kend = visible_keys(g.causal, i0 + rows, sq, sk);
+    for (int64_t j0 = 0; j0 < kend; j0 += kBk) {
+      const int64_t nk = std::min(kBk, nvis - j0), N = pad16(nk);
+      mm(rows, nk, D, qa, D2, kt + (j0 / kBk) * kt_size, S, kBk, false);
+      for (int64_t r = 0; r < rows; ++r) {  // scaled before the mask: scale may be 0 or < 0
+        for (int64_t cc = 0; cc < N; cc += kVec) vstore(S + r * kBk + cc, vload(S + r * kBk + cc) * vq);
+      }
+      mask_tile(S, kBk, rows, N, nk, g.causal, i0, j0, off, -INFINITY);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* s = S + r * kBk;
+        bf* p = pa + r * kBk;
+        bf* plo = pl + r * kBk;
+        vf vmax = vsplat(-INFINITY);
+        for (int64_t cc = 0; cc < N; cc += kVec) {
+          const vf x = vload(s + cc);
+          vmax = x > vmax ? x : vmax;
+        }
+        // NaN scores are skipped by the max and reach l and O through exp2 (vexp2(NaN) = NaN)
+        const float m_new = std::max(m[r], hmax(vmax));
+        if (m_new == -INFINITY) {  // every visible score so far -inf or NaN: weights 0, O stays 0
+          for (int64_t cc = 0; cc < N; ++cc) {
+            if (std::isnan(s[cc])) l[r] = NAN;  // ... but a NaN score makes the row NaN
+          }
+          memset(static_cast<void*>(p), 0, sizeof(bf) * N);
+          memset(static_cast<void*>(plo), 0, sizeof(bf) * N);
+          continue;
+        }
+        const vf vm = vsplat(m_new);
+        vf vsum = vsplat(0.f);
+        for (int64_t cc = 0; cc < N; cc += kVec) {
+          const vf e = vexp2(vload(s + cc) - vm);
+          vstore(s + cc, e);
+          vsum += e;
+        }
+        for (int64_t cc = 0; cc < N; cc += kVec) split16(s + cc, p + cc, plo + cc);
+        const float alpha = m[r] == -INFINITY ? 0.f : std::exp2(m[r] - m_new);
+        l[r] = l[r] * alpha + hsum(vsum);
+        m[r] = m_new;
+        if (alpha != 1.f) {
+          float* o = O + r * Dv16;
+          const vf va = vsplat(alpha);
+          for (int64_t cc = 0; cc < Dv16; cc += kVec) vstore(o + cc, vload(o + cc) * va);
+        }
+      }
+      mm(rows, Dv, nk, pa, kBk, vp + (j0 / kBk) * v_size, O, Dv16, true);
+      mm(rows, Dv, nk, pl, kBk, vp + (j0 / kBk) * v_size, O, Dv16, true);
+    }
+    // l > 0: the row's softmax; l == 0 and no visible key (causal, or sk = 0): out 0, lse -inf;
+    // l == 0 with visible keys (all scores -inf) or l NaN: out and lse NaN, as softmax gives.
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = q0 + i0 + r;
+      const bool sees = visible_keys(g.causal, i0 + r + 1, sq, sk) > 0;
+      const float none = sees ? NAN : 0.f;
+      store_row(out + (row * H + h) * Dv, O + r * Dv16, Dv, l[r] > 0.f ? 1.f / l[r] : none);
+      lse[h * g.Nq + row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : sees ? NAN : -INFINITY;
+    }
+  }
+}
+
+// One task = query rows [r0, r1) of image b and the G query heads of k/v head hk, against every
+// key of the image (the math of attention_kernels.h's bwd_task):
+//   dV += P^T dO,  dP = dO V^T,  dS = P (dP - delta) scale,  dK += dS^T Q,  dQ += dS K,
+// delta = rowsum(dO * O) taken from the diagonal of the GEMM dO O^T, so that a one-hot row
+// (huge softmax_scale) has dP - delta exactly 0 at its key.
+void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, const bf* k,
+                             const bf* v, const bf* out, const float* lse, bf* dq, bf* dk, bf* dv,
+                             float* dk_part, float* dv_part, const Task& t,
+                             std::vector<float>& buf) {
+  TileRelease release;
+  const int64_t q0 = g.cq[t.b], sq = g.cq[t.b + 1] - q0;
+  const int64_t k0 = g.ck[t.b], sk = g.ck[t.b + 1] - k0;
+  const int64_t off = sk - sq, hk = t.head, G = g.G, H = g.H, Hk = g.Hk;
+  const int64_t D = g.D, Dv = g.Dv, D2 = even(D), Dv2 = even(Dv);
+  const int64_t D16 = pad16(D), Dv16 = pad16(Dv);
+  const int64_t rows = t.r1 - t.r0, nvis = visible_keys(g.causal, t.r1, sq, sk);
+  const int64_t nqt = (rows + kBq - 1) / kBq;  // query tiles per head
+  const float qmul = g.scale * kLog2e;
+  Carver c = carve(buf, pad_bf(G * rows * D2) + pad_bf(G * rows * Dv2) + pad_bf(G * nqt * kBq * D16) +
+                            pad_bf(G * nqt * kBq * Dv16) + pad_bf(D2 * kBk) + pad_bf(Dv2 * kBk) +
+                            pad_bf(kBk * D16) + 6 * pad_bf(kBq * kBk) +
+                            pad(G * rows * D16) + 2 * pad(G * rows) + pad(kBk * D16) +
+                            pad(kBk * Dv16) + 3 * pad(kBq * kBk));
+  bf* Qa = take_bf(c, G * rows * D2);                // A operands: q and dO rows
+  bf* dOa = take_bf(c, G * rows * Dv2);
+  bf* Qp = take_bf(c, G * nqt * kBq * D16);          // B operands: q and dO tiles, VNNI
+  bf* dOp = take_bf(c, G * nqt * kBq * Dv16);
+  bf* Ktp = take_bf(c, D2 * kBk);                    // B operands of the key tile: K^T, V^T, K
+  bf* Vtp = take_bf(c, Dv2 * kBk);
+  bf* Krp = take_bf(c, kBk * D16);
+  bf* Pta = take_bf(c, 2 * kBk * kBq);               // A operands: P^T, dS, dS^T as hi, lo
+  bf* dSa = take_bf(c, 2 * kBq * kBk);
+  bf* dSta = take_bf(c, 2 * kBk * kBq);
+  constexpr int64_t kLo = kBq * kBk;                 // offset of the lo terms
+  float* dQ = c.take(G * rows * D16);
+  float* lse_r = c.take(G * rows);
+  float* delta = c.take(G * rows);
+  float* dKa = c.take(kBk * D16);
+  float* dVa = c.take(kBk * Dv16);
+  float* P = c.take(kBq * kBk);
+  float* dS = c.take(kBq * kBk);
+  float* T = c.take(kBk * kBq);  // P^T or dS^T in fp32
+
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t h = hk * G + gi;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = q0 + t.r0 + r, e = gi * rows + r;
+      copy_row(Qa + e * D2, q + (i * H + h) * D, D, D2);
+      copy_row(dOa + e * Dv2, dout + (i * H + h) * Dv, Dv, Dv2);
+      lse_r[e] = lse[h * g.Nq + i];
+    }
+    for (int64_t qt = 0; qt < nqt; ++qt) {
+      const int64_t r0 = qt * kBq, mr = std::min(kBq, rows - r0), e0 = gi * rows + r0;
+      const int64_t i = q0 + t.r0 + r0;
+      pack_rows(q + (i * H + h) * D, H * D, mr, D, Qp + (gi * nqt + qt) * kBq * D16);
+      pack_rows(dout + (i * H + h) * Dv, H * Dv, mr, Dv, dOp + (gi * nqt + qt) * kBq * Dv16);
+      // delta[r] = (dO O^T)[r, r]: O^T packed as the B of a [mr, mr] product
+      pack_cols(out + (i * H + h) * Dv, H * Dv, Dv, mr, Vtp);
+      mm(mr, mr, Dv, dOa + e0 * Dv2, Dv2, Vtp, P, kBk, false);
+      for (int64_t r = 0; r < mr; ++r) delta[e0 + r] = P[r * kBk + r];
+    }
+  }
+  std::fill(dQ, dQ + G * rows * D16, 0.f);
+
+  const vf vln2 = vsplat(kLn2), vlog2e = vsplat(kLog2e), vq = vsplat(qmul), vsc = vsplat(g.scale);
+  for (int64_t j0 = 0; j0 < sk; j0 += kBk) {
+    const int64_t nk = std::min(kBk, sk - j0), N = pad16(nk), nk2 = even(nk);
+    std::fill(dKa, dKa + nk * D16, 0.f);
+    std::fill(dVa, dVa + nk * Dv16, 0.f);
+    if (j0 < nvis) {
+      const bf* kr = k + ((k0 + j0) * Hk + hk) * D;
+      const bf* vr = v + ((k0 + j0) * Hk + hk) * Dv;
+      pack_cols(kr, Hk * D, D, nk, Ktp);
+      pack_cols(vr, Hk * Dv, Dv, nk, Vtp);
+      pack_rows(kr, Hk * D, nk, D, Krp);
+      for (int64_t gi = 0; gi < G; ++gi) {
+        for (int64_t qt = 0; qt < nqt; ++qt) {
+          const int64_t i0 = t.r0 + qt * kBq, mr = std::min(kBq, t.r1 - i0);
+          if (g.causal && i0 + mr - 1 + off < j0) continue;  // no row of the tile sees a key
+          const int64_t e0 = gi * rows + (i0 - t.r0);
+          mm(mr, nk, D, Qa + e0 * D2, D2, Ktp, P, kBk, false);
+          for (int64_t r = 0; r < mr; ++r) {
+            float* p = P + r * kBk;
+            const float lr = lse_r[e0 + r];
+            if (lr == -INFINITY) {  // the row saw no key: all weights 0 (a NaN lse flows on)
+              std::fill(p, p + N, 0.f);
+              continue;
+            }
+            const vf vl = vsplat(lr);
+            for (int64_t cc = 0; cc < N; cc += kVec) {
+              // s ln2 - lse, rounded as the forward's max was, clamped at 0 (NaN stays NaN)
+              const vf x = vround(vround(vload(p + cc) * vq) * vln2) - vl;
+              vstore(p + cc, vexp2((x > vsplat(0.f) ? vsplat(0.f) : x) * vlog2e));
+            }
+          }
+          // masked after exp (scale may be 0, and 0 * -inf would be NaN)
+          mask_tile(P, kBk, mr, N, nk, g.causal, i0, j0, off, 0.f);
+          const int64_t m16 = pad16(mr);
+          zero_rows(P, kBk, mr, m16, N);
+          transpose(P, kBk, m16, N, T, kBq);  // P^T as hi + lo; padding rows/columns are 0
+          for (int64_t cc = 0; cc < nk2; ++cc) {
+            for (int64_t r = 0; r < m16; r += kVec) split16(T + cc * kBq + r, Pta + cc * kBq + r, Pta + kLo + cc * kBq + r);
+          }
+          const int64_t tile = gi * nqt + qt;
+          mm(nk, Dv, mr, Pta, kBq, dOp + tile * kBq * Dv16, dVa, Dv16, true);
+          mm(nk, Dv, mr, Pta + kLo, kBq, dOp + tile * kBq * Dv16, dVa, Dv16, true);
+          mm(mr, nk, Dv, dOa + e0 * Dv2, Dv2, Vtp, dS, kBk, false);
+          for (int64_t r = 0; r < mr; ++r) {
+            const vf vd = vsplat(delta[e0 + r]);
+            float* ds = dS + r * kBk;
+            const float* p = P + r * kBk;
+            for (int64_t cc = 0; cc < N; cc += kVec) {
+              vstore(ds + cc, vload(p + cc) * (vload(ds + cc) - vd) * vsc);
+            }
+          }
+          // dS and dS^T as hi + lo, 0 in the padding (also where a NaN delta met P = 0)
+          mask_tile(dS, kBk, mr, N, nk, false, 0, 0, 0, 0.f);
+          zero_rows(dS, kBk, mr, m16, N);
+          for (int64_t r = 0; r < mr; ++r) {
+            for (int64_t cc = 0; cc < N; cc += kVec) split16(dS + r * kBk + cc, dSa + r * kBk + cc, dSa + kLo + r * kBk + cc);
+          }
+          transpose(dS, kBk, m16, N, T, kBq);
+          for (int64_t cc = 0; cc < nk2; ++cc) {
+            for (int64_t r = 0; r < m16; r += kVec) split16(T + cc * kBq + r, dSta + cc * kBq + r, dSta + kLo + cc * kBq + r);
+          }
+          for (const int64_t part : {int64_t(0), kLo}) {
+            mm(nk, D, mr, dSta + part, kBq, Qp + tile * kBq * D16, dKa, D16, true);
+            mm(mr, D, nk, dSa + part, kBk, Krp, dQ + e0 * D16, D16, true);
+          }
+        }
+      }
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      if (t.chunk < 0) {
+        store_row(dk + ((k0 + j0 + j) * Hk + hk) * D, dKa + j * D16, D);
+        store_row(dv + ((k0 + j0 + j) * Hk + hk) * Dv, dVa + j * Dv16, Dv);
+      } else {
+        const int64_t prow = (t.part + t.chunk * sk + j0 + j) * Hk + hk;
+        std::copy(dKa + j * D16, dKa + j * D16 + D, dk_part + prow * D);
+        std::copy(dVa + j * Dv16, dVa + j * Dv16 + Dv, dv_part + prow * Dv);
+      }
+    }
+  }
+  for (int64_t gi = 0; gi < G; ++gi) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = q0 + t.r0 + r;
+      store_row(dq + (i * H + hk * G + gi) * D, dQ + (gi * rows + r) * D16, D);
+    }
+  }
+}
+
+#else  // no x86-64 GCC build: attention_bf16_selected() is false, these are never called
+
+void attention_bf16_fwd_task(const Geometry&, const at::BFloat16*, const at::BFloat16*,
+                             const at::BFloat16*, at::BFloat16*, float*, const Task&,
+                             std::vector<float>&) {
+  TORCH_CHECK(false, "this build has no bf16 attention tiles");
+}
+void attention_bf16_bwd_task(const Geometry&, const at::BFloat16*, const at::BFloat16*,
+                             const at::BFloat16*, const at::BFloat16*, const at::BFloat16*,
+                             const float*, at::BFloat16*, at::BFloat16*, at::BFloat16*, float*,
+                             float*, const Task&, std::vector<float>&) {
+  TORCH_CHECK(false, "this build has no bf16 attention tiles");
+}
+#endif
+
+}  // namespace nit
+
+#if NIT_ATTENTION_BF16
+#pragma GCC pop_options
+#endif
+
+namespace nit {
+
+// Outside the AVX-512 region: this runs on every CPU.
+bool attention_bf16_selected() {
+  const char* env = std::getenv("NIT_CPU_ATTENTION_ISA");
+  const std::string want = env ? env : "";
+  TORCH_CHECK(want.empty() || want == "amx" || want == "fp32",
+              "NIT_CPU_ATTENTION_ISA must be amx or fp32, got '", want, "'");
+#if NIT_ATTENTION_BF16
+  static const bool has = at::native::cpublas::could_pack(at::kBFloat16);
+#else
+  static const bool has = false;
+#endif
+  TORCH_CHECK(want != "amx" || has,
+              "NIT_CPU_ATTENTION_ISA=amx needs a CPU (and kernel) with AMX-BF16 tiles and an "
+              "x86-64 GCC build; this one has none");
+  return want.empty() ? has : want == "amx";
+}
+
+}  // namespace nit
