@@ -33,12 +33,13 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-// The vector helpers of the fp32 tiles (exp2, reductions, masks, scratch), 512 bits wide: every
-// CPU with AMX has AVX-512F.
+// The vector helpers of the fp32 tiles (exp2, reductions, masks, scratch), 512 bits wide, and
+// the bf16 packing below with AVX-512BW's 16-bit shuffles (without BW GCC splits them into
+// scalar moves): every CPU with AMX has AVX-512F/BW/VL/DQ.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define NIT_ATTENTION_BF16 1
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 namespace nit {
 namespace {
 namespace vec512 {
@@ -62,28 +63,74 @@ using bf = at::BFloat16;
 inline int64_t even(int64_t n) { return (n + 1) & ~int64_t(1); }
 inline int64_t pad16(int64_t n) { return round_up(n, 16); }
 
+typedef uint16_t vh32 __attribute__((vector_size(64)));
+struct Interleave {  // lanes of (a, b) for the low and high halves of a 16-bit pair interleave
+  int16_t lo[32], hi[32];
+  constexpr Interleave() : lo(), hi() {
+    for (int i = 0; i < 16; ++i) {
+      lo[2 * i] = i, lo[2 * i + 1] = 32 + i;
+      hi[2 * i] = 16 + i, hi[2 * i + 1] = 48 + i;
+    }
+  }
+};
+constexpr Interleave kInter{};
+
 // B[k, n] = x[k * ldx + n] for k < K, n < N: the rows of x (e.g. V tokens) are B's rows.
-void pack_rows(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out) {
-  const int64_t K2 = even(K), N16 = pad16(N);
-  memset(static_cast<void*>(out), 0, sizeof(bf) * K2 * N16);
+// stack > 0: B is [x; x] with 2 * stack rows (rows K..stack of each half 0), the B of [hi | lo] A.
+void pack_rows(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out, int64_t stack = 0) {
+  const int64_t Kb = stack > 0 ? 2 * stack : even(K), N16 = pad16(N);
+  memset(static_cast<void*>(out), 0, sizeof(bf) * Kb * N16);
+  const bf zero[32] = {};
+  vh32 ilo, ihi;
+  memcpy(&ilo, kInter.lo, sizeof(ilo));
+  memcpy(&ihi, kInter.hi, sizeof(ihi));
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     const int64_t w = std::min<int64_t>(64, N16 - n0), nn = std::min<int64_t>(64, N - n0);
-    bf* o = out + n0 * K2;
-    for (int64_t k = 0; k < K; ++k) {
-      const bf* src = x + k * ldx + n0;
-      bf* ok = o + (k >> 1) * 2 * w + (k & 1);
-      for (int64_t n = 0; n < nn; ++n) ok[2 * n] = src[n];
+    bf* o = out + n0 * Kb;
+    for (int64_t half = 0; half < (stack > 0 ? 2 : 1); ++half) {
+      for (int64_t k = 0; k < K; k += 2) {  // rows k, k + 1 -> one VNNI row of pairs
+        const int64_t kb = k + half * stack;  // stack is even: kb has k's parity
+        const bf* a = x + k * ldx + n0;
+        const bf* b = k + 1 < K ? a + ldx : zero;
+        const int64_t bstep = k + 1 < K ? 1 : 0;
+        bf* ok = o + (kb >> 1) * 2 * w;
+        int64_t n = 0;
+        for (; n + 32 <= nn; n += 32) {
+          vh32 va, vb;
+          memcpy(&va, a + n, sizeof(va));
+          if (bstep) memcpy(&vb, b + n, sizeof(vb)); else vb = vh32{};
+          const vh32 lo = __builtin_shuffle(va, vb, ilo), hi = __builtin_shuffle(va, vb, ihi);
+          memcpy(static_cast<void*>(ok + 2 * n), &lo, sizeof(lo));
+          memcpy(static_cast<void*>(ok + 2 * n + 32), &hi, sizeof(hi));
+        }
+        for (; n < nn; ++n) {
+          ok[2 * n] = a[n];
+          ok[2 * n + 1] = b[n * bstep];
+        }
+      }
     }
   }
 }
 
 // B[k, n] = x[n * ldx + k] for k < K, n < N <= 64: the rows of x (e.g. K tokens) are B's columns.
+// A VNNI row of B holds the pairs (x[n][k], x[n][k + 1]), adjacent in x: with K and ldx even
+// this is a transpose of 32-bit words, done 16 x 16 in registers.
 void pack_cols(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out) {
   const int64_t K2 = even(K), N16 = pad16(N);
-  memset(static_cast<void*>(out), 0, sizeof(bf) * K2 * N16);
-  for (int64_t n = 0; n < N; ++n) {
+  int64_t kdone = 0;
+  if (K % 2 == 0 && ldx % 2 == 0 && N == N16) {
+    const float* src = reinterpret_cast<const float*>(x);  // bf16 pairs moved as 32-bit words
+    float* dst = reinterpret_cast<float*>(out);
+    kdone = (K / 2) / kVec * kVec * 2;
+    transpose(src, ldx / 2, N, kdone / 2, dst, N16);
+  } else {
+    memset(static_cast<void*>(out), 0, sizeof(bf) * K2 * N16);
+  }
+  for (int64_t n = 0; n < N16; ++n) {
     const bf* src = x + n * ldx;
-    for (int64_t k = 0; k < K; ++k) out[(k >> 1) * 2 * N16 + 2 * n + (k & 1)] = src[k];
+    for (int64_t k = kdone; k < K2; ++k) {
+      out[(k >> 1) * 2 * N16 + 2 * n + (k & 1)] = n < N && k < K ? src[k] : bf(0.f);
+    }
   }
 }
 
@@ -152,6 +199,10 @@ struct TileRelease {
 
 }  // namespace
 
+// One task = query rows [r0, r1) of image b, head h. Each query tile takes its scores against
+// every visible key at once (S [rows, Np] in fp32), so its softmax is exact rather than online,
+// and the GEMMs run back to back with one shape each: S by key tiles of 64, O = [P_hi | P_lo]
+// [V; V] in one product over all keys (switching brgemm shapes costs about a GEMM each time).
 void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const bf* v, bf* out,
                              float* lse, const Task& t, std::vector<float>& buf) {
   TileRelease release;
@@ -160,17 +211,16 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
   const int64_t off = sk - sq, h = t.head, hk = h / g.G;
   const int64_t D = g.D, Dv = g.Dv, H = g.H, Hk = g.Hk;
   const int64_t D2 = even(D), Dv16 = pad16(Dv);
-  const int64_t nvis = visible_keys(g.causal, t.r1, sq, sk);
+  const int64_t nvis = visible_keys(g.causal, t.r1, sq, sk), Np = pad16(nvis);
   const int64_t nkb = (nvis + kBk - 1) / kBk;
-  const int64_t kt_size = D2 * kBk, v_size = kBk * Dv16;  // one packed key tile of K^T and of V
-  Carver c = carve(buf, pad_bf(nkb * kt_size) + pad_bf(nkb * v_size) + pad_bf(kBq * D2) +
-                            2 * pad_bf(kBq * kBk) + pad(kBq * kBk) + pad(kBq * Dv16) + 2 * pad(kBq));
+  const int64_t kt_size = D2 * kBk;  // one packed key tile of K^T
+  Carver c = carve(buf, pad_bf(nkb * kt_size) + pad_bf(2 * Np * Dv16) + pad_bf(kBq * D2) +
+                            pad_bf(kBq * 2 * Np) + pad(kBq * Np) + pad(kBq * Dv16) + 2 * pad(kBq));
   bf* kt = take_bf(c, nkb * kt_size);
-  bf* vp = take_bf(c, nkb * v_size);
+  bf* vp = take_bf(c, 2 * Np * Dv16);  // [V; V] over the visible keys
   bf* qa = take_bf(c, kBq * D2);
-  bf* pa = take_bf(c, kBq * kBk);  // P = pa + pl
-  bf* pl = take_bf(c, kBq * kBk);
-  float* S = c.take(kBq * kBk);
+  bf* pa = take_bf(c, kBq * 2 * Np);   // rows [P_hi | P_lo]
+  float* S = c.take(kBq * Np);
   float* O = c.take(kBq * Dv16);
   float* m = c.take(kBq);
   float* l = c.take(kBq);
@@ -178,65 +228,57 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
   for (int64_t jb = 0; jb < nkb; ++jb) {
     const int64_t j0 = jb * kBk, nk = std::min(kBk, nvis - j0);
     pack_cols(k + ((k0 + j0) * Hk + hk) * D, Hk * D, D, nk, kt + jb * kt_size);
-    pack_rows(v + ((k0 + j0) * Hk + hk) * Dv, Hk * Dv, nk, Dv, vp + jb * v_size);
   }
+  if (Np > 0) pack_rows(v + (k0 * Hk + hk) * Dv, Hk * Dv, nvis, Dv, vp, Np);
 
   const float qmul = g.scale * kLog2e;  // scores in base 2: exp(s) = 2^(s log2 e)
   const vf vq = vsplat(qmul);
   for (int64_t i0 = t.r0; i0 < t.r1; i0 += kBq) {
     const int64_t rows = std::min(kBq, t.r1 - i0);
+    const int64_t kend = visible_keys(g.causal, i0 + rows, sq, sk);
     for (int64_t r = 0; r < rows; ++r) {
       copy_row(qa + r * D2, q + ((q0 + i0 + r) * H + h) * D, D, D2);
       m[r] = -INFINITY;
       l[r] = 0.f;
     }
-    std::fill(O, O + rows * Dv16, 0.f);
-    const int64_t kend = visible_keys(g.causal, i0 + rows, sq, sk);
-    for (int64_t j0 = 0; j0 < kend; j0 += kBk) {
-      const int64_t nk = std::min(kBk, nvis - j0), N = pad16(nk);
-      mm(rows, nk, D, qa, D2, kt + (j0 / kBk) * kt_size, S, kBk, false);
-      for (int64_t r = 0; r < rows; ++r) {  // scaled before the mask: scale may be 0 or < 0
-        for (int64_t cc = 0; cc < N; cc += kVec) vstore(S + r * kBk + cc, vload(S + r * kBk + cc) * vq);
+    for (int64_t j0 = 0; j0 < kend; j0 += kBk) {  // N as packed (the tile's B layout depends on it)
+      mm(rows, std::min(kBk, nvis - j0), D, qa, D2, kt + (j0 / kBk) * kt_size, S + j0, Np, false);
+    }
+    for (int64_t r = 0; r < rows; ++r) {  // scaled before the mask: scale may be 0 or < 0
+      for (int64_t cc = 0; cc < Np; cc += kVec) vstore(S + r * Np + cc, vload(S + r * Np + cc) * vq);
+    }
+    mask_tile(S, Np, rows, Np, kend, g.causal, i0, 0, off, -INFINITY);
+    for (int64_t r = 0; r < rows && Np > 0; ++r) {
+      float* s = S + r * Np;
+      bf* p = pa + r * 2 * Np;
+      vf vmax = vsplat(-INFINITY);
+      for (int64_t cc = 0; cc < Np; cc += kVec) {
+        const vf x = vload(s + cc);
+        vmax = x > vmax ? x : vmax;
       }
-      mask_tile(S, kBk, rows, N, nk, g.causal, i0, j0, off, -INFINITY);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* s = S + r * kBk;
-        bf* p = pa + r * kBk;
-        bf* plo = pl + r * kBk;
-        vf vmax = vsplat(-INFINITY);
-        for (int64_t cc = 0; cc < N; cc += kVec) {
-          const vf x = vload(s + cc);
-          vmax = x > vmax ? x : vmax;
+      // NaN scores are skipped by the max and reach l and O through exp2 (vexp2(NaN) = NaN)
+      m[r] = hmax(vmax);
+      if (m[r] == -INFINITY) {  // every visible score -inf or NaN: weights 0 ...
+        for (int64_t cc = 0; cc < Np; ++cc) {
+          if (std::isnan(s[cc])) l[r] = NAN;  // ... but a NaN score makes the row NaN
         }
-        // NaN scores are skipped by the max and reach l and O through exp2 (vexp2(NaN) = NaN)
-        const float m_new = std::max(m[r], hmax(vmax));
-        if (m_new == -INFINITY) {  // every visible score so far -inf or NaN: weights 0, O stays 0
-          for (int64_t cc = 0; cc < N; ++cc) {
-            if (std::isnan(s[cc])) l[r] = NAN;  // ... but a NaN score makes the row NaN
-          }
-          memset(static_cast<void*>(p), 0, sizeof(bf) * N);
-          memset(static_cast<void*>(plo), 0, sizeof(bf) * N);
-          continue;
-        }
-        const vf vm = vsplat(m_new);
-        vf vsum = vsplat(0.f);
-        for (int64_t cc = 0; cc < N; cc += kVec) {
-          const vf e = vexp2(vload(s + cc) - vm);
-          vstore(s + cc, e);
-          vsum += e;
-        }
-        for (int64_t cc = 0; cc < N; cc += kVec) split16(s + cc, p + cc, plo + cc);
-        const float alpha = m[r] == -INFINITY ? 0.f : std::exp2(m[r] - m_new);
-        l[r] = l[r] * alpha + hsum(vsum);
-        m[r] = m_new;
-        if (alpha != 1.f) {
-          float* o = O + r * Dv16;
-          const vf va = vsplat(alpha);
-          for (int64_t cc = 0; cc < Dv16; cc += kVec) vstore(o + cc, vload(o + cc) * va);
-        }
+        memset(static_cast<void*>(p), 0, sizeof(bf) * 2 * Np);
+        continue;
       }
-      mm(rows, Dv, nk, pa, kBk, vp + (j0 / kBk) * v_size, O, Dv16, true);
-      mm(rows, Dv, nk, pl, kBk, vp + (j0 / kBk) * v_size, O, Dv16, true);
+      const vf vm = vsplat(m[r]);
+      vf vsum = vsplat(0.f);
+      for (int64_t cc = 0; cc < Np; cc += kVec) {
+        const vf e = vexp2(vload(s + cc) - vm);
+        vsum += e;
+        vstore(s + cc, e);
+        split16(s + cc, p + cc, p + Np + cc);
+      }
+      l[r] = hsum(vsum);
+    }
+    if (Np > 0) {
+      mm(rows, Dv, 2 * Np, pa, 2 * Np, vp, O, Dv16, false);
+    } else {
+      std::fill(O, O + rows * Dv16, 0.f);
     }
     // l > 0: the row's softmax; l == 0 and no visible key (causal, or sk = 0): out 0, lse -inf;
     // l == 0 with visible keys (all scores -inf) or l NaN: out and lse NaN, as softmax gives.
