@@ -23,6 +23,7 @@
 #include "cpu/attention_bf16.h"
 
 #include <ATen/native/CPUBlas.h>
+#include <immintrin.h>
 
 #include <stdint.h>
 #include <string.h>
@@ -35,11 +36,11 @@
 
 // The vector helpers of the fp32 tiles (exp2, reductions, masks, scratch), 512 bits wide, and
 // the bf16 packing below with AVX-512BW's 16-bit shuffles (without BW GCC splits them into
-// scalar moves): every CPU with AMX has AVX-512F/BW/VL/DQ.
+// scalar moves) and AVX512-BF16's conversions: every CPU with AMX-BF16 has AVX-512F/BW/VL/DQ/BF16.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define NIT_ATTENTION_BF16 1
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 namespace nit {
 namespace {
 namespace vec512 {
@@ -140,6 +141,10 @@ void mm(int64_t M, int64_t N, int64_t K, const bf* A, int64_t lda, const bf* B, 
         int64_t ldc, bool acc) {
   if (M <= 0) return;
   const int64_t K2 = even(K), N16 = pad16(N);
+  if (K2 == 0) {  // an empty sum (a task without query rows): brgemm refuses K = 0
+    for (int64_t m = 0; m < M && !acc; ++m) std::fill(C + m * ldc, C + m * ldc + N16, 0.f);
+    return;
+  }
   for (int64_t n0 = 0; n0 < N16; n0 += 64) {
     const int64_t w = std::min<int64_t>(64, N16 - n0);
     at::native::cpublas::brgemm(M, w, K2, lda, w, ldc, acc, A, B + n0 * K2, C + n0, true);
@@ -152,35 +157,17 @@ inline void copy_row(bf* dst, const bf* x, int64_t n, int64_t n2) {
   for (int64_t d = n; d < n2; ++d) dst[d] = bf(0.f);
 }
 
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
 
-// bf16 bits of 16 floats, rounded to nearest even (a NaN stays a NaN)
-__attribute__((always_inline)) inline vu bf16_bits(const vf& x) {
-  vu b;
-  memcpy(&b, &x, sizeof(b));
-  const vu r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-  vu nan;
-  const auto m = x != x;
-  memcpy(&nan, &m, sizeof(nan));
-  return (r & ~nan) | (((b >> 16) | 0x40u) & nan);
-}
-
-// x[0..16) as hi + lo, two bf16 (lo 0 where hi is not finite, so an inf stays an inf)
+// x[0..16) as hi + lo, two bf16 (lo 0 where hi is not finite, so an inf stays an inf); the
+// conversions are AVX512-BF16's (round to nearest even, a NaN stays a NaN).
 __attribute__((always_inline)) inline void split16(const float* src, bf* hi, bf* lo) {
-  const vf x = vload(src);
-  const vu h = bf16_bits(x);
-  const vh hs = __builtin_convertvector(h, vh);
-  memcpy(static_cast<void*>(hi), &hs, sizeof(hs));
-  const vu hb = h << 16;
-  vf hf;
-  memcpy(&hf, &hb, sizeof(hf));
-  const vf d = x - hf;
-  vu finite;
-  const auto m = (hf - hf) == vsplat(0.f);
-  memcpy(&finite, &m, sizeof(finite));
-  const vh ls = __builtin_convertvector(bf16_bits(d) & finite, vh);
-  memcpy(static_cast<void*>(lo), &ls, sizeof(ls));
+  const __m512 x = _mm512_loadu_ps(src);
+  const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), h);
+  const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(hf, hf), _mm512_setzero_ps(), _CMP_EQ_OQ);
+  const __m512 d = _mm512_maskz_sub_ps(finite, x, hf);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(d)));
 }
 
 // rows [r0, r1) of a [*, ld] fp32 tile set to 0 for columns < n
@@ -296,7 +283,8 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
 // key of the image (the math of attention_kernels.h's bwd_task):
 //   dV += P^T dO,  dP = dO V^T,  dS = P (dP - delta) scale,  dK += dS^T Q,  dQ += dS K,
 // delta = rowsum(dO * O) taken from the diagonal of the GEMM dO O^T, so that a one-hot row
-// (huge softmax_scale) has dP - delta exactly 0 at its key.
+// (huge softmax_scale) has dP - delta exactly 0 at its key. Each key tile meets all R = G * rows
+// query rows of the task in one GEMM per product (five shapes per key tile, whatever R is).
 void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, const bf* k,
                              const bf* v, const bf* out, const float* lse, bf* dq, bf* dk, bf* dv,
                              float* dk_part, float* dv_part, const Task& t,
@@ -308,32 +296,30 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
   const int64_t D = g.D, Dv = g.Dv, D2 = even(D), Dv2 = even(Dv);
   const int64_t D16 = pad16(D), Dv16 = pad16(Dv);
   const int64_t rows = t.r1 - t.r0, nvis = visible_keys(g.causal, t.r1, sq, sk);
-  const int64_t nqt = (rows + kBq - 1) / kBq;  // query tiles per head
+  const int64_t R = G * rows, Rp = pad16(R);
   const float qmul = g.scale * kLog2e;
-  Carver c = carve(buf, pad_bf(G * rows * D2) + pad_bf(G * rows * Dv2) + pad_bf(G * nqt * kBq * D16) +
-                            pad_bf(G * nqt * kBq * Dv16) + pad_bf(D2 * kBk) + pad_bf(Dv2 * kBk) +
-                            pad_bf(kBk * D16) + 6 * pad_bf(kBq * kBk) +
-                            pad(G * rows * D16) + 2 * pad(G * rows) + pad(kBk * D16) +
-                            pad(kBk * Dv16) + 3 * pad(kBq * kBk));
-  bf* Qa = take_bf(c, G * rows * D2);                // A operands: q and dO rows
-  bf* dOa = take_bf(c, G * rows * Dv2);
-  bf* Qp = take_bf(c, G * nqt * kBq * D16);          // B operands: q and dO tiles, VNNI
-  bf* dOp = take_bf(c, G * nqt * kBq * Dv16);
-  bf* Ktp = take_bf(c, D2 * kBk);                    // B operands of the key tile: K^T, V^T, K
+  Carver c = carve(buf, pad_bf(R * D2) + pad_bf(R * Dv2) + pad_bf(2 * Rp * D16) + pad_bf(2 * Rp * Dv16) +
+                            pad_bf(D2 * kBk) + pad_bf(Dv2 * kBk) + pad_bf(2 * kBk * D16) +
+                            2 * pad_bf(kBk * 2 * Rp) + pad_bf(R * 2 * kBk) + pad(R * D16) + 2 * pad(R) +
+                            pad(kBk * D16) + pad(kBk * Dv16) + 3 * pad(Rp * kBk));
+  bf* Qa = take_bf(c, R * D2);                  // A operands: q and dO rows, row e = gi * rows + r
+  bf* dOa = take_bf(c, R * Dv2);
+  bf* Qs = take_bf(c, 2 * Rp * D16);            // B operands [Q; Q], [dO; dO]
+  bf* dOs = take_bf(c, 2 * Rp * Dv16);
+  bf* Ktp = take_bf(c, D2 * kBk);               // B operands of the key tile: K^T, V^T, [K; K]
   bf* Vtp = take_bf(c, Dv2 * kBk);
-  bf* Krp = take_bf(c, kBk * D16);
-  bf* Pta = take_bf(c, 2 * kBk * kBq);               // A operands: P^T, dS, dS^T as hi, lo
-  bf* dSa = take_bf(c, 2 * kBq * kBk);
-  bf* dSta = take_bf(c, 2 * kBk * kBq);
-  constexpr int64_t kLo = kBq * kBk;                 // offset of the lo terms
-  float* dQ = c.take(G * rows * D16);
-  float* lse_r = c.take(G * rows);
-  float* delta = c.take(G * rows);
+  bf* Ks = take_bf(c, 2 * kBk * D16);
+  bf* Pta = take_bf(c, kBk * 2 * Rp);           // A operands [P^T_hi | P^T_lo], [dS^T...], [dS...]
+  bf* dSta = take_bf(c, kBk * 2 * Rp);
+  bf* dSa = take_bf(c, R * 2 * kBk);
+  float* dQ = c.take(R * D16);
+  float* lse_r = c.take(R);
+  float* delta = c.take(R);
   float* dKa = c.take(kBk * D16);
   float* dVa = c.take(kBk * Dv16);
-  float* P = c.take(kBq * kBk);
-  float* dS = c.take(kBq * kBk);
-  float* T = c.take(kBk * kBq);  // P^T or dS^T in fp32
+  float* P = c.take(Rp * kBk);
+  float* dS = c.take(Rp * kBk);
+  float* T = c.take(kBk * Rp);  // P^T or dS^T in fp32
 
   for (int64_t gi = 0; gi < G; ++gi) {
     const int64_t h = hk * G + gi;
@@ -343,86 +329,71 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
       copy_row(dOa + e * Dv2, dout + (i * H + h) * Dv, Dv, Dv2);
       lse_r[e] = lse[h * g.Nq + i];
     }
-    for (int64_t qt = 0; qt < nqt; ++qt) {
-      const int64_t r0 = qt * kBq, mr = std::min(kBq, rows - r0), e0 = gi * rows + r0;
-      const int64_t i = q0 + t.r0 + r0;
-      pack_rows(q + (i * H + h) * D, H * D, mr, D, Qp + (gi * nqt + qt) * kBq * D16);
-      pack_rows(dout + (i * H + h) * Dv, H * Dv, mr, Dv, dOp + (gi * nqt + qt) * kBq * Dv16);
+    for (int64_t r0 = 0; r0 < rows; r0 += kBq) {
       // delta[r] = (dO O^T)[r, r]: O^T packed as the B of a [mr, mr] product
+      const int64_t mr = std::min(kBq, rows - r0), e0 = gi * rows + r0, i = q0 + t.r0 + r0;
       pack_cols(out + (i * H + h) * Dv, H * Dv, Dv, mr, Vtp);
       mm(mr, mr, Dv, dOa + e0 * Dv2, Dv2, Vtp, P, kBk, false);
       for (int64_t r = 0; r < mr; ++r) delta[e0 + r] = P[r * kBk + r];
     }
   }
-  std::fill(dQ, dQ + G * rows * D16, 0.f);
+  pack_rows(Qa, D2, R, D, Qs, Rp);
+  pack_rows(dOa, Dv2, R, Dv, dOs, Rp);
+  std::fill(dQ, dQ + R * D16, 0.f);
+  zero_rows(P, kBk, R, Rp, kBk);  // padding rows of P and dS stay 0 (their transposes are read)
+  zero_rows(dS, kBk, R, Rp, kBk);
 
   const vf vln2 = vsplat(kLn2), vlog2e = vsplat(kLog2e), vq = vsplat(qmul), vsc = vsplat(g.scale);
   for (int64_t j0 = 0; j0 < sk; j0 += kBk) {
-    const int64_t nk = std::min(kBk, sk - j0), N = pad16(nk), nk2 = even(nk);
-    std::fill(dKa, dKa + nk * D16, 0.f);
-    std::fill(dVa, dVa + nk * Dv16, 0.f);
+    const int64_t nk = std::min(kBk, sk - j0), N = pad16(nk);
     if (j0 < nvis) {
       const bf* kr = k + ((k0 + j0) * Hk + hk) * D;
       const bf* vr = v + ((k0 + j0) * Hk + hk) * Dv;
       pack_cols(kr, Hk * D, D, nk, Ktp);
       pack_cols(vr, Hk * Dv, Dv, nk, Vtp);
-      pack_rows(kr, Hk * D, nk, D, Krp);
-      for (int64_t gi = 0; gi < G; ++gi) {
-        for (int64_t qt = 0; qt < nqt; ++qt) {
-          const int64_t i0 = t.r0 + qt * kBq, mr = std::min(kBq, t.r1 - i0);
-          if (g.causal && i0 + mr - 1 + off < j0) continue;  // no row of the tile sees a key
-          const int64_t e0 = gi * rows + (i0 - t.r0);
-          mm(mr, nk, D, Qa + e0 * D2, D2, Ktp, P, kBk, false);
-          for (int64_t r = 0; r < mr; ++r) {
-            float* p = P + r * kBk;
-            const float lr = lse_r[e0 + r];
-            if (lr == -INFINITY) {  // the row saw no key: all weights 0 (a NaN lse flows on)
-              std::fill(p, p + N, 0.f);
-              continue;
-            }
-            const vf vl = vsplat(lr);
-            for (int64_t cc = 0; cc < N; cc += kVec) {
-              // s ln2 - lse, rounded as the forward's max was, clamped at 0 (NaN stays NaN)
-              const vf x = vround(vround(vload(p + cc) * vq) * vln2) - vl;
-              vstore(p + cc, vexp2((x > vsplat(0.f) ? vsplat(0.f) : x) * vlog2e));
-            }
-          }
-          // masked after exp (scale may be 0, and 0 * -inf would be NaN)
-          mask_tile(P, kBk, mr, N, nk, g.causal, i0, j0, off, 0.f);
-          const int64_t m16 = pad16(mr);
-          zero_rows(P, kBk, mr, m16, N);
-          transpose(P, kBk, m16, N, T, kBq);  // P^T as hi + lo; padding rows/columns are 0
-          for (int64_t cc = 0; cc < nk2; ++cc) {
-            for (int64_t r = 0; r < m16; r += kVec) split16(T + cc * kBq + r, Pta + cc * kBq + r, Pta + kLo + cc * kBq + r);
-          }
-          const int64_t tile = gi * nqt + qt;
-          mm(nk, Dv, mr, Pta, kBq, dOp + tile * kBq * Dv16, dVa, Dv16, true);
-          mm(nk, Dv, mr, Pta + kLo, kBq, dOp + tile * kBq * Dv16, dVa, Dv16, true);
-          mm(mr, nk, Dv, dOa + e0 * Dv2, Dv2, Vtp, dS, kBk, false);
-          for (int64_t r = 0; r < mr; ++r) {
-            const vf vd = vsplat(delta[e0 + r]);
-            float* ds = dS + r * kBk;
-            const float* p = P + r * kBk;
-            for (int64_t cc = 0; cc < N; cc += kVec) {
-              vstore(ds + cc, vload(p + cc) * (vload(ds + cc) - vd) * vsc);
-            }
-          }
-          // dS and dS^T as hi + lo, 0 in the padding (also where a NaN delta met P = 0)
-          mask_tile(dS, kBk, mr, N, nk, false, 0, 0, 0, 0.f);
-          zero_rows(dS, kBk, mr, m16, N);
-          for (int64_t r = 0; r < mr; ++r) {
-            for (int64_t cc = 0; cc < N; cc += kVec) split16(dS + r * kBk + cc, dSa + r * kBk + cc, dSa + kLo + r * kBk + cc);
-          }
-          transpose(dS, kBk, m16, N, T, kBq);
-          for (int64_t cc = 0; cc < nk2; ++cc) {
-            for (int64_t r = 0; r < m16; r += kVec) split16(T + cc * kBq + r, dSta + cc * kBq + r, dSta + kLo + cc * kBq + r);
-          }
-          for (const int64_t part : {int64_t(0), kLo}) {
-            mm(nk, D, mr, dSta + part, kBq, Qp + tile * kBq * D16, dKa, D16, true);
-            mm(mr, D, nk, dSa + part, kBk, Krp, dQ + e0 * D16, D16, true);
-          }
+      pack_rows(kr, Hk * D, nk, D, Ks, N);
+      mm(R, nk, D, Qa, D2, Ktp, P, kBk, false);
+      for (int64_t e = 0; e < R; ++e) {
+        float* p = P + e * kBk;
+        const float lr = lse_r[e];
+        if (lr == -INFINITY) {  // the row saw no key: all weights 0 (a NaN lse flows on)
+          std::fill(p, p + N, 0.f);
+          continue;
+        }
+        const vf vl = vsplat(lr);
+        for (int64_t cc = 0; cc < N; cc += kVec) {
+          // s ln2 - lse, rounded as the forward's max was, clamped at 0 (NaN stays NaN)
+          const vf x = vround(vround(vload(p + cc) * vq) * vln2) - vl;
+          vstore(p + cc, vexp2((x > vsplat(0.f) ? vsplat(0.f) : x) * vlog2e));
         }
       }
+      // masked after exp (scale may be 0, and 0 * -inf would be NaN)
+      for (int64_t gi = 0; gi < G; ++gi) {
+        mask_tile(P + gi * rows * kBk, kBk, rows, N, nk, g.causal, t.r0, j0, off, 0.f);
+      }
+      mm(R, nk, Dv, dOa, Dv2, Vtp, dS, kBk, false);
+      for (int64_t e = 0; e < R; ++e) {
+        const vf vd = vsplat(delta[e]);
+        float* ds = dS + e * kBk;
+        const float* p = P + e * kBk;
+        for (int64_t cc = 0; cc < N; cc += kVec) vstore(ds + cc, vload(p + cc) * (vload(ds + cc) - vd) * vsc);
+        for (int64_t cc = nk; cc < N; ++cc) ds[cc] = 0.f;  // also where a NaN delta met P = 0
+        bf* a = dSa + e * 2 * N;
+        for (int64_t cc = 0; cc < N; cc += kVec) split16(ds + cc, a + cc, a + N + cc);
+      }
+      // transposes as [hi | lo] rows over the Rp query rows (padding rows are 0)
+      for (const auto& [src, dst] : {std::pair{P, Pta}, std::pair{dS, dSta}}) {
+        transpose(src, kBk, Rp, N, T, Rp);
+        for (int64_t cc = 0; cc < nk; ++cc) {
+          for (int64_t r = 0; r < Rp; r += kVec) split16(T + cc * Rp + r, dst + cc * 2 * Rp + r, dst + cc * 2 * Rp + Rp + r);
+        }
+      }
+      mm(nk, Dv, 2 * Rp, Pta, 2 * Rp, dOs, dVa, Dv16, false);
+      mm(nk, D, 2 * Rp, dSta, 2 * Rp, Qs, dKa, D16, false);
+      mm(R, D, 2 * N, dSa, 2 * N, Ks, dQ, D16, true);
+    } else {
+      std::fill(dKa, dKa + nk * D16, 0.f);
+      std::fill(dVa, dVa + nk * Dv16, 0.f);
     }
     for (int64_t j = 0; j < nk; ++j) {
       if (t.chunk < 0) {
