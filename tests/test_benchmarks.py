@@ -236,6 +236,16 @@ def test_sdpa_per_image_peer_passes_4d_views(monkeypatch):
     assert out.shape == ref.shape and torch.allclose(out.double(), ref.double(), atol=1e-4)
 
 
+def test_attention_ratios_smoke(capsys):
+    from benchmarks import attention_ratios
+
+    attention_ratios.main(["--quick", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("2 x 8x8 | tiny |")]
+    assert [r.split(" | ")[2] for r in rows] == ["fwd", "fwd+bwd"], out
+    assert all(len(r.split(" | ")) == 3 + 4 + 3 + 2 for r in rows), out
+
+
 def test_compiled_providers_run_with_compile(tmp_path):
     path = tmp_path / "compiled.csv"
     rc = _run_cli(["--quick", "--compile", "--filter", "(gated_residual|varlen_attention)/fixed",

@@ -21,6 +21,9 @@
 // (AVX2 under the default -march=x86-64-v3) and, with GCC on x86-64, with 512-bit vectors
 // under `#pragma GCC target("avx512f")`; the wider one runs where the CPU has AVX-512F.
 // NIT_CPU_ATTENTION_VECTOR_BITS=256|512 overrides the choice (for tests and measurements).
+// bf16 inputs run on the matrix units instead where the CPU has AMX-BF16 (attention_bf16.cpp:
+// the same tasks, with bf16 GEMMs through ATen's brgemm); NIT_CPU_ATTENTION_ISA=amx|fp32 forces
+// one of the two (fp32: these tiles, as for fp16 and fp32 inputs).
 //
 // Non-finite input flows as through softmax(q k^T) v: a NaN score, or a row whose visible scores
 // are all -inf, makes the row NaN (out and lse), and the backward spreads it through the saved
