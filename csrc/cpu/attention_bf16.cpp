@@ -160,14 +160,17 @@ inline void copy_row(bf* dst, const bf* x, int64_t n, int64_t n2) {
 
 // x[0..16) as hi + lo, two bf16 (lo 0 where hi is not finite, so an inf stays an inf); the
 // conversions are AVX512-BF16's (round to nearest even, a NaN stays a NaN).
-__attribute__((always_inline)) inline void split16(const float* src, bf* hi, bf* lo) {
-  const __m512 x = _mm512_loadu_ps(src);
+__attribute__((always_inline)) inline void split16(const vf& xv, bf* hi, bf* lo) {
+  const __m512 x = (__m512)xv;
   const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), h);
   const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(hf, hf), _mm512_setzero_ps(), _CMP_EQ_OQ);
   const __m512 d = _mm512_maskz_sub_ps(finite, x, hf);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(d)));
+}
+__attribute__((always_inline)) inline void split16(const float* src, bf* hi, bf* lo) {
+  split16(vload(src), hi, lo);
 }
 
 // rows [r0, r1) of a [*, ld] fp32 tile set to 0 for columns < n
@@ -231,16 +234,28 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
     for (int64_t j0 = 0; j0 < kend; j0 += kBk) {  // N as packed (the tile's B layout depends on it)
       mm(rows, std::min(kBk, nvis - j0), D, qa, D2, kt + (j0 / kBk) * kt_size, S + j0, Np, false);
     }
-    for (int64_t r = 0; r < rows; ++r) {  // scaled before the mask: scale may be 0 or < 0
-      for (int64_t cc = 0; cc < Np; cc += kVec) vstore(S + r * Np + cc, vload(S + r * Np + cc) * vq);
+    // Scaled before the mask (scale may be 0 or < 0). Without causality only the padding keys
+    // [kend, Np) are masked, all in the last vector: scale, mask and max then take one pass.
+    const bool plain = !g.causal;
+    if (!plain) {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t cc = 0; cc < Np; cc += kVec) vstore(S + r * Np + cc, vload(S + r * Np + cc) * vq);
+      }
+      mask_tile(S, Np, rows, Np, kend, g.causal, i0, 0, off, -INFINITY);
     }
-    mask_tile(S, Np, rows, Np, kend, g.causal, i0, 0, off, -INFINITY);
+    vi lane;
+    for (int i = 0; i < kVec; ++i) lane[i] = i;
     for (int64_t r = 0; r < rows && Np > 0; ++r) {
       float* s = S + r * Np;
       bf* p = pa + r * 2 * Np;
       vf vmax = vsplat(-INFINITY);
       for (int64_t cc = 0; cc < Np; cc += kVec) {
-        const vf x = vload(s + cc);
+        vf x = vload(s + cc);
+        if (plain) {
+          x *= vq;
+          if (cc + kVec > kend) x = lane < static_cast<int32_t>(kend - cc) ? x : vsplat(-INFINITY);
+          vstore(s + cc, x);
+        }
         vmax = x > vmax ? x : vmax;
       }
       // NaN scores are skipped by the max and reach l and O through exp2 (vexp2(NaN) = NaN)
@@ -257,8 +272,7 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
       for (int64_t cc = 0; cc < Np; cc += kVec) {
         const vf e = vexp2(vload(s + cc) - vm);
         vsum += e;
-        vstore(s + cc, e);
-        split16(s + cc, p + cc, p + Np + cc);
+        split16(e, p + cc, p + Np + cc);
       }
       l[r] = hsum(vsum);
     }
