@@ -6,19 +6,20 @@
 // attention_kernels.h); what differs:
 //   - scores s = (q . k) * scale * log2(e), the product in fp32 after the bf16 GEMM (the fp32
 //     tiles scale q before it);
-//   - the probabilities P and the score gradients dS enter their GEMMs (P V, P^T dO, dS K, dS^T Q)
-//     as two bf16 terms, hi = bf16(x) and lo = bf16(x - hi), two GEMMs into one fp32 accumulator:
-//     x keeps about 16 significant bits instead of 8. Rounding P and dS to bf16 once (as bf16
-//     flash attention kernels do) gave dK errors 3.4x those of the fp32-math reference rounded to
-//     bf16, beyond the accuracy rule; q, k, v and dO are bf16 already, so every other operand is exact;
+//   - the forward rounds P to bf16 once for P V (as bf16 flash attention kernels do; l sums the
+//     fp32 weights); in the backward, P and dS enter their GEMMs (P^T dO, dS K, dS^T Q) as two
+//     bf16 terms, hi = bf16(x) and lo = bf16(x - hi), two GEMMs into one fp32 accumulator, so x
+//     keeps about 16 significant bits: rounding them once gave dK errors 3.4x those of the
+//     fp32-math reference rounded to bf16, beyond the accuracy rule. q, k, v and dO are bf16
+//     already, so every other operand is exact;
 //   - the backward clamps s ln2 - lse at 0, so P <= 1 even if a GEMM rounded differently from the
 //     forward (a NaN stays NaN).
 // brgemm reads its B operand in the VNNI layout: column blocks of at most 64 columns (16 padded),
 // each [K/2][width][2] (pairs of consecutive k interleaved); pack_rows / pack_cols write it
 // straight from the strided [tokens, heads, dim] rows, with zeros in the padding.
 //
-// Chosen at run time: AMX-BF16 (cpublas::could_pack, which also asks the kernel for the tile
-// state), else the fp32 tiles; NIT_CPU_ATTENTION_ISA=amx|fp32 forces one. Results are
+// Chosen at run time: AMX-BF16 where cpublas::could_pack says oneDNN can use it, else the fp32
+// tiles; NIT_CPU_ATTENTION_ISA=amx|fp32 forces one. Results are
 // deterministic for any thread count, as on the fp32 path.
 #include "cpu/attention_bf16.h"
 
@@ -191,8 +192,8 @@ struct TileRelease {
 
 // One task = query rows [r0, r1) of image b, head h. Each query tile takes its scores against
 // every visible key at once (S [rows, Np] in fp32), so its softmax is exact rather than online,
-// and the GEMMs run back to back with one shape each: S by key tiles of 64, O = [P_hi | P_lo]
-// [V; V] in one product over all keys (switching brgemm shapes costs about a GEMM each time).
+// and the GEMMs run back to back with one shape each: S by key tiles of 64, O = P V in one
+// product over all keys (switching brgemm shapes costs about a GEMM each time).
 void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const bf* v, bf* out,
                              float* lse, const Task& t, std::vector<float>& buf) {
   TileRelease release;
@@ -204,12 +205,12 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
   const int64_t nvis = visible_keys(g.causal, t.r1, sq, sk), Np = pad16(nvis);
   const int64_t nkb = (nvis + kBk - 1) / kBk;
   const int64_t kt_size = D2 * kBk;  // one packed key tile of K^T
-  Carver c = carve(buf, pad_bf(nkb * kt_size) + pad_bf(2 * Np * Dv16) + pad_bf(kBq * D2) +
-                            pad_bf(kBq * 2 * Np) + pad(kBq * Np) + pad(kBq * Dv16) + 2 * pad(kBq));
+  Carver c = carve(buf, pad_bf(nkb * kt_size) + pad_bf(Np * Dv16) + pad_bf(kBq * D2) +
+                            pad_bf(kBq * Np) + pad(kBq * Np) + pad(kBq * Dv16) + 2 * pad(kBq));
   bf* kt = take_bf(c, nkb * kt_size);
-  bf* vp = take_bf(c, 2 * Np * Dv16);  // [V; V] over the visible keys
+  bf* vp = take_bf(c, Np * Dv16);  // V over the visible keys
   bf* qa = take_bf(c, kBq * D2);
-  bf* pa = take_bf(c, kBq * 2 * Np);   // rows [P_hi | P_lo]
+  bf* pa = take_bf(c, kBq * Np);   // P in bf16
   float* S = c.take(kBq * Np);
   float* O = c.take(kBq * Dv16);
   float* m = c.take(kBq);
@@ -219,7 +220,7 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
     const int64_t j0 = jb * kBk, nk = std::min(kBk, nvis - j0);
     pack_cols(k + ((k0 + j0) * Hk + hk) * D, Hk * D, D, nk, kt + jb * kt_size);
   }
-  if (Np > 0) pack_rows(v + (k0 * Hk + hk) * Dv, Hk * Dv, nvis, Dv, vp, Np);
+  if (Np > 0) pack_rows(v + (k0 * Hk + hk) * Dv, Hk * Dv, nvis, Dv, vp);
 
   const float qmul = g.scale * kLog2e;  // scores in base 2: exp(s) = 2^(s log2 e)
   const vf vq = vsplat(qmul);
@@ -247,7 +248,7 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
     for (int i = 0; i < kVec; ++i) lane[i] = i;
     for (int64_t r = 0; r < rows && Np > 0; ++r) {
       float* s = S + r * Np;
-      bf* p = pa + r * 2 * Np;
+      bf* p = pa + r * Np;
       vf vmax = vsplat(-INFINITY);
       for (int64_t cc = 0; cc < Np; cc += kVec) {
         vf x = vload(s + cc);
@@ -264,7 +265,7 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
         for (int64_t cc = 0; cc < Np; ++cc) {
           if (std::isnan(s[cc])) l[r] = NAN;  // ... but a NaN score makes the row NaN
         }
-        memset(static_cast<void*>(p), 0, sizeof(bf) * 2 * Np);
+        memset(static_cast<void*>(p), 0, sizeof(bf) * Np);
         continue;
       }
       const vf vm = vsplat(m[r]);
@@ -272,12 +273,13 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
       for (int64_t cc = 0; cc < Np; cc += kVec) {
         const vf e = vexp2(vload(s + cc) - vm);
         vsum += e;
-        split16(e, p + cc, p + Np + cc);
+        const __m512 x = (__m512)e;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + cc), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
       }
       l[r] = hsum(vsum);
     }
     if (Np > 0) {
-      mm(rows, Dv, 2 * Np, pa, 2 * Np, vp, O, Dv16, false);
+      mm(rows, Dv, nvis, pa, Np, vp, O, Dv16, false);
     } else {
       std::fill(O, O + rows * Dv16, 0.f);
     }
