@@ -79,8 +79,10 @@ constexpr Interleave kInter{};
 
 // B[k, n] = x[k * ldx + n] for k < K, n < N: the rows of x (e.g. V tokens) are B's rows.
 // stack > 0: B is [x; x] with 2 * stack rows (rows K..stack of each half 0), the B of [hi | lo] A.
-void pack_rows(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out, int64_t stack = 0) {
-  const int64_t Kb = stack > 0 ? 2 * stack : even(K), N16 = pad16(N);
+// kb > 0 (even, >= K): B has kb rows, those from K on 0.
+void pack_rows(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out, int64_t stack = 0,
+               int64_t kb = 0) {
+  const int64_t Kb = stack > 0 ? 2 * stack : kb > 0 ? kb : even(K), N16 = pad16(N);
   memset(static_cast<void*>(out), 0, sizeof(bf) * Kb * N16);
   const bf zero[32] = {};
   vh32 ilo, ihi;
@@ -202,7 +204,8 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
   const int64_t off = sk - sq, h = t.head, hk = h / g.G;
   const int64_t D = g.D, Dv = g.Dv, H = g.H, Hk = g.Hk;
   const int64_t D2 = even(D), Dv16 = pad16(Dv);
-  const int64_t nvis = visible_keys(g.causal, t.r1, sq, sk), Np = pad16(nvis);
+  // keys padded to 32 (an AMX bf16 tile row): fewer distinct GEMM shapes over a pack of images
+  const int64_t nvis = visible_keys(g.causal, t.r1, sq, sk), Np = round_up(nvis, 32);
   const int64_t nkb = (nvis + kBk - 1) / kBk;
   const int64_t kt_size = D2 * kBk;  // one packed key tile of K^T
   Carver c = carve(buf, pad_bf(nkb * kt_size) + pad_bf(Np * Dv16) + pad_bf(kBq * D2) +
@@ -220,7 +223,7 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
     const int64_t j0 = jb * kBk, nk = std::min(kBk, nvis - j0);
     pack_cols(k + ((k0 + j0) * Hk + hk) * D, Hk * D, D, nk, kt + jb * kt_size);
   }
-  if (Np > 0) pack_rows(v + (k0 * Hk + hk) * Dv, Hk * Dv, nvis, Dv, vp);
+  if (Np > 0) pack_rows(v + (k0 * Hk + hk) * Dv, Hk * Dv, nvis, Dv, vp, 0, Np);
 
   const float qmul = g.scale * kLog2e;  // scores in base 2: exp(s) = 2^(s log2 e)
   const vf vq = vsplat(qmul);
@@ -279,7 +282,7 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
       l[r] = hsum(vsum);
     }
     if (Np > 0) {
-      mm(rows, Dv, nvis, pa, Np, vp, O, Dv16, false);
+      mm(rows, Dv, Np, pa, Np, vp, O, Dv16, false);
     } else {
       std::fill(O, O + rows * Dv16, 0.f);
     }
