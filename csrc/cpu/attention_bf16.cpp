@@ -34,6 +34,8 @@
 #include <string>
 
 #pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12 flags the deliberately undefined source of its own AVX-512 intrinsics (_mm512_undefined)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // The vector helpers of the fp32 tiles (exp2, reductions, masks, scratch), 512 bits wide, and
 // the bf16 packing below with AVX-512BW's 16-bit shuffles (without BW GCC splits them into
@@ -176,11 +178,6 @@ __attribute__((always_inline)) inline void split16(const float* src, bf* hi, bf*
   split16(vload(src), hi, lo);
 }
 
-// rows [r0, r1) of a [*, ld] fp32 tile set to 0 for columns < n
-inline void zero_rows(float* t, int64_t ld, int64_t r0, int64_t r1, int64_t n) {
-  for (int64_t r = r0; r < r1; ++r) std::fill(t + r * ld, t + r * ld + n, 0.f);
-}
-
 // bf16 scratch carved from the worker's float buffer
 inline bf* take_bf(Carver& c, int64_t n) { return reinterpret_cast<bf*>(c.take((n + 1) / 2)); }
 inline int64_t pad_bf(int64_t n) { return pad((n + 1) / 2); }
@@ -315,14 +312,15 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
   const int64_t D = g.D, Dv = g.Dv, D2 = even(D), Dv2 = even(Dv);
   const int64_t D16 = pad16(D), Dv16 = pad16(Dv);
   const int64_t rows = t.r1 - t.r0, nvis = visible_keys(g.causal, t.r1, sq, sk);
-  const int64_t R = G * rows, Rp = pad16(R);
+  // query rows padded to 32 (zero rows, lse -inf): a few GEMM shapes over a pack of images
+  const int64_t R = G * rows, Rp = round_up(R, 32);
   const float qmul = g.scale * kLog2e;
-  Carver c = carve(buf, pad_bf(R * D2) + pad_bf(R * Dv2) + pad_bf(2 * Rp * D16) + pad_bf(2 * Rp * Dv16) +
+  Carver c = carve(buf, pad_bf(Rp * D2) + pad_bf(Rp * Dv2) + pad_bf(2 * Rp * D16) + pad_bf(2 * Rp * Dv16) +
                             pad_bf(D2 * kBk) + pad_bf(Dv2 * kBk) + pad_bf(2 * kBk * D16) +
-                            2 * pad_bf(kBk * 2 * Rp) + pad_bf(R * 2 * kBk) + pad(R * D16) + 2 * pad(R) +
+                            2 * pad_bf(kBk * 2 * Rp) + pad_bf(Rp * 2 * kBk) + pad(Rp * D16) + 2 * pad(Rp) +
                             pad(kBk * D16) + pad(kBk * Dv16) + 3 * pad(Rp * kBk));
-  bf* Qa = take_bf(c, R * D2);                  // A operands: q and dO rows, row e = gi * rows + r
-  bf* dOa = take_bf(c, R * Dv2);
+  bf* Qa = take_bf(c, Rp * D2);                 // A operands: q and dO rows, row e = gi * rows + r
+  bf* dOa = take_bf(c, Rp * Dv2);
   bf* Qs = take_bf(c, 2 * Rp * D16);            // B operands [Q; Q], [dO; dO]
   bf* dOs = take_bf(c, 2 * Rp * Dv16);
   bf* Ktp = take_bf(c, D2 * kBk);               // B operands of the key tile: K^T, V^T, [K; K]
@@ -330,10 +328,10 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
   bf* Ks = take_bf(c, 2 * kBk * D16);
   bf* Pta = take_bf(c, kBk * 2 * Rp);           // A operands [P^T_hi | P^T_lo], [dS^T...], [dS...]
   bf* dSta = take_bf(c, kBk * 2 * Rp);
-  bf* dSa = take_bf(c, R * 2 * kBk);
-  float* dQ = c.take(R * D16);
-  float* lse_r = c.take(R);
-  float* delta = c.take(R);
+  bf* dSa = take_bf(c, Rp * 2 * kBk);
+  float* dQ = c.take(Rp * D16);
+  float* lse_r = c.take(Rp);
+  float* delta = c.take(Rp);
   float* dKa = c.take(kBk * D16);
   float* dVa = c.take(kBk * Dv16);
   float* P = c.take(Rp * kBk);
@@ -356,11 +354,13 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
       for (int64_t r = 0; r < mr; ++r) delta[e0 + r] = P[r * kBk + r];
     }
   }
+  memset(static_cast<void*>(Qa + R * D2), 0, sizeof(bf) * (Rp - R) * D2);
+  memset(static_cast<void*>(dOa + R * Dv2), 0, sizeof(bf) * (Rp - R) * Dv2);
+  std::fill(lse_r + R, lse_r + Rp, -INFINITY);  // padding rows: P = 0, dS = 0
+  std::fill(delta + R, delta + Rp, 0.f);
   pack_rows(Qa, D2, R, D, Qs, Rp);
   pack_rows(dOa, Dv2, R, Dv, dOs, Rp);
-  std::fill(dQ, dQ + R * D16, 0.f);
-  zero_rows(P, kBk, R, Rp, kBk);  // padding rows of P and dS stay 0 (their transposes are read)
-  zero_rows(dS, kBk, R, Rp, kBk);
+  std::fill(dQ, dQ + Rp * D16, 0.f);
 
   const vf vln2 = vsplat(kLn2), vlog2e = vsplat(kLog2e), vq = vsplat(qmul), vsc = vsplat(g.scale);
   for (int64_t j0 = 0; j0 < sk; j0 += kBk) {
@@ -371,8 +371,8 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
       pack_cols(kr, Hk * D, D, nk, Ktp);
       pack_cols(vr, Hk * Dv, Dv, nk, Vtp);
       pack_rows(kr, Hk * D, nk, D, Ks, N);
-      mm(R, nk, D, Qa, D2, Ktp, P, kBk, false);
-      for (int64_t e = 0; e < R; ++e) {
+      mm(Rp, nk, D, Qa, D2, Ktp, P, kBk, false);
+      for (int64_t e = 0; e < Rp; ++e) {
         float* p = P + e * kBk;
         const float lr = lse_r[e];
         if (lr == -INFINITY) {  // the row saw no key: all weights 0 (a NaN lse flows on)
@@ -390,8 +390,8 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
       for (int64_t gi = 0; gi < G; ++gi) {
         mask_tile(P + gi * rows * kBk, kBk, rows, N, nk, g.causal, t.r0, j0, off, 0.f);
       }
-      mm(R, nk, Dv, dOa, Dv2, Vtp, dS, kBk, false);
-      for (int64_t e = 0; e < R; ++e) {
+      mm(Rp, nk, Dv, dOa, Dv2, Vtp, dS, kBk, false);
+      for (int64_t e = 0; e < Rp; ++e) {
         const vf vd = vsplat(delta[e]);
         float* ds = dS + e * kBk;
         const float* p = P + e * kBk;
@@ -409,7 +409,7 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
       }
       mm(nk, Dv, 2 * Rp, Pta, 2 * Rp, dOs, dVa, Dv16, false);
       mm(nk, D, 2 * Rp, dSta, 2 * Rp, Qs, dKa, D16, false);
-      mm(R, D, 2 * N, dSa, 2 * N, Ks, dQ, D16, true);
+      mm(Rp, D, 2 * N, dSa, 2 * N, Ks, dQ, D16, true);
     } else {
       std::fill(dKa, dKa + nk * D16, 0.f);
       std::fill(dVa, dVa + nk * Dv16, 0.f);
