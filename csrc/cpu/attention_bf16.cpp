@@ -24,7 +24,9 @@
 #include "cpu/attention_bf16.h"
 
 #include <ATen/native/CPUBlas.h>
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <stdint.h>
 #include <string.h>
