@@ -7,7 +7,8 @@ instead of sum_i(s_i^2) and is charged for the useful FLOPs only, so its GFLOP/s
 
 Peers of this package's kernels:
   flash_attn    flash_attn_varlen_func (FlashAttention-2, Dao 2023); CUDA, fp16/bf16
-  sdpa_loop     torch SDPA once per image, a Python loop over cu_seqlens
+  sdpa_loop     torch SDPA once per image, a Python loop over cu_seqlens, on 4-D [1, H, s, Dh] views
+                (the layout for which CPU SDPA takes its fused flash kernel)
   sdpa_padded   the FiT-style baseline (Lu et al. 2024): every image padded to the pack's longest,
                 [B, max_len, H, Dh], one SDPA call with a key-padding mask. Inputs are padded in
                 set-up, as a model that keeps the padded layout holds them; padding_waste is the
@@ -53,8 +54,9 @@ def sdpa_loop_setup(case: OpCase) -> Prepared:
     scale = case.dims[2] ** -0.5
 
     def fn():
-        outs = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
-                                               scale=scale).transpose(0, 1)
+        # 4-D [1, H, s, Dh] views: on CPU, 3-D inputs fall back to SDPA's unfused math path
+        outs = [F.scaled_dot_product_attention(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None],
+                                               vi.transpose(0, 1)[None], scale=scale)[0].transpose(0, 1)
                 for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens))]
         return torch.cat(outs)
 

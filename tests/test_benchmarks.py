@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import harness, plot, report  # noqa: E402
 from benchmarks.__main__ import main  # noqa: E402
 from benchmarks.bench_adaln import GatedResidual  # noqa: E402
-from benchmarks.bench_attention import attention_flops, padding_waste  # noqa: E402
+from benchmarks.bench_attention import attention_flops, padding_waste, sdpa_loop_setup  # noqa: E402
 from benchmarks.opsuite import OpCase  # noqa: E402
 from nit_kernels import PackedSeqs, backends  # noqa: E402
 from nit_kernels.testing import call_op, cast_inputs, op_inputs  # noqa: E402
@@ -213,6 +213,37 @@ def test_attention_flops_and_padding_waste():
     assert fwd == 4 * (16 + 81) * 2 * 8 and bwd == 2.5 * fwd
     assert padding_waste([4, 9]) == (2 * 9 - 13) / 13
     assert padding_waste([64] * 3) == 0.0
+
+
+def test_sdpa_per_image_peer_passes_4d_views(monkeypatch):
+    # CPU SDPA takes its fused kernel only for 4-D [B, H, L, D] inputs; 3-D ones take the math path
+    suite = harness.load_suites()["varlen_attention"]
+    wl = suite.workloads(harness.RunOptions(quick=True))[0]
+    case = suite.make_case(wl, torch.device("cpu"), torch.float32, harness.RunOptions(quick=True))
+    shapes, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kw):
+        shapes.append((tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+        return sdpa(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    prepared = sdpa_loop_setup(case)
+    out = prepared.fn()
+    _, h, dh = case.dims
+    lens = [a * b for a, b in case.packed.size_list]
+    assert shapes == [((1, h, s, dh),) * 3 for s in lens], shapes
+    ref = case.reference(precise=False)[0][0]
+    assert out.shape == ref.shape and torch.allclose(out.double(), ref.double(), atol=1e-4)
+
+
+def test_attention_ratios_smoke(capsys):
+    from benchmarks import attention_ratios
+
+    attention_ratios.main(["--quick", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("2 x 8x8 | tiny |")]
+    assert [r.split(" | ")[2] for r in rows] == ["fwd", "fwd+bwd"], out
+    assert all(len(r.split(" | ")) == 3 + 4 + 3 + 2 for r in rows), out
 
 
 def test_compiled_providers_run_with_compile(tmp_path):

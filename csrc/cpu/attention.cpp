@@ -21,6 +21,9 @@
 // (AVX2 under the default -march=x86-64-v3) and, with GCC on x86-64, with 512-bit vectors
 // under `#pragma GCC target("avx512f")`; the wider one runs where the CPU has AVX-512F.
 // NIT_CPU_ATTENTION_VECTOR_BITS=256|512 overrides the choice (for tests and measurements).
+// bf16 inputs run on the matrix units instead where the CPU has AMX-BF16 (attention_bf16.cpp:
+// the same tasks, with bf16 GEMMs through ATen's brgemm); NIT_CPU_ATTENTION_ISA=amx|fp32 forces
+// one of the two (fp32: these tiles, as for fp16 and fp32 inputs).
 //
 // Non-finite input flows as through softmax(q k^T) v: a NaN score, or a row whose visible scores
 // are all -inf, makes the row NaN (out and lse), and the backward spreads it through the saved
@@ -42,47 +45,13 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/attention_bf16.h"
+#include "cpu/attention_common.h"
 
-namespace nit {
-namespace {
-
-constexpr int64_t kBq = 64;          // query rows per tile
-constexpr int64_t kBk = 64;          // keys per tile (a multiple of every vector width)
-constexpr int64_t kFwdChunk = 256;   // query rows per forward task
-constexpr int64_t kBwdChunk = 512;   // query rows per backward task ...
-constexpr int64_t kBwdMaxSplit = 4;  // ... unless that splits an image into more chunks
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-struct Geometry {
-  int64_t B, Nq, Nk, H, Hk, G, D, Dv;
-  const int32_t* cq;
-  const int32_t* ck;
-  float scale;
-  bool causal;
-};
-
-// One unit of work: query rows [r0, r1) of image b for one head (a q head in the forward, a
-// k/v head and its G q heads in the backward). Backward tasks of an image split into several
-// chunks write partial dK/dV at rows part + chunk*sk of the partial buffers (chunk < 0: no split).
-struct Task {
-  int64_t b, head, r0, r1, chunk, part;
-  double cost;
-};
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// Keys visible to image-local query rows < r1: with bottom-right causal alignment query i sees
-// keys j <= i + sk - sq.
-inline int64_t visible_keys(bool causal, int64_t r1, int64_t sq, int64_t sk) {
-  return causal ? std::min(sk, std::max<int64_t>(0, r1 + sk - sq)) : sk;
-}
-
-}  // namespace
-}  // namespace nit
 
 // Vectors are passed only between inline functions of this file, so no ABI is crossed; GCC
 // reports -Wpsabi at the end of the translation unit, hence no push/pop around it.
@@ -188,24 +157,6 @@ void check_backward(const Geometry& g, const at::Tensor& dout, const at::Tensor&
   TORCH_CHECK(lse.is_contiguous(), "lse must be contiguous (got strides ", lse.strides(), ")");
 }
 
-// ----------------------------------------------------------------------------------------------
-// scheduling: the tasks run largest first, each worker pulling the next one
-// ----------------------------------------------------------------------------------------------
-template <class Body>
-void run_tasks(std::vector<Task>& tasks, const Body& body) {
-  std::stable_sort(tasks.begin(), tasks.end(),
-                   [](const Task& a, const Task& b) { return a.cost > b.cost; });
-  const int64_t n = static_cast<int64_t>(tasks.size());
-  if (n == 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
-  // Inside another parallel region at::parallel_for runs inline: one worker does every task.
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> scratch;
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) body(tasks[i], scratch);
-  });
-}
-
 bool use_avx512() {
   const char* env = std::getenv("NIT_CPU_ATTENTION_VECTOR_BITS");
   const std::string want = env ? env : "";
@@ -251,6 +202,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
     }
   }
   const bool wide = use_avx512();
+  const bool tiles_bf16 = q.scalar_type() == at::kBFloat16 && attention_bf16_selected();
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* qp = q.data_ptr<T>();
@@ -259,6 +211,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
     T* op = out.data_ptr<T>();
     float* lp = lse.data_ptr<float>();
     run_tasks(tasks, [&](const Task& t, std::vector<float>& buf) {
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (tiles_bf16) return attention_bf16_fwd_task(g, qp, kp, vp, op, lp, t, buf);
+      }
 #if NIT_ATTENTION_AVX512
       if (wide) return vec512::fwd_task<T>(g, qp, kp, vp, op, lp, t, buf);
 #endif
@@ -306,6 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   auto dk_part = at::empty({part_rows, g.Hk, g.D}, q.options().dtype(at::kFloat));
   auto dv_part = at::empty({part_rows, g.Hk, g.Dv}, q.options().dtype(at::kFloat));
   const bool wide = use_avx512();
+  const bool tiles_bf16 = q.scalar_type() == at::kBFloat16 && attention_bf16_selected();
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* dop = dout.data_ptr<T>();
@@ -320,6 +276,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     float* pk = dk_part.data_ptr<float>();
     float* pv = dv_part.data_ptr<float>();
     run_tasks(tasks, [&](const Task& t, std::vector<float>& buf) {
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (tiles_bf16) {
+          return attention_bf16_bwd_task(g, dop, qp, kp, vp, op, lp, dqp, dkp, dvp, pk, pv, t, buf);
+        }
+      }
 #if NIT_ATTENTION_AVX512
       if (wide) return vec512::bwd_task<T>(g, dop, qp, kp, vp, op, lp, dqp, dkp, dvp, pk, pv, t, buf);
 #endif

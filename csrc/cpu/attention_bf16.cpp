@@ -1,0 +1,478 @@
+// bf16 varlen attention on the matrix units: the tile products run as bf16 x bf16 -> fp32 GEMMs
+// through ATen's batch-reduce GEMM (at::native::cpublas::brgemm, oneDNN's AMX micro-kernels, the
+// primitive PyTorch's own CPU flash attention uses), softmax and accumulation stay in fp32.
+//
+// Same tasks, tiling, masking and non-finite semantics as the fp32 tiles (attention.cpp,
+// attention_kernels.h); what differs:
+//   - scores s = (q . k) * scale * log2(e), the product in fp32 after the bf16 GEMM (the fp32
+//     tiles scale q before it);
+//   - the forward rounds P to bf16 once for P V (as bf16 flash attention kernels do; l sums the
+//     fp32 weights); in the backward, P and dS enter their GEMMs (P^T dO, dS K, dS^T Q) as two
+//     bf16 terms, hi = bf16(x) and lo = bf16(x - hi), two GEMMs into one fp32 accumulator, so x
+//     keeps about 16 significant bits: rounding them once gave dK errors 3.4x those of the
+//     fp32-math reference rounded to bf16, beyond the accuracy rule. q, k, v and dO are bf16
+//     already, so every other operand is exact;
+//   - the backward clamps s ln2 - lse at 0, so P <= 1 even if a GEMM rounded differently from the
+//     forward (a NaN stays NaN).
+// brgemm reads its B operand in the VNNI layout: column blocks of at most 64 columns (16 padded),
+// each [K/2][width][2] (pairs of consecutive k interleaved); pack_rows / pack_cols write it
+// straight from the strided [tokens, heads, dim] rows, with zeros in the padding.
+//
+// Chosen at run time: AMX-BF16 where cpublas::could_pack says oneDNN can use it, else the fp32
+// tiles; NIT_CPU_ATTENTION_ISA=amx|fp32 forces one. Results are
+// deterministic for any thread count, as on the fp32 path.
+#include "cpu/attention_bf16.h"
+
+#include <ATen/native/CPUBlas.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <stdint.h>
+#include <string.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12 flags the deliberately undefined source of its own AVX-512 intrinsics (_mm512_undefined)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// The vector helpers of the fp32 tiles (exp2, reductions, masks, scratch), 512 bits wide, and
+// the bf16 packing below with AVX-512BW's 16-bit shuffles (without BW GCC splits them into
+// scalar moves) and AVX512-BF16's conversions: every CPU with AMX-BF16 has AVX-512F/BW/VL/DQ/BF16.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NIT_ATTENTION_BF16 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+namespace nit {
+namespace {
+namespace vec512 {
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+#include "cpu/attention_kernels.h"
+}  // namespace vec512
+}  // namespace
+}  // namespace nit
+#else
+#define NIT_ATTENTION_BF16 0
+#endif
+
+namespace nit {
+
+#if NIT_ATTENTION_BF16
+namespace {
+using namespace vec512;
+using bf = at::BFloat16;
+
+inline int64_t even(int64_t n) { return (n + 1) & ~int64_t(1); }
+inline int64_t pad16(int64_t n) { return round_up(n, 16); }
+
+typedef uint16_t vh32 __attribute__((vector_size(64)));
+struct Interleave {  // lanes of (a, b) for the low and high halves of a 16-bit pair interleave
+  int16_t lo[32], hi[32];
+  constexpr Interleave() : lo(), hi() {
+    for (int i = 0; i < 16; ++i) {
+      lo[2 * i] = i, lo[2 * i + 1] = 32 + i;
+      hi[2 * i] = 16 + i, hi[2 * i + 1] = 48 + i;
+    }
+  }
+};
+constexpr Interleave kInter{};
+
+// B[k, n] = x[k * ldx + n] for k < K, n < N: the rows of x (e.g. V tokens) are B's rows.
+// stack > 0: B is [x; x] with 2 * stack rows (rows K..stack of each half 0), the B of [hi | lo] A.
+// kb > 0 (even, >= K): B has kb rows, those from K on 0.
+void pack_rows(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out, int64_t stack = 0,
+               int64_t kb = 0) {
+  const int64_t Kb = stack > 0 ? 2 * stack : kb > 0 ? kb : even(K), N16 = pad16(N);
+  memset(static_cast<void*>(out), 0, sizeof(bf) * Kb * N16);
+  const bf zero[32] = {};
+  vh32 ilo, ihi;
+  memcpy(&ilo, kInter.lo, sizeof(ilo));
+  memcpy(&ihi, kInter.hi, sizeof(ihi));
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t w = std::min<int64_t>(64, N16 - n0), nn = std::min<int64_t>(64, N - n0);
+    bf* o = out + n0 * Kb;
+    for (int64_t half = 0; half < (stack > 0 ? 2 : 1); ++half) {
+      for (int64_t k = 0; k < K; k += 2) {  // rows k, k + 1 -> one VNNI row of pairs
+        const int64_t kb = k + half * stack;  // stack is even: kb has k's parity
+        const bf* a = x + k * ldx + n0;
+        const bf* b = k + 1 < K ? a + ldx : zero;
+        const int64_t bstep = k + 1 < K ? 1 : 0;
+        bf* ok = o + (kb >> 1) * 2 * w;
+        int64_t n = 0;
+        for (; n + 32 <= nn; n += 32) {
+          vh32 va, vb;
+          memcpy(&va, a + n, sizeof(va));
+          if (bstep) memcpy(&vb, b + n, sizeof(vb)); else vb = vh32{};
+          const vh32 lo = __builtin_shuffle(va, vb, ilo), hi = __builtin_shuffle(va, vb, ihi);
+          memcpy(static_cast<void*>(ok + 2 * n), &lo, sizeof(lo));
+          memcpy(static_cast<void*>(ok + 2 * n + 32), &hi, sizeof(hi));
+        }
+        for (; n < nn; ++n) {
+          ok[2 * n] = a[n];
+          ok[2 * n + 1] = b[n * bstep];
+        }
+      }
+    }
+  }
+}
+
+// B[k, n] = x[n * ldx + k] for k < K, n < N <= 64: the rows of x (e.g. K tokens) are B's columns.
+// A VNNI row of B holds the pairs (x[n][k], x[n][k + 1]), adjacent in x: with K and ldx even
+// this is a transpose of 32-bit words, done 16 x 16 in registers.
+void pack_cols(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out) {
+  const int64_t K2 = even(K), N16 = pad16(N);
+  int64_t kdone = 0;
+  if (K % 2 == 0 && ldx % 2 == 0 && N == N16) {
+    const float* src = reinterpret_cast<const float*>(x);  // bf16 pairs moved as 32-bit words
+    float* dst = reinterpret_cast<float*>(out);
+    kdone = (K / 2) / kVec * kVec * 2;
+    transpose(src, ldx / 2, N, kdone / 2, dst, N16);
+  } else {
+    memset(static_cast<void*>(out), 0, sizeof(bf) * K2 * N16);
+  }
+  for (int64_t n = 0; n < N16; ++n) {
+    const bf* src = x + n * ldx;
+    for (int64_t k = kdone; k < K2; ++k) {
+      out[(k >> 1) * 2 * N16 + 2 * n + (k & 1)] = n < N && k < K ? src[k] : bf(0.f);
+    }
+  }
+}
+
+// C[M, n] (+)= sum_k A[M, k] B[k, n] for n < pad16(N), k < even(K); B packed for (K, N) by
+// pack_rows/pack_cols, A row-major with finite values (zeros) in a padding column k = K.
+void mm(int64_t M, int64_t N, int64_t K, const bf* A, int64_t lda, const bf* B, float* C,
+        int64_t ldc, bool acc) {
+  if (M <= 0) return;
+  const int64_t K2 = even(K), N16 = pad16(N);
+  if (K2 == 0) {  // an empty sum (a task without query rows): brgemm refuses K = 0
+    for (int64_t m = 0; m < M && !acc; ++m) std::fill(C + m * ldc, C + m * ldc + N16, 0.f);
+    return;
+  }
+  for (int64_t n0 = 0; n0 < N16; n0 += 64) {
+    const int64_t w = std::min<int64_t>(64, N16 - n0);
+    at::native::cpublas::brgemm(M, w, K2, lda, w, ldc, acc, A, B + n0 * K2, C + n0, true);
+  }
+}
+
+// n elements of x to dst, zeros up to n2
+inline void copy_row(bf* dst, const bf* x, int64_t n, int64_t n2) {
+  memcpy(static_cast<void*>(dst), x, sizeof(bf) * n);
+  for (int64_t d = n; d < n2; ++d) dst[d] = bf(0.f);
+}
+
+
+// x[0..16) as hi + lo, two bf16 (lo 0 where hi is not finite, so an inf stays an inf); the
+// conversions are AVX512-BF16's (round to nearest even, a NaN stays a NaN).
+__attribute__((always_inline)) inline void split16(const vf& xv, bf* hi, bf* lo) {
+  const __m512 x = (__m512)xv;
+  const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), h);
+  const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(hf, hf), _mm512_setzero_ps(), _CMP_EQ_OQ);
+  const __m512 d = _mm512_maskz_sub_ps(finite, x, hf);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(d)));
+}
+__attribute__((always_inline)) inline void split16(const float* src, bf* hi, bf* lo) {
+  split16(vload(src), hi, lo);
+}
+
+// bf16 scratch carved from the worker's float buffer
+inline bf* take_bf(Carver& c, int64_t n) { return reinterpret_cast<bf*>(c.take((n + 1) / 2)); }
+inline int64_t pad_bf(int64_t n) { return pad((n + 1) / 2); }
+
+// Releases the tile state at the end of a task (brgemm configures it on the next call).
+struct TileRelease {
+  ~TileRelease() { at::native::cpublas::brgemm_release(true); }
+};
+
+}  // namespace
+
+// One task = query rows [r0, r1) of image b, head h. Each query tile takes its scores against
+// every visible key at once (S [rows, Np] in fp32), so its softmax is exact rather than online,
+// and the GEMMs run back to back with one shape each: S by key tiles of 64, O = P V in one
+// product over all keys (switching brgemm shapes costs about a GEMM each time).
+void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const bf* v, bf* out,
+                             float* lse, const Task& t, std::vector<float>& buf) {
+  TileRelease release;
+  const int64_t q0 = g.cq[t.b], sq = g.cq[t.b + 1] - q0;
+  const int64_t k0 = g.ck[t.b], sk = g.ck[t.b + 1] - k0;
+  const int64_t off = sk - sq, h = t.head, hk = h / g.G;
+  const int64_t D = g.D, Dv = g.Dv, H = g.H, Hk = g.Hk;
+  const int64_t D2 = even(D), Dv16 = pad16(Dv);
+  // keys padded to 32 (an AMX bf16 tile row): fewer distinct GEMM shapes over a pack of images
+  const int64_t nvis = visible_keys(g.causal, t.r1, sq, sk), Np = round_up(nvis, 32);
+  const int64_t nkb = (nvis + kBk - 1) / kBk;
+  const int64_t kt_size = D2 * kBk;  // one packed key tile of K^T
+  Carver c = carve(buf, pad_bf(nkb * kt_size) + pad_bf(Np * Dv16) + pad_bf(kBq * D2) +
+                            pad_bf(kBq * Np) + pad(kBq * Np) + pad(kBq * Dv16) + 2 * pad(kBq));
+  bf* kt = take_bf(c, nkb * kt_size);
+  bf* vp = take_bf(c, Np * Dv16);  // V over the visible keys
+  bf* qa = take_bf(c, kBq * D2);
+  bf* pa = take_bf(c, kBq * Np);   // P in bf16
+  float* S = c.take(kBq * Np);
+  float* O = c.take(kBq * Dv16);
+  float* m = c.take(kBq);
+  float* l = c.take(kBq);
+
+  for (int64_t jb = 0; jb < nkb; ++jb) {
+    const int64_t j0 = jb * kBk, nk = std::min(kBk, nvis - j0);
+    pack_cols(k + ((k0 + j0) * Hk + hk) * D, Hk * D, D, nk, kt + jb * kt_size);
+  }
+  if (Np > 0) pack_rows(v + (k0 * Hk + hk) * Dv, Hk * Dv, nvis, Dv, vp, 0, Np);
+
+  const float qmul = g.scale * kLog2e;  // scores in base 2: exp(s) = 2^(s log2 e)
+  const vf vq = vsplat(qmul);
+  for (int64_t i0 = t.r0; i0 < t.r1; i0 += kBq) {
+    const int64_t rows = std::min(kBq, t.r1 - i0);
+    const int64_t kend = visible_keys(g.causal, i0 + rows, sq, sk);
+    for (int64_t r = 0; r < rows; ++r) {
+      copy_row(qa + r * D2, q + ((q0 + i0 + r) * H + h) * D, D, D2);
+      m[r] = -INFINITY;
+      l[r] = 0.f;
+    }
+    for (int64_t j0 = 0; j0 < kend; j0 += kBk) {  // N as packed (the tile's B layout depends on it)
+      mm(rows, std::min(kBk, nvis - j0), D, qa, D2, kt + (j0 / kBk) * kt_size, S + j0, Np, false);
+    }
+    // Scaled before the mask (scale may be 0 or < 0). Without causality only the padding keys
+    // [kend, Np) are masked, all in the last vector: scale, mask and max then take one pass.
+    const bool plain = !g.causal;
+    if (!plain) {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t cc = 0; cc < Np; cc += kVec) vstore(S + r * Np + cc, vload(S + r * Np + cc) * vq);
+      }
+      mask_tile(S, Np, rows, Np, kend, g.causal, i0, 0, off, -INFINITY);
+    }
+    vi lane;
+    for (int i = 0; i < kVec; ++i) lane[i] = i;
+    for (int64_t r = 0; r < rows && Np > 0; ++r) {
+      float* s = S + r * Np;
+      bf* p = pa + r * Np;
+      vf vmax = vsplat(-INFINITY);
+      for (int64_t cc = 0; cc < Np; cc += kVec) {
+        vf x = vload(s + cc);
+        if (plain) {
+          x *= vq;
+          if (cc + kVec > kend) x = lane < static_cast<int32_t>(kend - cc) ? x : vsplat(-INFINITY);
+          vstore(s + cc, x);
+        }
+        vmax = x > vmax ? x : vmax;
+      }
+      // NaN scores are skipped by the max and reach l and O through exp2 (vexp2(NaN) = NaN)
+      m[r] = hmax(vmax);
+      if (m[r] == -INFINITY) {  // every visible score -inf or NaN: weights 0 ...
+        for (int64_t cc = 0; cc < Np; ++cc) {
+          if (std::isnan(s[cc])) l[r] = NAN;  // ... but a NaN score makes the row NaN
+        }
+        memset(static_cast<void*>(p), 0, sizeof(bf) * Np);
+        continue;
+      }
+      const vf vm = vsplat(m[r]);
+      vf vsum = vsplat(0.f);
+      for (int64_t cc = 0; cc < Np; cc += kVec) {
+        const vf e = vexp2(vload(s + cc) - vm);
+        vsum += e;
+        const __m512 x = (__m512)e;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + cc), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+      }
+      l[r] = hsum(vsum);
+    }
+    if (Np > 0) {
+      mm(rows, Dv, Np, pa, Np, vp, O, Dv16, false);
+    } else {
+      std::fill(O, O + rows * Dv16, 0.f);
+    }
+    // l > 0: the row's softmax; l == 0 and no visible key (causal, or sk = 0): out 0, lse -inf;
+    // l == 0 with visible keys (all scores -inf) or l NaN: out and lse NaN, as softmax gives.
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = q0 + i0 + r;
+      const bool sees = visible_keys(g.causal, i0 + r + 1, sq, sk) > 0;
+      const float none = sees ? NAN : 0.f;
+      store_row(out + (row * H + h) * Dv, O + r * Dv16, Dv, l[r] > 0.f ? 1.f / l[r] : none);
+      lse[h * g.Nq + row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : sees ? NAN : -INFINITY;
+    }
+  }
+}
+
+// One task = query rows [r0, r1) of image b and the G query heads of k/v head hk, against every
+// key of the image (the math of attention_kernels.h's bwd_task):
+//   dV += P^T dO,  dP = dO V^T,  dS = P (dP - delta) scale,  dK += dS^T Q,  dQ += dS K,
+// delta = rowsum(dO * O) taken from the diagonal of the GEMM dO O^T, so that a one-hot row
+// (huge softmax_scale) has dP - delta exactly 0 at its key. Each key tile meets all R = G * rows
+// query rows of the task in one GEMM per product (five shapes per key tile, whatever R is).
+void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, const bf* k,
+                             const bf* v, const bf* out, const float* lse, bf* dq, bf* dk, bf* dv,
+                             float* dk_part, float* dv_part, const Task& t,
+                             std::vector<float>& buf) {
+  TileRelease release;
+  const int64_t q0 = g.cq[t.b], sq = g.cq[t.b + 1] - q0;
+  const int64_t k0 = g.ck[t.b], sk = g.ck[t.b + 1] - k0;
+  const int64_t off = sk - sq, hk = t.head, G = g.G, H = g.H, Hk = g.Hk;
+  const int64_t D = g.D, Dv = g.Dv, D2 = even(D), Dv2 = even(Dv);
+  const int64_t D16 = pad16(D), Dv16 = pad16(Dv);
+  const int64_t rows = t.r1 - t.r0, nvis = visible_keys(g.causal, t.r1, sq, sk);
+  // query rows padded to 32 (zero rows, lse -inf): a few GEMM shapes over a pack of images
+  const int64_t R = G * rows, Rp = round_up(R, 32);
+  const float qmul = g.scale * kLog2e;
+  Carver c = carve(buf, pad_bf(Rp * D2) + pad_bf(Rp * Dv2) + pad_bf(2 * Rp * D16) + pad_bf(2 * Rp * Dv16) +
+                            pad_bf(D2 * kBk) + pad_bf(Dv2 * kBk) + pad_bf(2 * kBk * D16) +
+                            2 * pad_bf(kBk * 2 * Rp) + pad_bf(Rp * 2 * kBk) + pad(Rp * D16) + 2 * pad(Rp) +
+                            pad(kBk * D16) + pad(kBk * Dv16) + 3 * pad(Rp * kBk));
+  bf* Qa = take_bf(c, Rp * D2);                 // A operands: q and dO rows, row e = gi * rows + r
+  bf* dOa = take_bf(c, Rp * Dv2);
+  bf* Qs = take_bf(c, 2 * Rp * D16);            // B operands [Q; Q], [dO; dO]
+  bf* dOs = take_bf(c, 2 * Rp * Dv16);
+  bf* Ktp = take_bf(c, D2 * kBk);               // B operands of the key tile: K^T, V^T, [K; K]
+  bf* Vtp = take_bf(c, Dv2 * kBk);
+  bf* Ks = take_bf(c, 2 * kBk * D16);
+  bf* Pta = take_bf(c, kBk * 2 * Rp);           // A operands [P^T_hi | P^T_lo], [dS^T...], [dS...]
+  bf* dSta = take_bf(c, kBk * 2 * Rp);
+  bf* dSa = take_bf(c, Rp * 2 * kBk);
+  float* dQ = c.take(Rp * D16);
+  float* lse_r = c.take(Rp);
+  float* delta = c.take(Rp);
+  float* dKa = c.take(kBk * D16);
+  float* dVa = c.take(kBk * Dv16);
+  float* P = c.take(Rp * kBk);
+  float* dS = c.take(Rp * kBk);
+  float* T = c.take(kBk * Rp);  // P^T or dS^T in fp32
+
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t h = hk * G + gi;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = q0 + t.r0 + r, e = gi * rows + r;
+      copy_row(Qa + e * D2, q + (i * H + h) * D, D, D2);
+      copy_row(dOa + e * Dv2, dout + (i * H + h) * Dv, Dv, Dv2);
+      lse_r[e] = lse[h * g.Nq + i];
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += kBq) {
+      // delta[r] = (dO O^T)[r, r]: O^T packed as the B of a [mr, mr] product
+      const int64_t mr = std::min(kBq, rows - r0), e0 = gi * rows + r0, i = q0 + t.r0 + r0;
+      pack_cols(out + (i * H + h) * Dv, H * Dv, Dv, mr, Vtp);
+      mm(mr, mr, Dv, dOa + e0 * Dv2, Dv2, Vtp, P, kBk, false);
+      for (int64_t r = 0; r < mr; ++r) delta[e0 + r] = P[r * kBk + r];
+    }
+  }
+  memset(static_cast<void*>(Qa + R * D2), 0, sizeof(bf) * (Rp - R) * D2);
+  memset(static_cast<void*>(dOa + R * Dv2), 0, sizeof(bf) * (Rp - R) * Dv2);
+  std::fill(lse_r + R, lse_r + Rp, -INFINITY);  // padding rows: P = 0, dS = 0
+  std::fill(delta + R, delta + Rp, 0.f);
+  pack_rows(Qa, D2, R, D, Qs, Rp);
+  pack_rows(dOa, Dv2, R, Dv, dOs, Rp);
+  std::fill(dQ, dQ + Rp * D16, 0.f);
+
+  const vf vln2 = vsplat(kLn2), vlog2e = vsplat(kLog2e), vq = vsplat(qmul), vsc = vsplat(g.scale);
+  for (int64_t j0 = 0; j0 < sk; j0 += kBk) {
+    const int64_t nk = std::min(kBk, sk - j0), N = pad16(nk);
+    if (j0 < nvis) {
+      const bf* kr = k + ((k0 + j0) * Hk + hk) * D;
+      const bf* vr = v + ((k0 + j0) * Hk + hk) * Dv;
+      pack_cols(kr, Hk * D, D, nk, Ktp);
+      pack_cols(vr, Hk * Dv, Dv, nk, Vtp);
+      pack_rows(kr, Hk * D, nk, D, Ks, N);
+      mm(Rp, nk, D, Qa, D2, Ktp, P, kBk, false);
+      for (int64_t e = 0; e < Rp; ++e) {
+        float* p = P + e * kBk;
+        const float lr = lse_r[e];
+        if (lr == -INFINITY) {  // the row saw no key: all weights 0 (a NaN lse flows on)
+          std::fill(p, p + N, 0.f);
+          continue;
+        }
+        const vf vl = vsplat(lr);
+        for (int64_t cc = 0; cc < N; cc += kVec) {
+          // s ln2 - lse, rounded as the forward's max was, clamped at 0 (NaN stays NaN)
+          const vf x = vround(vround(vload(p + cc) * vq) * vln2) - vl;
+          vstore(p + cc, vexp2((x > vsplat(0.f) ? vsplat(0.f) : x) * vlog2e));
+        }
+      }
+      // masked after exp (scale may be 0, and 0 * -inf would be NaN)
+      for (int64_t gi = 0; gi < G; ++gi) {
+        mask_tile(P + gi * rows * kBk, kBk, rows, N, nk, g.causal, t.r0, j0, off, 0.f);
+      }
+      mm(Rp, nk, Dv, dOa, Dv2, Vtp, dS, kBk, false);
+      for (int64_t e = 0; e < Rp; ++e) {
+        const vf vd = vsplat(delta[e]);
+        float* ds = dS + e * kBk;
+        const float* p = P + e * kBk;
+        for (int64_t cc = 0; cc < N; cc += kVec) vstore(ds + cc, vload(p + cc) * (vload(ds + cc) - vd) * vsc);
+        for (int64_t cc = nk; cc < N; ++cc) ds[cc] = 0.f;  // also where a NaN delta met P = 0
+        bf* a = dSa + e * 2 * N;
+        for (int64_t cc = 0; cc < N; cc += kVec) split16(ds + cc, a + cc, a + N + cc);
+      }
+      // transposes as [hi | lo] rows over the Rp query rows (padding rows are 0)
+      for (const auto& [src, dst] : {std::pair{P, Pta}, std::pair{dS, dSta}}) {
+        transpose(src, kBk, Rp, N, T, Rp);
+        for (int64_t cc = 0; cc < nk; ++cc) {
+          for (int64_t r = 0; r < Rp; r += kVec) split16(T + cc * Rp + r, dst + cc * 2 * Rp + r, dst + cc * 2 * Rp + Rp + r);
+        }
+      }
+      mm(nk, Dv, 2 * Rp, Pta, 2 * Rp, dOs, dVa, Dv16, false);
+      mm(nk, D, 2 * Rp, dSta, 2 * Rp, Qs, dKa, D16, false);
+      mm(Rp, D, 2 * N, dSa, 2 * N, Ks, dQ, D16, true);
+    } else {
+      std::fill(dKa, dKa + nk * D16, 0.f);
+      std::fill(dVa, dVa + nk * Dv16, 0.f);
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      if (t.chunk < 0) {
+        store_row(dk + ((k0 + j0 + j) * Hk + hk) * D, dKa + j * D16, D);
+        store_row(dv + ((k0 + j0 + j) * Hk + hk) * Dv, dVa + j * Dv16, Dv);
+      } else {
+        const int64_t prow = (t.part + t.chunk * sk + j0 + j) * Hk + hk;
+        std::copy(dKa + j * D16, dKa + j * D16 + D, dk_part + prow * D);
+        std::copy(dVa + j * Dv16, dVa + j * Dv16 + Dv, dv_part + prow * Dv);
+      }
+    }
+  }
+  for (int64_t gi = 0; gi < G; ++gi) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = q0 + t.r0 + r;
+      store_row(dq + (i * H + hk * G + gi) * D, dQ + (gi * rows + r) * D16, D);
+    }
+  }
+}
+
+#else  // no x86-64 GCC build: attention_bf16_selected() is false, these are never called
+
+void attention_bf16_fwd_task(const Geometry&, const at::BFloat16*, const at::BFloat16*,
+                             const at::BFloat16*, at::BFloat16*, float*, const Task&,
+                             std::vector<float>&) {
+  TORCH_CHECK(false, "this build has no bf16 attention tiles");
+}
+void attention_bf16_bwd_task(const Geometry&, const at::BFloat16*, const at::BFloat16*,
+                             const at::BFloat16*, const at::BFloat16*, const at::BFloat16*,
+                             const float*, at::BFloat16*, at::BFloat16*, at::BFloat16*, float*,
+                             float*, const Task&, std::vector<float>&) {
+  TORCH_CHECK(false, "this build has no bf16 attention tiles");
+}
+#endif
+
+}  // namespace nit
+
+#if NIT_ATTENTION_BF16
+#pragma GCC pop_options
+#endif
+
+namespace nit {
+
+// Outside the AVX-512 region: this runs on every CPU.
+bool attention_bf16_selected() {
+  const char* env = std::getenv("NIT_CPU_ATTENTION_ISA");
+  const std::string want = env ? env : "";
+  TORCH_CHECK(want.empty() || want == "amx" || want == "fp32",
+              "NIT_CPU_ATTENTION_ISA must be amx or fp32, got '", want, "'");
+#if NIT_ATTENTION_BF16
+  static const bool has = at::native::cpublas::could_pack(at::kBFloat16);
+#else
+  static const bool has = false;
+#endif
+  TORCH_CHECK(want != "amx" || has,
+              "NIT_CPU_ATTENTION_ISA=amx needs a CPU (and kernel) with AMX-BF16 tiles and an "
+              "x86-64 GCC build; this one has none");
+  return want.empty() ? has : want == "amx";
+}
+
+}  // namespace nit

@@ -1,0 +1,241 @@
+"""bf16 CPU varlen attention on each path the kernel can take (NIT_CPU_ATTENTION_ISA).
+
+"amx": bf16 tiles on the matrix units (csrc/cpu/attention_bf16.cpp), runs where the CPU has
+AMX-BF16; "fp32": the fp32 tiles, which every CPU runs. Each path is judged against the float64
+reference by the accuracy rule of nit_kernels.testing (error <= 2x that of the reference run in
+bf16 + a small atol), forward and gradients, on the shapes that stress the tiling (odd head_dim,
+dv != d, grouped-query heads, cross lengths, causal rows without keys, images split across
+backward tasks); NaN and inf propagate as through the reference; huge softmax scales keep finite
+gradients; results do not depend on the thread count.
+"""
+import contextlib
+
+import pytest
+import torch
+
+from nit_kernels import backends
+from nit_kernels.reference import attention_math, attention_math_backward
+from nit_kernels.testing import assert_accuracy, assert_close
+
+CPU = backends.get("cpu")
+pytestmark = pytest.mark.skipif(not CPU.implements("varlen_attention"),
+                                reason=f"cpu backend has no varlen_attention: {CPU.load_error()}")
+ENV_ISA = "NIT_CPU_ATTENTION_ISA"
+ISAS = ["amx", "fp32"]
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _use(isa, monkeypatch):
+    if isa == "amx" and "amx_bf16" not in _cpu_flags():
+        pytest.skip("the CPU has no AMX-BF16")
+    monkeypatch.setenv(ENV_ISA, isa)
+
+
+@contextlib.contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cu(lens):
+    return torch.tensor([0] + list(lens), dtype=torch.int64).cumsum(0).to(torch.int32)
+
+
+def _inputs(lq, lk, heads, kv_heads, head_dim, dv, seed):
+    """q, k, v, dout in float64 holding bf16-representable values."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).bfloat16().double()
+
+    nq, nk_ = sum(lq), sum(lk)
+    return r(nq, heads, head_dim), r(nk_, kv_heads, head_dim), r(nk_, kv_heads, dv), r(nq, heads, dv)
+
+
+def _run(q, k, v, do, cu_q, cu_k, scale, causal):
+    mq, mk = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
+    out, lse = torch.ops.nit.varlen_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, scale, causal)
+    grads = torch.ops.nit.varlen_attention_bwd(do, q, k, v, out, lse, cu_q, cu_k, mq, mk, scale, causal)
+    return (out, lse) + tuple(grads)
+
+
+def _scale_of(t):
+    finite = t[torch.isfinite(t)]
+    return max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+
+
+def check_bf16(lq, lk=None, *, heads=2, kv_heads=None, head_dim=64, dv=None, causal=False, scale=None, seed=0):
+    lk = lq if lk is None else lk
+    kv_heads, dv = kv_heads or heads, dv or head_dim
+    scale = head_dim ** -0.5 if scale is None else scale
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    q, k, v, do = _inputs(lq, lk, heads, kv_heads, head_dim, dv, seed)
+    lo = [t.bfloat16() for t in (q, k, v, do)]
+    out, lse, *grads = _run(*lo, cu_q, cu_k, scale, causal)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert all(g.dtype == torch.bfloat16 for g in grads)
+    with _threads(1):
+        ref = attention_math(q, k, v, cu_q, cu_k, scale, causal)
+        ref_lo = attention_math(*lo[:3], cu_q, cu_k, scale, causal)
+        g_ref = attention_math_backward(do, q, k, v, cu_q, cu_k, scale, causal)
+        g_lo = attention_math_backward(lo[3], *lo[:3], cu_q, cu_k, scale, causal)
+    assert_accuracy(out, ref, ref_lo, name="out", atol=1e-3 * _scale_of(ref))
+    for name, gk, gh, gl in zip(("dq", "dk", "dv"), grads, g_ref, g_lo):
+        assert_accuracy(gk, gh, gl, name=name, atol=1e-3 * _scale_of(gh))
+
+
+SHAPES = {
+    "nit-s": dict(lq=[64, 130, 1], heads=6, head_dim=64),
+    # images of 1x1, 1x7, 5x1, 3x5, 4x4, 2x9 tokens: with P and dS rounded to bf16 once, dk missed the rule
+    "odd images, causal": dict(lq=[1, 7, 5, 15, 16, 18], heads=2, head_dim=64, causal=True),
+    "nit-xl head_dim 72, causal": dict(lq=[5, 100, 64], lk=[9, 130, 64], heads=4, head_dim=72, causal=True),
+    "odd head_dim 13, dv 40, gqa": dict(lq=[3, 70, 20], lk=[7, 41, 20], heads=4, kv_heads=2, head_dim=13, dv=40),
+    "head_dim 128, more queries than keys, causal": dict(lq=[9, 130, 40], lk=[5, 100, 39], heads=2,
+                                                         head_dim=128, causal=True),
+    "empty and 1-token images": dict(lq=[0, 1, 17, 0], lk=[3, 1, 17, 0], heads=2, head_dim=64),
+    "image split over backward tasks": dict(lq=[1100, 5], lk=[1000, 9], heads=2, kv_heads=1, head_dim=72),
+}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+def test_bf16_matches_the_reference(shape, isa, monkeypatch):
+    _use(isa, monkeypatch)
+    check_bf16(**SHAPES[shape])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("scale", [0.0, -0.3])
+def test_bf16_zero_and_negative_softmax_scale(scale, isa, monkeypatch):
+    _use(isa, monkeypatch)
+    check_bf16([10, 70], head_dim=64, causal=True, scale=scale)
+
+
+def _poison(name, rows, heads=slice(None), dims=slice(None), value=float("nan")):
+    def f(t):
+        t[name][rows, heads, dims] = value
+    return f
+
+
+NONFINITE = {
+    "nan in one query row": ([10, 10], [10, 10], False, _poison("q", 3, 0)),
+    "one nan in k": ([10, 10], [10, 10], False, _poison("k", 2, 1, 0)),
+    "one nan in v": ([10, 10], [10, 10], False, _poison("v", 12, 0, 5)),
+    "all keys of an image -inf": ([10, 10], [10, 10], False, _poison("k", slice(0, 10), value=float("-inf"))),
+    "inf in one query row": ([10, 10], [10, 10], False, _poison("q", 14, 1, value=float("inf"))),
+    "nan key in a later tile": ([70, 5], [130, 5], False, _poison("k", 100, 1, 3)),
+    "causal, nan query of a row without keys": ([6], [2], True, _poison("q", 1)),
+    "causal, nan in the first key": ([6, 3], [2, 3], True, _poison("k", 0, 1, 2)),
+}
+
+
+def _autograd(q, k, v, do, cu_q, cu_k, scale, causal, backend):
+    import nit_kernels as nk
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    mq, mk = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
+    out = nk.varlen_attention(*leaves, cu_q, cu_k, mq, mk, softmax_scale=scale, causal=causal, backend=backend)
+    return (out,) + torch.autograd.grad(out, leaves, do)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", NONFINITE, ids=list(NONFINITE))
+def test_bf16_nan_and_inf_propagate_like_the_reference(case, isa, monkeypatch):
+    _use(isa, monkeypatch)
+    lq, lk, causal, poison = NONFINITE[case]
+    q, k, v, do = _inputs(lq, lk, 2, 2, 16, 16, 7)
+    t = dict(q=q, k=k, v=v, do=do)
+    poison(t)
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    with _threads(1):
+        ref = _autograd(q, k, v, do, cu_q, cu_k, 0.25, causal, "reference")
+    got = _autograd(*(t[n].bfloat16() for n in ("q", "k", "v", "do")), cu_q, cu_k, 0.25, causal, "cpu")
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, ref):
+        # same NaN/inf positions; finite values within bf16 rounding of the float64 result
+        assert_close(a, e, atol=3e-2 * _scale_of(e), rtol=2e-2, name=name)
+    assert torch.isnan(got[0]).any() or case.startswith("causal, nan query of a row without"), "nothing propagated"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bf16_huge_softmax_scale_gives_finite_reference_gradients(causal, isa, monkeypatch):
+    # scale 1e30: every softmax row is one-hot; dk, dv must not blow up to NaN/inf
+    _use(isa, monkeypatch)
+    lq = [10, 10, 70]
+    cu = _cu(lq)
+    for seed in range(3):
+        for head_dim in (16, 64):
+            q, k, v, do = _inputs(lq, lq, 2, 2, head_dim, head_dim, seed)
+            with _threads(1):
+                ref = _autograd(q, k, v, do, cu, cu, 1e30, causal, "reference")
+            got = _autograd(*(t.bfloat16() for t in (q, k, v, do)), cu, cu, 1e30, causal, "cpu")
+            for name, a, e in zip(("out", "dq", "dk", "dv"), got, ref):
+                assert torch.isfinite(a).all(), f"{name} not finite (seed {seed}, head_dim {head_dim})"
+                assert_close(a, e, atol=3e-2 * _scale_of(e), rtol=2e-2, name=name)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_thread_count_does_not_change_results(isa, monkeypatch):
+    _use(isa, monkeypatch)
+    lq, lk = [700, 1, 130, 0, 300], [650, 2, 130, 3, 300]
+    args = [t.bfloat16() for t in _inputs(lq, lk, 4, 2, 72, 72, 5)] + [_cu(lq), _cu(lk), 0.1, True]
+    with _threads(1):
+        one = _run(*args)
+    with _threads(2):
+        two = _run(*args)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), one, two):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads: {(a.float() - b.float()).abs().max()}"
+
+
+def test_amx_is_the_default_where_the_cpu_has_it(monkeypatch):
+    if "amx_bf16" not in _cpu_flags():
+        pytest.skip("the CPU has no AMX-BF16")
+    lq = [40, 90]
+    args = [t.bfloat16() for t in _inputs(lq, lq, 2, 2, 64, 64, 1)] + [_cu(lq), _cu(lq), 0.125, False]
+    monkeypatch.delenv(ENV_ISA, raising=False)
+    default = _run(*args)
+    monkeypatch.setenv(ENV_ISA, "amx")
+    amx = _run(*args)
+    monkeypatch.setenv(ENV_ISA, "fp32")
+    fp32 = _run(*args)
+    assert all(torch.equal(a, b) for a, b in zip(default, amx)), "the default is not the AMX path"
+    assert not all(torch.equal(a, b) for a, b in zip(default, fp32)), "AMX and fp32 paths gave identical bits"
+
+
+def test_isa_setting_is_checked(monkeypatch):
+    lq = [4]
+    args = [t.bfloat16() for t in _inputs(lq, lq, 1, 1, 8, 8, 0)] + [_cu(lq), _cu(lq), 0.3, False]
+    monkeypatch.setenv(ENV_ISA, "sse")
+    with pytest.raises(RuntimeError, match="NIT_CPU_ATTENTION_ISA must be amx or fp32, got 'sse'"):
+        _run(*args)
+    if "amx_bf16" not in _cpu_flags():
+        monkeypatch.setenv(ENV_ISA, "amx")
+        with pytest.raises(RuntimeError, match="needs a CPU"):
+            _run(*args)
+
+
+def test_other_dtypes_ignore_the_isa_setting(monkeypatch):
+    # fp32 and fp16 inputs always run the fp32 tiles: forcing amx must not change their bits
+    lq = [30, 50]
+    base = _inputs(lq, lq, 2, 2, 32, 32, 4)
+    for dtype in (torch.float32, torch.float16):
+        args = [t.to(dtype) for t in base] + [_cu(lq), _cu(lq), 0.2, True]
+        monkeypatch.setenv(ENV_ISA, "fp32")
+        ref = _run(*args)
+        if "amx_bf16" in _cpu_flags():
+            monkeypatch.setenv(ENV_ISA, "amx")
+            assert all(torch.equal(a, b) for a, b in zip(ref, _run(*args))), dtype
