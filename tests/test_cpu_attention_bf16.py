@@ -16,6 +16,7 @@ import torch
 from nit_kernels import backends
 from nit_kernels.reference import attention_math, attention_math_backward
 from nit_kernels.testing import assert_accuracy, assert_close
+from test_cpu_attention import _cu, _poison  # the same pack and poison helpers as the fp32 tests
 
 CPU = backends.get("cpu")
 pytestmark = pytest.mark.skipif(not CPU.implements("varlen_attention"),
@@ -49,10 +50,6 @@ def _threads(n):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _cu(lens):
-    return torch.tensor([0] + list(lens), dtype=torch.int64).cumsum(0).to(torch.int32)
 
 
 def _inputs(lq, lk, heads, kv_heads, head_dim, dv, seed):
@@ -123,12 +120,6 @@ def test_bf16_matches_the_reference(shape, isa, monkeypatch):
 def test_bf16_zero_and_negative_softmax_scale(scale, isa, monkeypatch):
     _use(isa, monkeypatch)
     check_bf16([10, 70], head_dim=64, causal=True, scale=scale)
-
-
-def _poison(name, rows, heads=slice(None), dims=slice(None), value=float("nan")):
-    def f(t):
-        t[name][rows, heads, dims] = value
-    return f
 
 
 NONFINITE = {
