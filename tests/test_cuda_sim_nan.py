@@ -1,8 +1,10 @@
-"""Non-finite input in the CUDA varlen attention (csrc/cuda, run by the SIMT simulator "cuda_sim"):
+"""Non-finite input and a huge softmax_scale in the CUDA varlen attention (csrc/cuda, run by the SIMT
+simulator "cuda_sim"):
 NaN and inf reach out, lse and dQ/dK/dV as in the float64 reference (a NaN query row, NaN or
 -inf keys of an image, NaN in k or v), forward and backward, in fp32; a row that sees no key by
-the causal mask alone keeps out 0 and lse -inf. The cases are those of the cpu backend
-(tests/test_cpu_attention.py), so both backends answer the same inputs the same way.
+the causal mask alone keeps out 0 and lse -inf. softmax_scale 1e30 (one-hot rows) gives the
+reference gradients, not a rounding difference times the scale. The cases are those of the cpu
+backend (tests/test_cpu_attention.py), so both backends answer the same inputs the same way.
 """
 import pytest
 import torch
@@ -51,3 +53,20 @@ def test_nan_query_gives_nan_lse_and_the_documented_zero_rows_stay():
     assert torch.isnan(lse[0, 5]) and torch.isnan(out[5, 0]).all()
     assert torch.equal(out[:4], torch.zeros_like(out[:4])) and torch.isneginf(lse[:, :4]).all()
     assert torch.isfinite(out[4:, 1]).all() and torch.isfinite(lse[1, 4:]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_huge_softmax_scale_gives_the_reference_gradients(causal):
+    # scale 1e30: every softmax row is one-hot; dP - delta must be exactly 0 at the key (delta in
+    # dP's fmaf order), not a rounding difference times 1e30 in dq and dk
+    lq = [10, 10, 70]
+    cu = _cu(lq)
+    for seed in range(2):
+        for head_dim in (16, 64):
+            q, k, v, do = _inputs(lq, lq, 2, 2, head_dim, head_dim, seed)
+            with _one_thread():
+                ref = _autograd_run("reference", q, k, v, do, cu, cu, 1e30, causal)
+            got = _autograd_run("cuda_sim", *(x.float() for x in (q, k, v, do)), cu, cu, 1e30, causal)
+            for name, a, e in zip(("out", "dq", "dk", "dv"), got, ref):
+                assert torch.isfinite(a).all(), f"cuda_sim {name}: not finite"
+                assert_close(a, e, atol=1e-5 * max(1.0, e.abs().max().item()), name=f"cuda_sim {name}")

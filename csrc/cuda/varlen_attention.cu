@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(Tile<T, kDp>::kThreads)
 #pragma unroll
       for (int j = 0; j < BN / 32; ++j) {
         const int c = lane + 32 * j;
-        s[j] = c < lim ? my_S[r * LDS + c] * a.softmax_scale : -INFINITY;
+        s[j] = c < lim ? mul_rn(my_S[r * LDS + c], a.softmax_scale) : -INFINITY;
         block_max = fmaxf(block_max, s[j]);
       }
       OnlineSoftmax st;
