@@ -73,6 +73,18 @@ inline bool can_vectorize(int64_t D, Ptrs... ptrs) {
   return ok;
 }
 
+// a * b rounded to fp32. nvcc may otherwise fuse the product into a later add (an FMA keeps the
+// exact product): the attention backward must recompute the forward's scores bit for bit, or
+// with a huge softmax_scale the rounding error of a score times the scale flips its weight. The
+// simulator's host compiler does not contract (ISO C++ mode).
+__device__ __forceinline__ float mul_rn(float a, float b) {
+#if defined(NIT_CUDA_SIM)
+  return a * b;
+#else
+  return __fmul_rn(a, b);
+#endif
+}
+
 // ---- reductions ---------------------------------------------------------------------------------
 // Butterfly sum: IEEE addition is commutative, so every lane ends with the identical value.
 __device__ __forceinline__ float warp_sum(float v) {

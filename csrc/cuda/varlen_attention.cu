@@ -2,7 +2,8 @@
 // tiled, online softmax (Milakov & Gimelshein 2018; FlashAttention-2, Dao 2023), nothing of
 // size seqlen^2 in memory. Per image b and query head h:
 //   S = scale * Q K^T,  P = softmax(S) (causal: bottom-right aligned mask),  O = P V
-//   lse = log(sum exp(S)) per query row (natural log), -inf for a row that sees no key (O = 0)
+//   lse = log(sum exp(S)) per query row (natural log), -inf for a row that sees no key (O = 0);
+//   NaN in q, k or v, or a row whose visible scores are all -inf, gives NaN as softmax does
 //
 // Grid (work-list slots, H): one CTA per (image, tile of kRows query rows) item of the list built
 // from cu_seqlens on the device (attention_tile.cuh), per head; every real row is covered
@@ -97,18 +98,21 @@ __global__ void __launch_bounds__(Tile<T, kDp>::kThreads)
 #pragma unroll
       for (int j = 0; j < BN / 32; ++j) {
         const int c = lane + 32 * j;
-        s[j] = c < lim ? my_S[r * LDS + c] * a.softmax_scale : -INFINITY;
+        s[j] = c < lim ? mul_rn(my_S[r * LDS + c], a.softmax_scale) : -INFINITY;
         block_max = fmaxf(block_max, s[j]);
       }
       OnlineSoftmax st;
       st.m = my_m[r];
       st.l = my_l[r];
       const float alpha = st.rescale_to(warp_max(block_max));
+      // fmaxf skips NaN, so a NaN score reaches p, l and O through expf. A row whose scores so
+      // far are all -inf or NaN keeps m = -inf: subtracting 0 instead gives p = 0 for -inf (not
+      // expf(-inf + inf) = NaN) and NaN for NaN.
+      const float m_sub = st.m == -INFINITY ? 0.f : st.m;
       float row_sum = 0.f;
 #pragma unroll
       for (int j = 0; j < BN / 32; ++j) {
-        // a row with no visible key so far keeps m = -inf; its p must be 0, not exp(nan)
-        const float pj = st.m == -INFINITY ? 0.f : expf(s[j] - st.m);
+        const float pj = expf(s[j] - m_sub);
         row_sum += pj;
         my_P[r * LDP + lane + 32 * j] = from_float<T>(pj);
       }
@@ -125,15 +129,18 @@ __global__ void __launch_bounds__(Tile<T, kDp>::kThreads)
     acc.template mma<BN>(my_P, LDP, sV, LDI);
   }
 
-  // O /= l (0 for rows that saw no key); lse per valid row.
+  // O /= l and lse per valid row. l == 0 or NaN: a row that sees no key by the mask (causal, or
+  // sk = 0) gets O = 0 and lse = -inf; one with visible keys whose scores are all -inf or hold a
+  // NaN gets NaN in both, as softmax does (NaN * 0 keeps an O that is already NaN).
   __syncwarp();  // every lane has applied the last step's factors
   if (lane < 16) {
     OnlineSoftmax st;
     st.m = my_m[lane];
     st.l = my_l[lane];
     const int64_t i = m0 + warp * 16 + lane;
-    my_factor[lane] = st.l > 0.f ? 1.f / st.l : 0.f;
-    if (i < rg.sq) lse[h * a.nq + rg.q_begin + i] = st.lse();
+    const bool sees = rg.sk > 0 && (!a.causal || i + rg.sk - rg.sq >= 0);
+    my_factor[lane] = st.l > 0.f ? 1.f / st.l : sees ? NAN : 0.f;
+    if (i < rg.sq) lse[h * a.nq + rg.q_begin + i] = st.l > 0.f ? st.lse() : sees ? NAN : -INFINITY;
   }
   __syncwarp();
   acc.scale_rows(my_factor);

@@ -1,6 +1,6 @@
 // Varlen attention backward (FlashAttention-2, Dao 2023, algorithm 2), deterministic: no atomics.
 // With P = exp(scale * Q K^T - lse) recomputed per tile from the saved lse:
-//   delta = rowsum(dO * O)                     (preprocess, fp32 [H, Nq])
+//   delta = rowsum(dO * O)                     (preprocess, fp32 [H, Nq]; fp32: dP's fmaf order)
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale dS^T Q,  dQ = scale dS K
 // Two kernels share the recomputation instead of accumulating dQ with atomics:
 //   dkdv: grid (items of the (image, key tile) list, Hk); each warp owns 16 key rows and sweeps
@@ -25,18 +25,30 @@ namespace {
 
 constexpr int kDeltaWarps = 8;
 
-// delta[h, i] = sum_d dO[i, h, d] * O[i, h, d]; one warp per (token, head) row.
+// delta[h, i] = sum_d dO[i, h, d] * O[i, h, d].
+// fp32: one thread per (token, head) row, the fmaf chain over d in order that strip_nt runs for
+// dP = dO V^T. A one-hot softmax row (huge softmax_scale) has O = v_j exactly, so dP_j - delta
+// is exactly 0, as the reference's rowsum(dP * P) gives, not a rounding difference times the
+// scale. fp16/bf16 (dP from tensor cores, O rounded): one warp per row.
 template <typename T>
 __global__ void __launch_bounds__(kDeltaWarps * 32)
     attn_bwd_delta_kernel(const T* __restrict__ dout, const T* __restrict__ out, int64_t nq,
                           int64_t H, int64_t D, float* __restrict__ delta) {
-  const int64_t row = int64_t(blockIdx.x) * kDeltaWarps + threadIdx.x / 32;
-  if (row >= nq * H) return;
-  const int lane = threadIdx.x % 32;
-  float acc = 0.f;
-  for (int64_t c = lane; c < D; c += 32) acc += to_float(dout[row * D + c]) * to_float(out[row * D + c]);
-  acc = warp_sum(acc);
-  if (lane == 0) delta[(row % H) * nq + row / H] = acc;
+  if constexpr (std::is_same<T, float>::value) {
+    const int64_t row = int64_t(blockIdx.x) * (kDeltaWarps * 32) + threadIdx.x;
+    if (row >= nq * H) return;
+    float acc = 0.f;
+    for (int64_t c = 0; c < D; ++c) acc = fmaf(dout[row * D + c], out[row * D + c], acc);
+    delta[(row % H) * nq + row / H] = acc;
+  } else {
+    const int64_t row = int64_t(blockIdx.x) * kDeltaWarps + threadIdx.x / 32;
+    if (row >= nq * H) return;
+    const int lane = threadIdx.x % 32;
+    float acc = 0.f;
+    for (int64_t c = lane; c < D; c += 32) acc += to_float(dout[row * D + c]) * to_float(out[row * D + c]);
+    acc = warp_sum(acc);
+    if (lane == 0) delta[(row % H) * nq + row / H] = acc;
+  }
 }
 
 struct BwdArgs {
@@ -162,7 +174,7 @@ __global__ void __launch_bounds__(Tile<T, kDp>::kThreads)
           const float row_lse = sLse[c];
           const bool ok = j < rg.sk && i < rg.sq && row_lse != -INFINITY &&
                           visible(a.causal, i, j, rg.sq, rg.sk);
-          const float p = ok ? expf(my_S[r * LDS + c] * a.softmax_scale - row_lse) : 0.f;
+          const float p = ok ? expf(mul_rn(my_S[r * LDS + c], a.softmax_scale) - row_lse) : 0.f;
           my_P[r * LDP + c] = from_float<T>(p);
           store_ds(p * (my_dP[r * LDS + c] - sDelta[c]), &my_dS[r * LDP + c], &my_dP[r * LDS + c]);
         }
@@ -275,7 +287,7 @@ __global__ void __launch_bounds__(Tile<T, kDp>::kThreads)
         const int64_t j = n0 + c;  // key row in the image
         const bool ok = i < rg.sq && j < rg.sk && row_lse != -INFINITY &&
                         visible(a.causal, i, j, rg.sq, rg.sk);
-        const float p = ok ? expf(my_S[r * LDS + c] * a.softmax_scale - row_lse) : 0.f;
+        const float p = ok ? expf(mul_rn(my_S[r * LDS + c], a.softmax_scale) - row_lse) : 0.f;
         store_ds(p * (my_dP[r * LDS + c] - row_delta), &my_dS[r * LDP + c], &my_dP[r * LDS + c]);
       }
     }
@@ -368,7 +380,8 @@ cudaError_t varlen_attention_bwd(DType dt, const void* dout, const void* q, cons
     static_assert(Tile<T, 64>::kRows == Tile<T, 128>::kRows, "one work list for every head dim");
     if (a.nq > 0) {
       const int64_t nrows = a.nq * a.H;
-      launch<attn_bwd_delta_kernel<T>>(static_cast<unsigned>(cdiv(nrows, int64_t(kDeltaWarps))),
+      const int64_t rows_per_block = std::is_same<T, float>::value ? kDeltaWarps * 32 : kDeltaWarps;
+      launch<attn_bwd_delta_kernel<T>>(static_cast<unsigned>(cdiv(nrows, rows_per_block)),
                                        kDeltaWarps * 32, 0, stream, static_cast<const T*>(dout),
                                        static_cast<const T*>(out), a.nq, a.H, a.D, delta);
       const cudaError_t err = cudaGetLastError();
