@@ -58,8 +58,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from nit_kernels import PackedSeqs, backends
-from nit_kernels.backends import Call
+from nit_kernels import PackedSeqs, dispatch as backends
+from nit_kernels.dispatch import Call
 from nit_kernels.testing import _ATOL, assert_accuracy
 
 from .harness import Mismatch, Prepared, ProviderSpec, ProviderSuite, RunOptions, Skip, Workload, register

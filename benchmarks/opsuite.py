@@ -23,9 +23,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from nit_kernels import PackedSeqs, backends
+from nit_kernels import PackedSeqs, dispatch as backends
 from nit_kernels import reference as ref_impl
-from nit_kernels.backends import Call
+from nit_kernels.dispatch import Call
 from nit_kernels.testing import _ATOL, ACTIVATIONS, assert_accuracy, call_op, cast_inputs, op_inputs
 
 from .harness import Mismatch, Prepared, ProviderSpec, ProviderSuite, RunOptions, Skip, Workload

@@ -10,10 +10,11 @@ Quick start::
 
 ``python -m nit_kernels`` prints which backends are usable on this machine, and why not.
 """
-from .backends import BackendUnavailable, available_backends, backends_report
+from .dispatch import BackendUnavailable, available_backends, backends_report
 from .freqs import ROPE_METHODS, rope_freqs, rope_mscale
 from .ops import adaln_modulate, gated_residual, qk_norm_rope, residual_adaln, rope_2d, varlen_attention
 from .packed import PackedSeqs
+from . import reference  # noqa: F401,E402  (nk.reference: the spec of every op)
 
 __version__ = "0.1.0"
 

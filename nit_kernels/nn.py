@@ -27,7 +27,7 @@ from torch import nn
 
 from . import ops
 from .freqs import rope_freqs
-from .packed import PackedSeqs
+from .packed import POSITIONS, PackedSeqs
 
 __all__ = ["AxialRoPE2D", "VarlenSelfAttention", "PackedAdaLN", "GatedResidual", "ResidualAdaLN",
            "rebuild_in_backward"]
@@ -95,7 +95,7 @@ class AxialRoPE2D(nn.Module):
                  positions: str = "grid", mscale: float = 1.0, freqs: Optional[torch.Tensor] = None,
                  backend: Optional[str] = None):
         super().__init__()
-        if positions not in ("grid", "official"):
+        if positions not in POSITIONS:
             raise ValueError(f"positions must be 'grid' or 'official', got {positions!r}")
         if freqs is None:
             freqs = rope_freqs(head_dim, theta=theta, method=method, scale=scale, ori_max_pe_len=ori_max_pe_len)

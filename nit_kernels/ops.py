@@ -1,4 +1,4 @@
-"""The public functional API: validate the call, pick a backend (backends.py), run it.
+"""The public functional API: validate the call, pick a backend (dispatch.py), run it.
 
 Every function accepts ``backend=None`` (automatic), or one of "reference", "cpu", "cuda",
 "triton" (and "flash_attn" for attention). Inputs may be float32, float16 or bfloat16 (float64
@@ -13,9 +13,8 @@ from typing import Optional
 
 import torch
 
-from . import backends
-from .backends import Call
-from .packed import PackedSeqs, validate_cu_seqlens
+from . import dispatch
+from .packed import POSITIONS, PackedSeqs, validate_cu_seqlens
 
 __all__ = ["adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope", "varlen_attention"]
 
@@ -67,9 +66,10 @@ def _check_like(op: str, t, name: str, ref: torch.Tensor, ref_name: str, shape: 
         _fail(op, f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; cast them to one dtype")
 
 
-def _param(t: torch.Tensor) -> torch.Tensor:
-    """Small parameter tables (freqs, LayerNorm weights) go to kernels in fp32 (fp64 stays fp64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+def _param(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Small parameter tables (freqs, LayerNorm weights) go to every backend in fp32 (in fp64 for
+    fp64 inputs, which the reference serves): the one place they are converted."""
+    return t.to(torch.promote_types(like.dtype, torch.float32))
 
 
 def _check_modulation(op: str, x, packed, **rows):
@@ -88,7 +88,7 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, pa
     op = "adaln_modulate"
     _check_packed(op, packed)
     _check_modulation(op, x, packed, shift=shift, scale=scale)
-    _, fn = backends.select(Call(op, x.device, x.dtype), backend)
+    fn = dispatch.kernel(op, x.device, x.dtype, backend)
     return fn(x, shift, scale, packed.cu_seqlens, float(eps))
 
 
@@ -99,7 +99,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, packed:
     _check_packed(op, packed)
     _check_modulation(op, x, packed, gate=gate)
     _check_like(op, y, "y", x, "x", tuple(x.shape), "[N, D]")
-    _, fn = backends.select(Call(op, x.device, x.dtype), backend)
+    fn = dispatch.kernel(op, x.device, x.dtype, backend)
     return fn(x, y, gate, packed.cu_seqlens)
 
 
@@ -115,7 +115,7 @@ def residual_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: 
     _check_packed(op, packed)
     _check_modulation(op, x, packed, gate=gate, shift=shift, scale=scale)
     _check_like(op, y, "y", x, "x", tuple(x.shape), "[N, D]")
-    _, fn = backends.select(Call(op, x.device, x.dtype), backend)
+    fn = dispatch.kernel(op, x.device, x.dtype, backend)
     return fn(x, y, gate, shift, scale, packed.cu_seqlens, float(eps))
 
 
@@ -138,7 +138,7 @@ def _check_rope(op: str, q, k, packed, freqs, positions):
         _fail(op, f"freqs must have shape (2, {dh // 4}) for head_dim {dh} (see rope_freqs), got {tuple(freqs.shape)}")
     if freqs.device != q.device:
         _fail(op, f"freqs is on {freqs.device} but q is on {q.device}")
-    if positions not in ("grid", "official"):
+    if positions not in POSITIONS:
         _fail(op, f"positions must be 'grid' or 'official', got {positions!r}")
 
 
@@ -156,8 +156,8 @@ def rope_2d(q: torch.Tensor, k: torch.Tensor, packed: PackedSeqs, freqs: torch.T
     """
     op = "rope_2d"
     _check_rope(op, q, k, packed, freqs, positions)
-    _, fn = backends.select(Call(op, q.device, q.dtype, head_dim=q.shape[-1]), backend)
-    return fn(q, k, packed.cu_seqlens, packed.sizes, _param(freqs), positions, float(mscale))
+    fn = dispatch.kernel(op, q.device, q.dtype, backend, head_dim=q.shape[-1])
+    return fn(q, k, packed.cu_seqlens, packed.sizes, _param(freqs, q), positions, float(mscale))
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, packed: PackedSeqs, freqs: torch.Tensor, *,
@@ -177,9 +177,9 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, packed: PackedSeqs, freqs: to
             _fail(op, f"{name} must have shape ({dh},) (head_dim), got {tuple(t.shape)}")
         if t.device != q.device:
             _fail(op, f"{name} is on {t.device} but q is on {q.device}")
-    _, fn = backends.select(Call(op, q.device, q.dtype, head_dim=dh), backend)
-    return fn(q, k, packed.cu_seqlens, packed.sizes, _param(freqs), _param(q_weight), _param(q_bias),
-              _param(k_weight), _param(k_bias), float(eps), positions, float(mscale))
+    fn = dispatch.kernel(op, q.device, q.dtype, backend, head_dim=dh)
+    params = (_param(t, q) for t in (freqs, q_weight, q_bias, k_weight, k_bias))
+    return fn(q, k, packed.cu_seqlens, packed.sizes, *params, float(eps), positions, float(mscale))
 
 
 def _check_cu(op: str, cu, name: str, device: torch.device):
@@ -245,19 +245,20 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     # a strided cu_seqlens is accepted, as q, k and v are: every backend gets a contiguous copy
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        longest = None
         for name, cu, n, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
-            try:
-                validate_cu_seqlens(cu, n, name)
-            except ValueError as e:
-                _fail(op, str(e))
-            longest = int((cu[1:] - cu[:-1]).max())
+            # one host read per distinct tensor: self-attention passes one cu_seqlens twice
+            if longest is None or cu is not cu_seqlens_q or n != q.shape[0]:
+                try:
+                    longest = validate_cu_seqlens(cu, n, name)
+                except ValueError as e:
+                    _fail(op, str(e))
             if longest > m:
                 _fail(op, f"max_seqlen_{name[-1]}={m} is smaller than the longest sequence ({longest})")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     # operator.index: head counts are symbolic under torch.compile(dynamic=True), the choice of a
-    # backend needs constants (see backends.select)
+    # backend needs constants (see dispatch.kernel)
     gqa = operator.index(k.shape[1]) != operator.index(q.shape[1])
-    call = Call(op, q.device, q.dtype, head_dim=q.shape[-1], gqa=gqa, causal=bool(causal))
-    _, fn = backends.select(call, backend)
+    fn = dispatch.kernel(op, q.device, q.dtype, backend, head_dim=q.shape[-1], gqa=gqa, causal=bool(causal))
     return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))

@@ -14,7 +14,10 @@ import torch
 
 SizesLike = Union[torch.Tensor, Sequence[Sequence[int]]]
 
-__all__ = ["PackedSeqs", "segment_ids", "token_positions", "validate_cu_seqlens"]
+__all__ = ["PackedSeqs", "POSITIONS", "segment_ids", "token_positions", "validate_cu_seqlens"]
+
+# the orders of axial RoPE positions (see token_positions): true 2D, and the released checkpoints'
+POSITIONS = ("grid", "official")
 
 
 def _as_int(v) -> int:
@@ -58,10 +61,11 @@ def _host_sizes(sizes: SizesLike) -> torch.Tensor:
     return host
 
 
-def validate_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int | None = None, name: str = "cu_seqlens") -> None:
+def validate_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int | None = None, name: str = "cu_seqlens") -> int:
     """Check an int32 [B+1] cu_seqlens: starts at 0, non-decreasing, ends at `total_tokens`.
 
-    Reads the values (one device->host copy for GPU tensors); raises ValueError naming the problem.
+    Reads the values once (one device->host copy for GPU tensors); raises ValueError naming the
+    problem. Returns the longest sequence (max of the steps), which callers need next.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -78,6 +82,7 @@ def validate_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int | None = Non
         raise ValueError(f"{name} must be non-decreasing, but {name}[{i + 1}]={int(host[i + 1])} < {name}[{i}]={int(host[i])}")
     if total_tokens is not None and int(host[-1]) != total_tokens:
         raise ValueError(f"{name}[-1]={int(host[-1])} must equal the number of tokens {total_tokens}")
+    return int(steps.max())
 
 
 def segment_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -93,7 +98,7 @@ def token_positions(cu_seqlens: torch.Tensor, sizes: torch.Tensor, num_tokens: i
     official: p0 = t % h,          p1 = t // h   (the released NiT checkpoints' order)
     t is the token index inside its image.
     """
-    if positions not in ("grid", "official"):
+    if positions not in POSITIONS:
         raise ValueError(f"positions must be 'grid' or 'official', got {positions!r}")
     seg = segment_ids(cu_seqlens, num_tokens)
     t = torch.arange(num_tokens, device=cu_seqlens.device, dtype=torch.int64) - cu_seqlens.long()[seg]

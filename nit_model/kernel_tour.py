@@ -8,8 +8,8 @@ import time
 import torch
 
 import nit_kernels as nk
-from nit_kernels import backends
-from nit_kernels.backends import OPS, Call
+from nit_kernels import dispatch as backends
+from nit_kernels.dispatch import OPS, Call
 from nit_kernels.testing import call_op, cast_inputs, op_inputs
 
 from .workloads import imagenet_like_pack

@@ -104,7 +104,7 @@ def available_memory(device=None) -> tuple[int, str]:
 
 
 def _attention_bytes(cfg, longest: int, device, training: bool) -> int:
-    from nit_kernels import backends
+    from nit_kernels import dispatch as backends
     if not hasattr(cfg, "num_heads"):
         return 0
     name = getattr(cfg, "backend", None) or os.environ.get("NIT_KERNELS_BACKEND")

@@ -18,7 +18,7 @@ from benchmarks.__main__ import main  # noqa: E402
 from benchmarks.bench_adaln import GatedResidual  # noqa: E402
 from benchmarks.bench_attention import attention_flops, padding_waste, sdpa_loop_setup  # noqa: E402
 from benchmarks.opsuite import OpCase  # noqa: E402
-from nit_kernels import PackedSeqs, backends  # noqa: E402
+from nit_kernels import PackedSeqs, dispatch  # noqa: E402
 from nit_kernels.testing import call_op, cast_inputs, op_inputs  # noqa: E402
 
 
@@ -118,7 +118,7 @@ def test_timed_rows_were_checked_and_have_figures(quick):
 
 def test_kernels_that_exist_are_picked_up(quick):
     _, _, rows = quick
-    cpu = backends.get("cpu")
+    cpu = dispatch.get("cpu")
     if cpu.load_error() is not None:
         pytest.skip(f"the C++ extension is not usable here: {cpu.load_error()}")
     for suite in _kernel_suites():

@@ -10,9 +10,9 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import nit_kernels as nk
-from nit_kernels import backends
+from nit_kernels import dispatch
 
-_WHY = backends.get("cpu").load_error()
+_WHY = dispatch.get("cpu").load_error()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"cpu backend unavailable: {_WHY}")
 
 HEADS, HEAD_DIM = 2, 16

@@ -16,12 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nit_kernels as nk
-from nit_kernels import backends
-from nit_kernels.backends import Call
+from nit_kernels import dispatch
+from nit_kernels.dispatch import Call
 from nit_kernels.reference import attention_math, attention_math_backward
 from nit_kernels.testing import assert_accuracy, assert_close, random_sizes
 
-CPU = backends.get("cpu")
+CPU = dispatch.get("cpu")
 pytestmark = pytest.mark.skipif(not CPU.implements("varlen_attention"),
                                 reason=f"cpu backend has no varlen_attention: {CPU.load_error()}")
 ENV_BITS = "NIT_CPU_ATTENTION_VECTOR_BITS"

@@ -13,12 +13,12 @@ import contextlib
 import pytest
 import torch
 
-from nit_kernels import backends
+from nit_kernels import dispatch
 from nit_kernels.reference import attention_math, attention_math_backward
 from nit_kernels.testing import assert_accuracy, assert_close
 from test_cpu_attention import _cu, _poison  # the same pack and poison helpers as the fp32 tests
 
-CPU = backends.get("cpu")
+CPU = dispatch.get("cpu")
 pytestmark = pytest.mark.skipif(not CPU.implements("varlen_attention"),
                                 reason=f"cpu backend has no varlen_attention: {CPU.load_error()}")
 ENV_ISA = "NIT_CPU_ATTENTION_ISA"

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nit_kernels as nk
-from nit_kernels import backends
+from nit_kernels import dispatch
 from nit_kernels.testing import check_against_reference, random_sizes
 
-_WHY = backends.get("cpu").load_error()
+_WHY = dispatch.get("cpu").load_error()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"cpu backend unavailable: {_WHY}")
 
 ops = torch.ops.nit

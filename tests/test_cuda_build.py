@@ -346,10 +346,10 @@ def _schema_names() -> list:
 def test_glue_links_and_registers_a_cuda_kernel_for_every_schema(builds):
     if torch.version.cuda is not None:
         pytest.skip("CUDA build of torch: the real extension registers the kernels (see test_cuda_gpu.py)")
-    from nit_kernels import cpp
+    from nit_kernels.backends import _extension
 
-    if cpp.load_error() is not None:
-        pytest.skip(f"nit_kernels._C is needed for the schemas: {cpp.load_error()}")
+    if _extension.IMPORT_ERROR is not None:
+        pytest.skip(f"nit_kernels._C is needed for the schemas: {_extension.IMPORT_ERROR}")
     glue = builds.result("glue")
     assert glue.returncode == 0, _report("g++ of the glue", glue)
     for f in CU_FILES:
@@ -380,7 +380,7 @@ def test_glue_links_and_registers_a_cuda_kernel_for_every_schema(builds):
     # A fresh process: torch aborts on a signature mismatch at registration.
     script = textwrap.dedent("""
         import sys, torch
-        import nit_kernels.cpp  # loads nit_kernels._C, which defines the schemas
+        import nit_kernels.backends._extension  # loads nit_kernels._C, which defines the schemas
         torch.ops.load_library(sys.argv[1])
         names = sys.argv[2:]
         missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key("nit::" + n, "CUDA")]

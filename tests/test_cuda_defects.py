@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import nit_kernels as nk
-from nit_kernels import backends
+from nit_kernels import dispatch
 from nit_kernels.testing import _ATOL, _forward_and_grads, assert_accuracy, check_against_reference
 
 LOW = (torch.float16, torch.bfloat16)
@@ -23,10 +23,10 @@ LOW = (torch.float16, torch.bfloat16)
 def _why_not(backend: str):
     """None if `backend` can run here, else the skip reason."""
     if backend == "cuda_sim":
-        if "cuda_sim" not in backends.BACKENDS or backends.get("cuda_sim").load_error() is not None:
+        if "cuda_sim" not in dispatch.BACKENDS or dispatch.get("cuda_sim").load_error() is not None:
             return "cuda_sim backend not built"
         return None
-    return backends.get(backend).load_error()
+    return dispatch.get(backend).load_error()
 
 
 def _backend_param(name: str):
@@ -102,7 +102,7 @@ SIM = [_backend_param("cuda_sim"), GPU]
 
 def _attn(backend, q, k, v, cu, max_seqlen, causal=False):
     """The backend's kernel interface, below the public API's host checks of max_seqlen."""
-    fn = backends.get(backend).impl("varlen_attention")
+    fn = dispatch.get(backend).impl("varlen_attention")
     return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, q.shape[-1] ** -0.5, causal)
 
 
@@ -173,8 +173,8 @@ def test_attention_schedules_packs_with_empty_sequences(backend):
 
 def test_cpu_attention_refuses_a_max_seqlen_below_the_longest_sequence():
     # the cpu backend reads cu_seqlens on the host, so it refuses rather than covers
-    if backends.get("cpu").load_error() is not None:
-        pytest.skip(f"cpu backend unavailable: {backends.get('cpu').load_error()}")
+    if dispatch.get("cpu").load_error() is not None:
+        pytest.skip(f"cpu backend unavailable: {dispatch.get('cpu').load_error()}")
     packed, q, k, v, _ = _attn_case(MIXED, 2, 16, torch.float32)
     with pytest.raises(RuntimeError, match="max_seqlen_q=5"):
         _attn("cpu", q, k, v, packed.cu_seqlens, 5)

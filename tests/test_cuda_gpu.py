@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import nit_kernels as nk
-from nit_kernels import backends, reference
-from nit_kernels.backends import Call
+from nit_kernels import dispatch, reference
+from nit_kernels.dispatch import Call
 from nit_kernels.testing import (ODD_PACKS, assert_accuracy, call_op, cast_inputs, check_against_reference,
                                  op_inputs, random_sizes)
 
@@ -32,9 +32,9 @@ def _backend_served(request):
     """Skips with the backend's own reason: the cuda backend, or the one a test is parametrized with."""
     callspec = getattr(request.node, "callspec", None)
     name = callspec.params.get("backend", "cuda") if callspec else "cuda"
-    why = backends.get(name).load_error()
+    why = dispatch.get(name).load_error()
     if why is None and name == "triton":
-        from nit_kernels.triton import interpreting
+        from nit_kernels.backends.triton import interpreting
         why = "the Triton kernels were loaded for the interpreter (TRITON_INTERPRET=1)" if interpreting() else None
     if why is not None:
         pytest.skip(f"{name} backend unusable: {why}")
@@ -237,9 +237,9 @@ def test_second_device():
 # refusals, errors, registration
 # ---------------------------------------------------------------------------------------------
 def test_refuses_attention_head_dim_over_128():
-    why = backends.get("cuda").refuse(Call("varlen_attention", torch.device("cuda"), torch.float16, head_dim=160))
+    why = dispatch.get("cuda").refuse(Call("varlen_attention", torch.device("cuda"), torch.float16, head_dim=160))
     assert why is not None and "head_dim <= 128" in why
-    assert backends.get("cuda").refuse(Call("varlen_attention", torch.device("cuda"), torch.float16,
+    assert dispatch.get("cuda").refuse(Call("varlen_attention", torch.device("cuda"), torch.float16,
                                             head_dim=128, gqa=True)) is None
 
 

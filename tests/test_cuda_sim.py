@@ -12,10 +12,10 @@ import types
 import pytest
 import torch
 
-from nit_kernels import backends
+from nit_kernels import dispatch
 from nit_kernels.testing import ODD_PACKS, assert_close, check_against_reference, pack_of
 
-_WHY = backends.get("cuda_sim").load_error()
+_WHY = dispatch.get("cuda_sim").load_error()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"cuda_sim unavailable: {_WHY}")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -24,7 +24,7 @@ ODD = ODD_PACKS[4]  # 1x1, 1x7, 5x1, 3x5, 4x4, 2x9: 1-token and 1-row images, ma
 
 @pytest.fixture(scope="module", autouse=True)
 def sim_ops():
-    from nit_kernels import cuda_sim
+    from nit_kernels.backends import cuda_sim
 
     return cuda_sim.build()
 
@@ -102,7 +102,7 @@ def test_row_ops_empty_sequences(op):
     results = []
     for name in ("cuda_sim", "reference"):
         leaves = [t.clone().requires_grad_() for t in args]
-        outs = backends.get(name).impl(op)(*leaves, *extra)
+        outs = dispatch.get(name).impl(op)(*leaves, *extra)
         outs = outs if isinstance(outs, tuple) else (outs,)
         gos = [torch.ones_like(o) * 0.3 + torch.arange(o.numel()).reshape(o.shape) % 5 * 0.1 for o in outs]
         results.append(list(outs) + list(torch.autograd.grad(outs, leaves, gos)))
@@ -136,11 +136,11 @@ def test_varlen_attention_non_contiguous_qkv(dtype):
 # the backend's contract
 # ---------------------------------------------------------------------------------------------
 def test_never_chosen_automatically_and_listed():
-    call = backends.Call("varlen_attention", torch.device("cpu"), torch.float32, head_dim=64)
-    name, _ = backends.select(call)
+    call = dispatch.Call("varlen_attention", torch.device("cpu"), torch.float32, head_dim=64)
+    name, _ = dispatch.select(call)
     assert name != "cuda_sim"
-    assert "cuda_sim" in backends.backends_report()
-    assert backends.get("cuda_sim").refuse(backends.Call("varlen_attention", torch.device("cpu"), torch.float32,
+    assert "cuda_sim" in dispatch.backends_report()
+    assert dispatch.get("cuda_sim").refuse(dispatch.Call("varlen_attention", torch.device("cpu"), torch.float32,
                                                          head_dim=200)) is not None
 
 

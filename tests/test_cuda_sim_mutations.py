@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from nit_kernels import backends
+from nit_kernels import dispatch
 
-_WHY = backends.get("cuda_sim").load_error()
+_WHY = dispatch.get("cuda_sim").load_error()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_WHY is not None, reason=f"cuda_sim unavailable: {_WHY}")]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def _run(src: Path, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    from nit_kernels import cuda_sim
+    from nit_kernels.backends import cuda_sim
 
     cuda_sim.build()  # the unmutated glue and objects, shared through the cache
     tmp = tmp_path_factory.mktemp("mutants")

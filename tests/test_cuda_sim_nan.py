@@ -9,11 +9,12 @@ backend (tests/test_cpu_attention.py), so both backends answer the same inputs t
 import pytest
 import torch
 
-from nit_kernels import backends, cuda_sim
+from nit_kernels import dispatch
+from nit_kernels.backends import cuda_sim
 from nit_kernels.testing import assert_close
 from test_cpu_attention import NONFINITE, _autograd_run, _cu, _fwd, _inputs, _one_thread
 
-_WHY = backends.get("cuda_sim").load_error() if "cuda_sim" in backends.BACKENDS else "not registered"
+_WHY = dispatch.get("cuda_sim").load_error() if "cuda_sim" in dispatch.BACKENDS else "not registered"
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"cuda_sim backend not built: {_WHY}")
 
 

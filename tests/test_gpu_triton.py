@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import nit_kernels as nk
-from nit_kernels import backends, reference
+from nit_kernels import dispatch, reference
 from nit_kernels.testing import ODD_PACKS, assert_accuracy, assert_close, check_against_reference, random_sizes
 
 pytestmark = pytest.mark.gpu
@@ -28,9 +28,9 @@ def _served(request):
     name = callspec.params.get("backend") if callspec else None
     if name is None:
         return
-    why = backends.get(name).load_error()
+    why = dispatch.get(name).load_error()
     if why is None and name == "triton":
-        from nit_kernels.triton import interpreting
+        from nit_kernels.backends.triton import interpreting
         why = "the Triton kernels were loaded for the interpreter (TRITON_INTERPRET=1)" if interpreting() else None
     if why is not None:
         pytest.skip(f"{name} backend unusable: {why}")
@@ -40,7 +40,7 @@ def test_triton_runs_compiled_where_there_is_a_gpu():
     """tests/conftest.py switches the interpreter on only where torch sees no GPU (unless asked to)."""
     if os.environ.get("NIT_TEST_TRITON_INTERPRET_ASKED") == "1":
         pytest.skip("TRITON_INTERPRET=1 was set by the caller")
-    from nit_kernels.triton import interpreting
+    from nit_kernels.backends.triton import interpreting
     assert not interpreting(), "the Triton kernels run under the interpreter although a GPU is present"
 
 
@@ -117,7 +117,7 @@ def test_nit_scale_attention(dtype, causal):
     cu, m = packed.cu_seqlens, packed.max_seqlen
     runs = {}
     for backend in BACKENDS:
-        if backends.get(backend).load_error() is not None:
+        if dispatch.get(backend).load_error() is not None:
             continue
         t = [b.clone().requires_grad_(True) for b in base]
         out = nk.varlen_attention(*t, cu, cu, m, m, causal=causal, backend=backend)

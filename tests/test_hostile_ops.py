@@ -19,12 +19,12 @@ import pytest
 import torch
 
 import nit_kernels as nk
-from nit_kernels import backends
+from nit_kernels import dispatch
 from nit_kernels.testing import assert_close, call_op, cast_inputs, op_inputs
 
 PACK = nk.PackedSeqs.from_sizes([(2, 3), (3, 3)])
-CPU_OK = backends.get("cpu").load_error() is None
-needs_cpu = pytest.mark.skipif(not CPU_OK, reason=f"cpu backend unavailable: {backends.get('cpu').load_error()}")
+CPU_OK = dispatch.get("cpu").load_error() is None
+needs_cpu = pytest.mark.skipif(not CPU_OK, reason=f"cpu backend unavailable: {dispatch.get('cpu').load_error()}")
 OPS_WITH_BWD_KERNEL = ("adaln_modulate", "gated_residual", "residual_adaln", "qk_norm_rope", "varlen_attention")
 
 
@@ -191,7 +191,7 @@ def test_forged_or_modified_packs_are_refused(backend, case, op):
 
 # every example runs on each of these backends (triton under its interpreter; the child sets
 # TRITON_INTERPRET=1)
-FUZZ_BACKENDS = [b for b in ("reference", "cpu", "triton") if backends.get(b).load_error() is None]
+FUZZ_BACKENDS = [b for b in ("reference", "cpu", "triton") if dispatch.get(b).load_error() is None]
 FUZZ_EXAMPLES = 100
 PACKED_OPS = ("adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope")
 ALL_OPS = PACKED_OPS + ("varlen_attention",)

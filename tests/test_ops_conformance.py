@@ -8,8 +8,8 @@ interpreter needs smaller grids.
 import pytest
 import torch
 
-from nit_kernels import PackedSeqs, backends
-from nit_kernels.backends import Call
+from nit_kernels import PackedSeqs, dispatch
+from nit_kernels.dispatch import Call
 from nit_kernels.testing import ODD_PACKS, check_against_reference, random_sizes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -34,7 +34,7 @@ def _device(backend):
 
 def _skip_unless_served(backend, op, dtype, head_dim=None):
     call = Call(op, torch.device(_device(backend)), dtype, head_dim=head_dim)
-    why = backends.get(backend).refuse(call)
+    why = dispatch.get(backend).refuse(call)
     if why is not None:
         pytest.skip(f"{backend} cannot run {op}: {why}")
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import nit_kernels as nk
 from nit_kernels import PackedSeqs
-from nit_kernels.backends import OPS
+from nit_kernels.dispatch import OPS
 from nit_kernels.testing import (ACTIVATIONS, ODD_PACKS, assert_close, call_op, cast_inputs, op_inputs,
                                  random_sizes)
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import nit_kernels as nk
-from nit_kernels import PackedSeqs, backends
+from nit_kernels import PackedSeqs, dispatch
 from nit_kernels.testing import ODD_PACKS, assert_accuracy, check_against_reference, random_sizes
 
-_WHY = backends.get("triton").load_error()
+_WHY = dispatch.get("triton").load_error()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"triton backend unavailable: {_WHY}")
 
 if _WHY is None:
-    from nit_kernels.triton import _common, interpreting
+    from nit_kernels.backends.triton import _common, interpreting
 
     if interpreting():
         _common.contiguous_interpreter_transpose()
@@ -79,7 +79,7 @@ def gpu_tiling(monkeypatch):
     groups), small token blocks; the interpreter otherwise takes one big block."""
     if not interpreting():
         pytest.skip("already compiled for the GPU")
-    from nit_kernels.triton import adaln, rope
+    from nit_kernels.backends.triton import adaln, rope
     for mod in (_common, adaln, rope):
         monkeypatch.setattr(mod, "INTERPRETED", False)
 
@@ -170,7 +170,7 @@ def test_attention_small_unequal_blocks(monkeypatch, blocks, causal):
     three kernels at block sizes like the GPU configs' (the interpreter otherwise uses 64 x 64)."""
     if not interpreting():
         pytest.skip("compiled kernels use their autotune configs")
-    from nit_kernels.triton import attention
+    from nit_kernels.backends.triton import attention
     monkeypatch.setitem(attention._INTERPRETER_CONFIG, "BLOCK_M", blocks[0])
     monkeypatch.setitem(attention._INTERPRETER_CONFIG, "BLOCK_N", blocks[1])
     _check_queries_and_keys_of_different_lengths(F32, causal)
@@ -212,7 +212,7 @@ def test_attention_rejects_unsupported_head_dim():
 
 def test_head_dims_are_split_not_padded_to_a_power_of_two():
     """72 (NiT-XL) runs as a 64-wide block plus a 16-wide tail (8 real columns), not as 128."""
-    from nit_kernels.triton import attention
+    from nit_kernels.backends.triton import attention
     assert attention.split_head_dim(72) == (64, 16, True)
     assert attention.split_head_dim(96) == (64, 32, True)
     assert attention.split_head_dim(40) == (32, 16, True)

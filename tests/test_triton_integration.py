@@ -13,16 +13,16 @@ import pytest
 import torch
 
 import nit_kernels as nk
-from nit_kernels import PackedSeqs, backends
-from nit_kernels.backends import Call
+from nit_kernels import PackedSeqs, dispatch
+from nit_kernels.dispatch import Call
 from nit_kernels.testing import ODD_PACKS, call_op, cast_inputs, check_against_reference, op_inputs
 
-_WHY = backends.get("triton").load_error()
+_WHY = dispatch.get("triton").load_error()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"triton backend unavailable: {_WHY}")
 
 if _WHY is None:
-    import nit_kernels.triton as nkt
-    from nit_kernels.triton import _common
+    import nit_kernels.backends.triton as nkt
+    from nit_kernels.backends.triton import _common
 
     if nkt.interpreting():
         _common.contiguous_interpreter_transpose()
@@ -30,6 +30,20 @@ if _WHY is None:
     COMPILED_GPU = not nkt.interpreting() and torch.cuda.is_available()
 else:
     DEVICE, COMPILED_GPU = "cpu", False
+
+COMPILE_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                             "triton_compile_check.py")
+
+
+def _compile_check():
+    """tools/triton_compile_check.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    if "triton_compile_check" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("triton_compile_check", COMPILE_CHECK)
+        sys.modules[spec.name] = mod = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+        spec.loader.exec_module(mod)
+    return sys.modules["triton_compile_check"]
+
 
 needs_compiled_gpu = pytest.mark.skipif(
     not COMPILED_GPU, reason="needs the compiled kernels on a GPU (run with TRITON_INTERPRET=0 on a CUDA machine)")
@@ -86,23 +100,23 @@ def test_atomic_and_deterministic_reductions_agree(op):
 # torch.library registration
 # ---------------------------------------------------------------------------------------------
 def _opcheck_cases():
-    from nit_kernels.triton import _checks, adaln, attention, rope
+    from nit_kernels.backends.triton import _checks
+    ops = torch.ops.nit_triton
     p = _packed(((2, 3), (1, 4), (3, 1)))
     n, b, cu, sizes = p.total_tokens, p.num_seqs, p.cu_seqlens, p.sizes
     r = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=True)  # noqa: E731
     f = nk.rope_freqs(16).to(DEVICE)
     w = lambda: torch.randn(16, device=DEVICE, requires_grad=True)  # noqa: E731
-    return {
-        "adaln_modulate_fwd": (adaln._adaln_fwd, (r(n, 24), r(b, 24), r(b, 24), cu, 1e-6)),
-        "gated_residual_fwd": (adaln._gated_fwd, (r(n, 24), r(n, 24), r(b, 24), cu)),
-        "residual_adaln_fwd": (adaln._residual_fwd, (r(n, 24), r(n, 24), r(b, 24), r(b, 24), r(b, 24), cu, 1e-6)),
-        "rope_2d": (rope._rope, (r(n, 2, 16), r(n, 1, 16), cu, sizes, f, "official", 1.5, False)),
-        "qk_norm_rope_fwd": (rope._qkn_fwd, (r(n, 2, 16), r(n, 2, 16), cu, sizes, f, w(), w(), w(), w(), 1e-5,
-                                             "grid", 1.0)),
-        "checked_cu_seqlens": (_checks._checked_op, (cu, n, p.max_seqlen, sizes, "op,cu_seqlens,max_seqlen")),
-        "varlen_attention_fwd": (attention._fwd, (r(n, 2, 24), r(n, 1, 24), r(n, 1, 24), cu, cu, p.max_seqlen,
-                                                  p.max_seqlen, 0.3, True)),
-    }
+    cases = {name: (getattr(ops, name).default, args) for name, args in {
+        "adaln_modulate_fwd": (r(n, 24), r(b, 24), r(b, 24), cu, 1e-6),
+        "gated_residual_fwd": (r(n, 24), r(n, 24), r(b, 24), cu),
+        "residual_adaln_fwd": (r(n, 24), r(n, 24), r(b, 24), r(b, 24), r(b, 24), cu, 1e-6),
+        "rope_2d": (r(n, 2, 16), r(n, 1, 16), cu, sizes, f, "official", 1.5, False),
+        "qk_norm_rope_fwd": (r(n, 2, 16), r(n, 2, 16), cu, sizes, f, w(), w(), w(), w(), 1e-5, "grid", 1.0),
+        "varlen_attention_fwd": (r(n, 2, 24), r(n, 1, 24), r(n, 1, 24), cu, cu, p.max_seqlen, p.max_seqlen, 0.3, True),
+    }.items()}
+    cases["checked_cu_seqlens"] = (_checks._checked_op, (cu, n, p.max_seqlen, sizes, "op,cu_seqlens,max_seqlen"))
+    return cases
 
 
 @pytest.mark.parametrize("name", ["adaln_modulate_fwd", "gated_residual_fwd", "residual_adaln_fwd", "rope_2d",
@@ -201,7 +215,7 @@ def test_bf16_attention_gpu(head_dim, causal):
 @needs_compiled_gpu
 def test_autotune_path_gpu():
     """On a GPU the attention kernels run through their autotuners, which pick and cache a config."""
-    from nit_kernels.triton import attention
+    from nit_kernels.backends.triton import attention
     packed = _packed(((24, 24), (7, 40)))
     check_against_reference("varlen_attention", "triton", packed, torch.float16,
                             shape={"heads": 2, "head_dim": 72}, causal=True)
@@ -225,7 +239,7 @@ def test_triton_op_path_gpu():
 # ---------------------------------------------------------------------------------------------
 def test_gpu_kernels_compile_for_ampere_and_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "nit_kernels.triton.compile_check", "--quick", "--arch", "80,90"],
+    r = subprocess.run([sys.executable, str(COMPILE_CHECK), "--quick", "--arch", "80,90"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "0 failing or not fitting" in r.stdout
@@ -237,26 +251,27 @@ def test_gpu_launchers_trace_with_fake_tensors_and_symbolic_sizes(monkeypatch):
     (make_fx, symbolic), with the kernel launches recorded instead of run."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from nit_kernels.triton import adaln, attention, compile_check, rope
+    from nit_kernels.backends.triton import adaln, attention, rope
+    compile_check = _compile_check()
     for mod in (_common, adaln, attention, rope):
         monkeypatch.setattr(mod, "INTERPRETED", False)
     p = PackedSeqs.from_sizes([(3, 5), (2, 2), (1, 1)])
     n, b, cu, sizes = p.total_tokens, p.num_seqs, p.cu_seqlens, p.sizes
     r = torch.randn
     x, rows, st = r(n, 40), r(b, 40), torch.ones(n)
-    q, k, f, w, qs = r(n, 4, 16), r(n, 2, 16), nk.rope_freqs(16), r(16), torch.ones(2, n, 4)
-    ks = torch.ones(2, n, 2)
+    q, k, f, w, qs = r(n, 4, 16), r(n, 2, 16), nk.rope_freqs(16), r(16), torch.ones(n, 4)
+    ks = torch.ones(n, 2)
     out, lse = r(n, 4, 16), torch.zeros(4, n)
     cases = [
-        (adaln.adaln_fwd, (x, rows, rows, cu, 1e-6)), (adaln.adaln_bwd, (x, x, rows, st, st, cu)),
-        (adaln.gated_fwd, (x, x, rows, cu)), (adaln.gated_bwd, (x, x, rows, cu)),
-        (adaln.residual_fwd, (x, x, rows, rows, rows, cu, 1e-6)),
-        (adaln.residual_bwd, (x, x, x, x, rows, rows, st, st, cu)),
-        (rope.rope_2d_op, (q, k, cu, sizes, f, "grid", 1.0, False)),
+        (adaln.adaln_modulate_fwd, (x, rows, rows, cu, 1e-6)), (adaln.adaln_modulate_bwd, (x, x, rows, st, st, cu)),
+        (adaln.gated_residual_fwd, (x, x, rows, cu)), (adaln.gated_residual_bwd, (x, x, rows, cu)),
+        (adaln.residual_adaln_fwd, (x, x, rows, rows, rows, cu, 1e-6)),
+        (adaln.residual_adaln_bwd, (x, x, x, x, rows, rows, st, st, cu)),
+        (rope.rope_2d, (q, k, cu, sizes, f, "grid", 1.0, False)),
         (rope.qk_norm_rope_fwd, (q, k, cu, sizes, f, w, w, w, w, 1e-5, "official", 1.0)),
-        (rope.qk_norm_rope_bwd, (q, k, q, k, cu, sizes, f, w, w, qs, ks, "grid", 1.0)),
-        (attention.attention_fwd, (q, k, k, cu, cu, p.max_seqlen, p.max_seqlen, 0.25, True)),
-        (attention.attention_bwd, (q, q, k, k, out, lse, cu, cu, p.max_seqlen, p.max_seqlen, 0.25, False)),
+        (rope.qk_norm_rope_bwd, (q, k, q, k, cu, sizes, f, w, w, qs, qs, ks, ks, "grid", 1.0)),
+        (attention.varlen_attention_fwd, (q, k, k, cu, cu, p.max_seqlen, p.max_seqlen, 0.25, True)),
+        (attention.varlen_attention_bwd, (q, q, k, k, out, lse, cu, cu, p.max_seqlen, p.max_seqlen, 0.25, False)),
     ]
     for deterministic in (False, True):
         torch.use_deterministic_algorithms(deterministic)
@@ -276,7 +291,7 @@ def test_gpu_launchers_trace_with_fake_tensors_and_symbolic_sizes(monkeypatch):
                     assert len(grid) in (1, 2, 3), (fn.__name__, grid)
                     symbolic = {k: v for k, v in launch.kwargs.items() if isinstance(v, (torch.SymInt, torch.SymFloat))}
                     assert not symbolic, f"{fn.__name__}: compile-time arguments must be concrete, got {symbolic}"
-                    if fn.__name__.startswith("attention"):
+                    if fn.__name__.startswith("varlen_attention"):
                         assert launch.kernel in (attention._attn_fwd_tuned, attention._attn_bwd_dkdv_tuned,
                                                  attention._attn_bwd_dq_tuned, attention._attn_delta_kernel)
         finally:
@@ -289,7 +304,7 @@ def test_gpu_launchers_trace_with_fake_tensors_and_symbolic_sizes(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 _FORGED_PRELUDE = (
     "import torch, nit_kernels as nk\n"
-    "import nit_kernels.triton\n"
+    "import nit_kernels.backends.triton\n"
     "ops = torch.ops.nit_triton\n"
     "def expect(name, fn):\n"
     "    try:\n"
@@ -384,7 +399,7 @@ def test_every_launch_runs_under_the_device_guard_of_its_inputs(monkeypatch):
     The guard is replaced by a recorder; every kernel launch (forward and backward of every op) must
     happen while a guard entered with the inputs' device is open. The GPU half is
     tests/test_gpu_triton.py::test_tensors_on_a_second_device."""
-    from nit_kernels.triton import adaln, attention, rope
+    from nit_kernels.backends.triton import adaln, attention, rope
     active = []
 
     @contextlib.contextmanager
@@ -425,7 +440,7 @@ def test_every_launch_runs_under_the_device_guard_of_its_inputs(monkeypatch):
 # grid limits and the work-item schedule (plain Python: the launch arithmetic, no kernels)
 # ---------------------------------------------------------------------------------------------
 def test_grid_axes_beyond_the_device_limits_raise():
-    from nit_kernels.triton import _checks
+    from nit_kernels.backends.triton import _checks
     _checks.check_grid("op", (2**31 - 1, 65535, 65535))
     with pytest.raises(ValueError, match=r"grid axis 1 \(heads\) needs 65536 blocks, more than the device allows"):
         _checks.check_grid("op", (1, 65536))
@@ -439,7 +454,7 @@ def test_grid_axes_beyond_the_device_limits_raise():
 
 def test_rope_head_groups_beyond_the_grid_limit_raise(monkeypatch):
     """On a GPU RoPE puts groups of 4 heads on grid axis 1: 300,000 heads need 75,000 > 65,535."""
-    from nit_kernels.triton import rope
+    from nit_kernels.backends.triton import rope
     monkeypatch.setattr(rope, "INTERPRETED", False)
     q = torch.zeros(1, 300_000, 4)
     with pytest.raises(ValueError, match=r"grid axis 1 \(head groups\) needs 75001 blocks"):
@@ -450,7 +465,7 @@ def test_work_items_cover_every_tile_once_within_the_host_bound():
     """tile_table lists each sequence's tiles of every block size; the host-side grid bound
     cdiv(N, BLOCK) + B covers them without reading cu_seqlens, and no program goes idle past a
     short sequence's end (the old grid was cdiv(max_seqlen, 64) x B programs per head)."""
-    from nit_kernels.triton import _common, attention
+    from nit_kernels.backends.triton import _common, attention
     lens = [1, 0, 64, 65, 3, 200, 0, 17] + [5] * 30
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     table = _common.tile_table(cu, attention.TILE_BLOCKS)
@@ -472,7 +487,7 @@ def test_work_items_cover_every_tile_once_within_the_host_bound():
 def test_metadata_is_read_once_per_pack_and_again_after_an_in_place_change(monkeypatch):
     """The host read of cu_seqlens (a stream synchronisation on a GPU) is paid once per pack, not
     once per op: layers sharing a pack hit the cache; an in-place change is seen (tensor version)."""
-    from nit_kernels.triton import _checks
+    from nit_kernels.backends.triton import _checks
     reads = []
     real = _checks._facts
     monkeypatch.setattr(_checks, "_facts", lambda cu, sizes: (reads.append(sizes is not None), real(cu, sizes))[1])

@@ -12,7 +12,7 @@ import sys
 import torch
 
 import nit_kernels as nk
-from nit_kernels import backends
+from nit_kernels import dispatch
 from nit_kernels.testing import call_op, cast_inputs, op_inputs
 
 SHAPES = {"adaln_modulate": {"dim": 769}, "gated_residual": {"dim": 769}, "residual_adaln": {"dim": 769},
@@ -28,7 +28,7 @@ def _run(op, packed, dtype, **kw):
 
 
 def main() -> int:
-    why = backends.get("cuda").load_error()
+    why = dispatch.get("cuda").load_error()
     if why is not None:
         print(f"the cuda backend is unusable: {why}")
         return 2

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .backends import Call
+from ..dispatch import Call
 
 try:
     from flash_attn import flash_attn_varlen_func

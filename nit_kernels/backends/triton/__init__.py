@@ -1,4 +1,4 @@
-"""The triton backend: Triton kernels of every op (nit_kernels/triton/<op>.py).
+"""The triton backend: Triton kernels of every op (nit_kernels/backends/triton/<family>.py).
 
 On a GPU these are the portable fast path. On a CPU they run only under the Triton interpreter,
 which is how CI verifies them: set ``TRITON_INTERPRET=1`` before this package is first imported
@@ -6,9 +6,11 @@ which is how CI verifies them: set ``TRITON_INTERPRET=1`` before this package is
 device, and ``import nit_kernels`` works without Triton (the backend then reports why it is
 unavailable).
 
-Each op is a ``torch.library`` op (namespace ``nit_triton``) with a registered backward, so
-``torch.compile(fullgraph=True)`` keeps it in the graph: a ``triton_op`` on a GPU (the compiler
-sees the kernels), an opaque ``custom_op`` with a fake kernel under the interpreter.
+The raw functions of each op contract (nit_kernels/_autograd.py), named like the ops, are
+``torch.library`` ops of namespace ``nit_triton`` with the contract's schema, fake kernel and
+autograd, so ``torch.compile(fullgraph=True)`` keeps them in the graph: a ``triton_op`` on a GPU
+(the compiler sees the kernels), an opaque ``custom_op`` with the checking fake under the
+interpreter.
 
 Metadata: every op checks the cu_seqlens, sizes and max_seqlen it is given (direct op calls and
 torch.compile skip the eager checks of nit_kernels.ops), reading them on the host once per pack
@@ -24,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ..backends import FLOAT_DTYPES, Call
+from ...dispatch import FLOAT_DTYPES, Call
 
 # head dims the attention kernels accept (a power-of-two block plus a small tail inside the kernels)
 MAX_ATTENTION_HEAD_DIM = 128
@@ -35,20 +37,24 @@ try:
 except Exception as e:
     _ERROR = f"triton is not importable ({type(e).__name__}: {e}); pip install 'nit-kernels[triton]'"
 
+NAMESPACE = "nit_triton"
 OPS: dict = {}
 INTERPRETED = False
+
+
+def _operand(op: str, t: torch.Tensor) -> torch.Tensor:
+    return t if op in ("rope_2d", "qk_norm_rope", "varlen_attention") and t.dim() == 3 else t.contiguous()
 if _ERROR is None:
     try:
+        from ... import _autograd
         from . import adaln, attention, rope
-        from ._common import INTERPRETED
-        OPS = {
-            "adaln_modulate": adaln.adaln_modulate,
-            "gated_residual": adaln.gated_residual,
-            "residual_adaln": adaln.residual_adaln,
-            "rope_2d": rope.rope_2d,
-            "qk_norm_rope": rope.qk_norm_rope,
-            "varlen_attention": attention.varlen_attention,
-        }
+        from ._common import INTERPRETED, USE_TRITON_OP
+        for _fn in (*adaln.RAW, *rope.RAW, *attention.RAW):
+            _autograd.define(NAMESPACE, _fn.__name__, _fn, triton=USE_TRITON_OP)
+        # a triton_op is traced through its launcher: the fake kernels are for the interpreter's custom ops
+        _autograd.register(NAMESPACE, "triton", _autograd.CORE_OPS, fakes=not USE_TRITON_OP)
+        # the launchers take tensors with a contiguous last dim (they read token and head strides)
+        OPS = _autograd.kernel_interface(NAMESPACE, _autograd.CORE_OPS, operand=_operand)
     except Exception as e:  # an incompatible triton or torch must not break `import nit_kernels`
         _ERROR = f"the Triton kernels failed to load ({type(e).__name__}: {e})"
 

@@ -1,6 +1,6 @@
 """Compile every Triton kernel for NVIDIA GPUs on a machine without one.
 
-    TRITON_INTERPRET=0 python -m nit_kernels.triton.compile_check [--arch 80,90] [--quick]
+    TRITON_INTERPRET=0 python tools/triton_compile_check.py [--arch 80,90] [--quick]
 
 Runs the launchers of every op on CPU tensors with the kernel launches intercepted, then builds
 each launch (every autotune config, after pruning, for the attention kernels) for the requested
@@ -62,7 +62,7 @@ class _Recorder:
 @contextlib.contextmanager
 def recording(sink: list, context: dict | None = None):
     """Within the block, the op launchers record their kernel launches in `sink` instead of running them."""
-    from . import adaln, attention, rope
+    from nit_kernels.backends.triton import adaln, attention, rope
     mods = (adaln, attention, rope)
     saved = [m.wrap_triton for m in mods]
     rec = _Recorder(sink, {} if context is None else context)
@@ -81,9 +81,8 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 def collect(dtypes=("fp16", "bf16", "fp32"), dims=(384, 1152), head_dims=(64, 72, 128),
             causal=(False, True)) -> list[Launch]:
     """Every kernel launch of every op's forward and backward, on representative shapes."""
-    from . import adaln, attention, rope
-    from ..freqs import rope_freqs
-    from ..packed import PackedSeqs
+    from nit_kernels import PackedSeqs, rope_freqs
+    from nit_kernels.backends.triton import adaln, attention, rope
 
     packed = PackedSeqs.from_sizes([(16, 16), (12, 20), (1, 1)])
     n, b, cu, sizes = packed.total_tokens, packed.num_seqs, packed.cu_seqlens, packed.sizes
@@ -99,29 +98,29 @@ def collect(dtypes=("fp16", "bf16", "fp32"), dims=(384, 1152), head_dims=(64, 72
                 rows = [torch.randn(b, d, dtype=dt) for _ in range(3)]
                 stats = torch.ones(n)
                 ctx["label"] = f"modulation {dt} D={d}"
-                call(adaln.residual_fwd, x, y, *rows, cu, 1e-6)  # the fullest variant first (see --quick)
-                call(adaln.adaln_fwd, x, rows[0], rows[1], cu, 1e-6)
-                call(adaln.gated_fwd, x, y, rows[0], cu)
+                call(adaln.residual_adaln_fwd, x, y, *rows, cu, 1e-6)  # the fullest variant first (see --quick)
+                call(adaln.adaln_modulate_fwd, x, rows[0], rows[1], cu, 1e-6)
+                call(adaln.gated_residual_fwd, x, y, rows[0], cu)
                 for det in (False, True):
                     torch.use_deterministic_algorithms(det)
                     try:
-                        call(adaln.residual_bwd, x, x, x, y, rows[0], rows[1], stats, stats, cu)
-                        call(adaln.adaln_bwd, x, x, rows[1], stats, stats, cu)
-                        call(adaln.gated_bwd, x, y, rows[0], cu)
+                        call(adaln.residual_adaln_bwd, x, x, x, y, rows[0], rows[1], stats, stats, cu)
+                        call(adaln.adaln_modulate_bwd, x, x, rows[1], stats, stats, cu)
+                        call(adaln.gated_residual_bwd, x, y, rows[0], cu)
                     finally:
                         torch.use_deterministic_algorithms(False)
             for hd in head_dims:
                 q, k = torch.randn(n, 16, hd, dtype=dt), torch.randn(n, 16, hd, dtype=dt)
-                f, w, st = rope_freqs(hd), torch.ones(hd), torch.ones(2, n, 16)
+                f, w, st = rope_freqs(hd), torch.ones(hd), torch.ones(n, 16)
                 ctx["label"] = f"rope {dt} Dh={hd}"
                 call(rope.qk_norm_rope_fwd, q, k, cu, sizes, f, w, w, w, w, 1e-5, "official", 1.0)
-                call(rope.rope_2d_op, q, k, cu, sizes, f, "grid", 1.0, False)
-                call(rope.qk_norm_rope_bwd, q, k, q, k, cu, sizes, f, w, w, st, st, "grid", 1.0)
+                call(rope.rope_2d, q, k, cu, sizes, f, "grid", 1.0, False)
+                call(rope.qk_norm_rope_bwd, q, k, q, k, cu, sizes, f, w, w, st, st, st, st, "grid", 1.0)
                 for c in causal:
                     ctx["label"] = f"attention {dt} D={hd} causal={c}"
                     m = packed.max_seqlen
-                    out, lse = call(attention.attention_fwd, q, k, k, cu, cu, m, m, hd ** -0.5, c)
-                    call(attention.attention_bwd, q, q, k, k, out, lse, cu, cu, m, m, hd ** -0.5, c)
+                    out, lse = call(attention.varlen_attention_fwd, q, k, k, cu, cu, m, m, hd ** -0.5, c)
+                    call(attention.varlen_attention_bwd, q, q, k, k, out, lse, cu, cu, m, m, hd ** -0.5, c)
     return launches
 
 
@@ -194,7 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="fp16,bf16,fp32")
     ap.add_argument("--head-dims", default="64,72,128")
     opts = ap.parse_args(argv)
-    from . import _common
+    from nit_kernels.backends.triton import _common
     if _common.INTERPRETED:
         print("compile_check needs the compiled kernels: run with TRITON_INTERPRET=0", file=sys.stderr)
         return 2
@@ -237,4 +236,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's nit_kernels
     sys.exit(main())

@@ -33,11 +33,12 @@ import triton.language as tl
 
 from . import _common
 from ._checks import check_grid, check_shape, checked_cu, fail
-from ._common import INTERPRETED, cast_to, define, segment_of_scalar, tile_table, wrap_triton
+from ._common import INTERPRETED, cast_to, segment_of_scalar, tile_table, wrap_triton
 
 Tensor = torch.Tensor
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 _INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
 TILE_BLOCKS = (16, 32, 64, 128)  # every BLOCK_M / BLOCK_N of the configs: one work-item row each
 
@@ -189,22 +190,36 @@ def _key_ranges(m0, len_k, diag, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
+def _sequence(cu_q_ptr, cu_k_ptr, b):
+    """(q_start, len_q, k_start, len_k, diag) of sequence b; diag = len_k - len_q aligns the causal
+    mask bottom-right."""
+    q_start = tl.load(cu_q_ptr + b)
+    len_q = tl.load(cu_q_ptr + b + 1) - q_start
+    k_start = tl.load(cu_k_ptr + b)
+    len_k = tl.load(cu_k_ptr + b + 1) - k_start
+    return q_start, len_q, k_start, len_k, len_k - len_q
+
+
+@triton.jit
+def _aligned_qkv(s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, ALIGN: tl.constexpr):
+    """_aligned of the token and head strides of q, k and v."""
+    return (_aligned(s_qt, ALIGN), _aligned(s_qh, ALIGN), _aligned(s_kt, ALIGN), _aligned(s_kh, ALIGN),
+            _aligned(s_vt, ALIGN), _aligned(s_vh, ALIGN))
+
+
+@triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, tiles_ptr, B,
                      s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, n_q_total, group, qk_scale,
                      D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                      ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_D1: tl.constexpr, TAIL: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV1: tl.constexpr,
                      TAIL_V: tl.constexpr):
-    s_qt, s_qh, s_kt, s_kh = _aligned(s_qt, ALIGN), _aligned(s_qh, ALIGN), _aligned(s_kt, ALIGN), _aligned(s_kh, ALIGN)
-    s_vt, s_vh, s_ot, s_oh = _aligned(s_vt, ALIGN), _aligned(s_vh, ALIGN), _aligned(s_ot, ALIGN), _aligned(s_oh, ALIGN)
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh = _aligned_qkv(s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, ALIGN)
+    s_ot, s_oh = _aligned(s_ot, ALIGN), _aligned(s_oh, ALIGN)
     b, m0, live = _work_item(tiles_ptr, B, BLOCK_M)  # a query tile of sequence b
     h = tl.program_id(1)
     if live:
-        q_start = tl.load(cu_q_ptr + b)
-        len_q = tl.load(cu_q_ptr + b + 1) - q_start
-        k_start = tl.load(cu_k_ptr + b)
-        len_k = tl.load(cu_k_ptr + b + 1) - k_start
-        diag = len_k - len_q
+        q_start, len_q, k_start, len_k, diag = _sequence(cu_q_ptr, cu_k_ptr, b)
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < len_q
         q0, q1 = _load_split(q_ptr + h * s_qh, q_start + rows, s_qt, row_ok, D, BLOCK_D, BLOCK_D1, TAIL)
@@ -289,19 +304,14 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                           ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_D1: tl.constexpr, TAIL: tl.constexpr, BLOCK_DV: tl.constexpr,
                           BLOCK_DV1: tl.constexpr, TAIL_V: tl.constexpr):
-    s_qt, s_qh, s_kt, s_kh = _aligned(s_qt, ALIGN), _aligned(s_qh, ALIGN), _aligned(s_kt, ALIGN), _aligned(s_kh, ALIGN)
-    s_vt, s_vh = _aligned(s_vt, ALIGN), _aligned(s_vh, ALIGN)
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh = _aligned_qkv(s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, ALIGN)
     s_dot, s_doh = _aligned(s_dot, ALIGN), _aligned(s_doh, ALIGN)
     s_dkt, s_dkh = _aligned(s_dkt, ALIGN), _aligned(s_dkh, ALIGN)
     s_dvt, s_dvh = _aligned(s_dvt, ALIGN), _aligned(s_dvh, ALIGN)
     b, n0, live = _work_item(tiles_ptr, B, BLOCK_N)  # a key tile of sequence b
     hk = tl.program_id(1)
     if live:
-        k_start = tl.load(cu_k_ptr + b)
-        len_k = tl.load(cu_k_ptr + b + 1) - k_start
-        q_start = tl.load(cu_q_ptr + b)
-        len_q = tl.load(cu_q_ptr + b + 1) - q_start
-        diag = len_k - len_q
+        q_start, len_q, k_start, len_k, diag = _sequence(cu_q_ptr, cu_k_ptr, b)
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < len_k
         k0, k1 = _load_split(k_ptr + hk * s_kh, k_start + cols, s_kt, col_ok, D, BLOCK_D, BLOCK_D1, TAIL)
@@ -383,18 +393,13 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_D1: tl.constexpr, TAIL: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV1: tl.constexpr,
                         TAIL_V: tl.constexpr):
-    s_qt, s_qh, s_kt, s_kh = _aligned(s_qt, ALIGN), _aligned(s_qh, ALIGN), _aligned(s_kt, ALIGN), _aligned(s_kh, ALIGN)
-    s_vt, s_vh = _aligned(s_vt, ALIGN), _aligned(s_vh, ALIGN)
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh = _aligned_qkv(s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, ALIGN)
     s_dot, s_doh = _aligned(s_dot, ALIGN), _aligned(s_doh, ALIGN)
     s_dqt, s_dqh = _aligned(s_dqt, ALIGN), _aligned(s_dqh, ALIGN)
     b, m0, live = _work_item(tiles_ptr, B, BLOCK_M)  # a query tile of sequence b
     h = tl.program_id(1)
     if live:
-        q_start = tl.load(cu_q_ptr + b)
-        len_q = tl.load(cu_q_ptr + b + 1) - q_start
-        k_start = tl.load(cu_k_ptr + b)
-        len_k = tl.load(cu_k_ptr + b + 1) - k_start
-        diag = len_k - len_q
+        q_start, len_q, k_start, len_k, diag = _sequence(cu_q_ptr, cu_k_ptr, b)
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < len_q
         q0, q1 = _load_split(q_ptr + h * s_qh, q_start + rows, s_qt, row_ok, D, BLOCK_D, BLOCK_D1, TAIL)
@@ -545,9 +550,13 @@ def _check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: 
 # ---------------------------------------------------------------------------------------------
 # ops
 # ---------------------------------------------------------------------------------------------
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-                  max_seqlen_k: int, softmax_scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    """Returns (out [Nq, H, Dv], lse2 [H, Nq] fp32: log2 of the softmax normaliser in scaled base-2 units)."""
+def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                         max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                         causal: bool) -> tuple[Tensor, Tensor]:
+    """Returns (out [Nq, H, Dv], lse [H, Nq] fp32: the natural log of each query's softmax normaliser).
+
+    The kernels keep it in base 2 (lse2 = lse * log2(e), the units of their exp2); the contract
+    of every backend saves the natural log, converted here and back in the backward."""
     cu_q, cu_k, b = _check_inputs("varlen_attention_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -567,20 +576,21 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seql
                 q, k, v, out, lse, cu_q, cu_k, tiles, b, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), out.stride(0), out.stride(1), nq, h // k.shape[1], softmax_scale * LOG2E,
                 **meta)
-    return out, lse
+    return out, lse * LN2
 
 
-def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
-                  cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                  causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                         softmax_scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     op = "varlen_attention_bwd"
     cu_q, cu_k, b = _check_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out_shape = (q.shape[0], q.shape[1], v.shape[2])
     check_shape(op, out, "out", out_shape)
     check_shape(op, dout, "dout", out_shape)
     check_shape(op, lse, "lse", (q.shape[1], q.shape[0]))
-    if lse.dtype != torch.float32 or not lse.is_contiguous():
-        fail(op, f"lse must be a contiguous float32 tensor, got {lse.dtype} with strides {lse.stride()}")
+    if lse.dtype != torch.float32:
+        fail(op, f"lse must be a float32 tensor, got {lse.dtype}")
+    lse = lse * LOG2E  # the base-2 units of the kernels (a new contiguous tensor)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     dout, out = _last_dim_contiguous(dout), _last_dim_contiguous(out)
     nq, h, _ = q.shape
@@ -616,32 +626,4 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     return dq, dk, dv
 
 
-_fwd = define("varlen_attention_fwd", attention_fwd,
-              lambda q, k, v, cu_q, cu_k, max_q, max_k, scale, causal: (
-                  q.new_empty((q.shape[0], q.shape[1], v.shape[-1])),
-                  q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)))
-_bwd = define("varlen_attention_bwd", attention_bwd,
-              lambda dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal: (
-                  q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)))
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, causal)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dout = torch.zeros_like(out) if dout is None else dout
-    dq, dk, dv = _bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-_fwd.register_autograd(_backward, setup_context=_setup)
-
-
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    """Kernel interface (backends.py): out [Nq, H, Dv]."""
-    # max_seqlen_* stay as given (symbolic under torch.compile): they size the grid, not the code
-    return _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(causal))[0]
+RAW = (varlen_attention_fwd, varlen_attention_bwd)

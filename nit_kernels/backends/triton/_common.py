@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton kernels: segment search, segment-aligned tiles, op registration.
+"""Pieces shared by the Triton kernels: segment search, segment-aligned tiles, launch helpers.
 
 Whether kernels run compiled (GPU) or interpreted (CPU, ``TRITON_INTERPRET=1``) is fixed when
 ``@triton.jit`` decorates them, i.e. when this package is first imported; ``INTERPRETED`` records
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable
 
 import torch
 import triton
@@ -32,16 +31,6 @@ def wrap_triton(kernel):
 # tensors; the interpreter cannot launch on fake tensors ("Cannot access data pointer"), so under
 # the interpreter each op is an opaque custom_op with an explicit fake kernel instead.
 USE_TRITON_OP: bool = not INTERPRETED and hasattr(torch.library, "triton_op")
-
-
-def define(name: str, fn: Callable, fake: Callable):
-    """Register `fn` (type-annotated) as the op ``nit_triton::<name>`` and return its CustomOpDef."""
-    qualname = f"nit_triton::{name}"
-    if USE_TRITON_OP:
-        return torch.library.triton_op(qualname, fn, mutates_args=())
-    op = torch.library.custom_op(qualname, fn, mutates_args=())
-    op.register_fake(fake)
-    return op
 
 
 def device_guard(t: torch.Tensor):

@@ -13,8 +13,9 @@ Built just in time on first use, from the csrc/ next to this package or from the
   - the glue: csrc/cuda/*_glue.cpp as one translation unit against torch (the slow one, ~40 s),
     keyed by the glue's own sources only, so a mutated kernel reuses it.
 The ops are registered as ``nit_sim::<op>`` with the schemas of csrc/registration.cpp and the
-autograd of nit_kernels/cpp.py. Environment: NIT_CUDA_SIM_ARCH=80|90 (limits of sm_80, default,
-or sm_90), NIT_CUDA_SIM_RACECHECK=0 (one run per call instead of two).
+fakes and autograd of the op contracts (nit_kernels/_autograd.py). Environment:
+NIT_CUDA_SIM_ARCH=80|90 (limits of sm_80, default, or sm_90), NIT_CUDA_SIM_RACECHECK=0 (one run
+per call instead of two).
 """
 from __future__ import annotations
 
@@ -31,10 +32,12 @@ from typing import Optional
 
 import torch
 
-from .backends import FLOAT_DTYPES, Call
+from .. import _autograd
+from ..dispatch import Call
+from . import cuda
 
 NAMESPACE = "nit_sim"
-_PACKAGE_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_PACKAGE_CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _lock = threading.Lock()
 _OPS: Optional[dict] = None
 _lib_def = None  # the torch.library.Library holding the nit_sim schemas (kept alive)
@@ -76,11 +79,7 @@ def load_error() -> Optional[str]:
 def refuse(call: Call) -> Optional[str]:
     if call.device.type != "cpu":
         return f"cuda_sim runs the CUDA kernels on CPU tensors, got {call.device}"
-    if call.dtype not in FLOAT_DTYPES:
-        return f"dtype {call.dtype} is not supported (float32, float16, bfloat16)"
-    from .cpp import _refuse_cuda
-
-    return _refuse_cuda(call)
+    return cuda.refuse_kernel(call)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,10 +198,9 @@ def build() -> dict:
             ctypes.CDLL(str(kernels), mode=ctypes.RTLD_GLOBAL)  # the glue's launchers resolve here
             _define_schemas(src)
             _glue_library(src, out)
-            from . import cpp
-
-            cpp.register_autograd(NAMESPACE)
-            _OPS = cpp.kernel_interface(NAMESPACE)
+            ops = cuda.BUILT_OPS
+            _autograd.register(NAMESPACE, "cuda_sim", ops)
+            _OPS = _autograd.kernel_interface(NAMESPACE, ops, operand=cuda.operand)
     return _OPS
 
 
@@ -214,5 +212,4 @@ def _lazy(op: str):
     return run
 
 
-OPS = {op: _lazy(op) for op in
-       ("adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope", "varlen_attention")}
+OPS = {op: _lazy(op) for op in cuda.BUILT_OPS}

@@ -20,9 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ...packed import POSITIONS
 from . import _common
 from ._checks import check_device, check_grid, check_shape, checked_cu, fail
-from ._common import (INTERPRETED, cast_to, define, num_warps_for, rows_per_program, segment_of,
+from ._common import (INTERPRETED, cast_to, num_warps_for, rows_per_program, segment_of,
                       wrap_triton)
 
 Tensor = torch.Tensor
@@ -62,7 +63,8 @@ def _store_pairs(ptr, rows, h, s_t, s_h, v0, v1, mask, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _fwd_heads(x_ptr, o_ptr, w_ptr, b_ptr, stat_ptr, rows, row_ok, h0, h1, N, nheads, s_t, s_h, cos, sin, NP, eps,
+def _fwd_heads(x_ptr, o_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, rows, row_ok, h0, h1, nheads, s_t, s_h, cos, sin, NP,
+               eps,
                NORM: tl.constexpr, BLOCK_P: tl.constexpr):
     i = tl.arange(0, BLOCK_P)
     pair_ok = i < NP
@@ -81,15 +83,16 @@ def _fwd_heads(x_ptr, o_ptr, w_ptr, b_ptr, stat_ptr, rows, row_ok, h0, h1, N, nh
             rstd = tl.rsqrt((tl.sum(x0 * x0, axis=1) + tl.sum(x1 * x1, axis=1)) / (2 * NP) + eps)
             x0 = x0 * rstd[:, None] * w0 + b0
             x1 = x1 * rstd[:, None] * w1 + b1
-            stat = rows.to(tl.int64) * nheads + h
-            tl.store(stat_ptr + stat, mean, mask=row_ok)
-            tl.store(stat_ptr + (rows.to(tl.int64) + N) * nheads + h, rstd, mask=row_ok)  # int64: N*H may pass 2**31
+            stat = rows.to(tl.int64) * nheads + h  # [N, heads]; int64: N*H may pass 2**31
+            tl.store(mean_ptr + stat, mean, mask=row_ok)
+            tl.store(rstd_ptr + stat, rstd, mask=row_ok)
         _store_pairs(o_ptr, rows, h, nheads * 2 * NP, 2 * NP, x0 * cos - x1 * sin, x1 * cos + x0 * sin, mask, BLOCK_P)
 
 
 @triton.jit
-def _rope_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, qb_ptr, kw_ptr, kb_ptr, qstat_ptr, kstat_ptr,
-                     cu_ptr, sizes_ptr, freqs_ptr, N, H, HK, B, sq_t, sq_h, sk_t, sk_h, NP, eps, mscale, sign,
+def _rope_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, qb_ptr, kw_ptr, kb_ptr, qmean_ptr, qrstd_ptr, kmean_ptr,
+                     krstd_ptr, cu_ptr, sizes_ptr, freqs_ptr, N, H, HK, B, sq_t, sq_h, sk_t, sk_h, NP, eps, mscale,
+                     sign,
                      heads_per_prog, POS_COL: tl.constexpr, NORM: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -99,16 +102,16 @@ def _rope_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, qb_ptr, kw_ptr, kb_pt
     q_groups = tl.cdiv(H, heads_per_prog)
     if j < q_groups:
         h0 = j * heads_per_prog
-        _fwd_heads(q_ptr, qo_ptr, qw_ptr, qb_ptr, qstat_ptr, rows, row_ok, h0, tl.minimum(h0 + heads_per_prog, H),
-                   N, H, sq_t, sq_h, cos, sin, NP, eps, NORM, BLOCK_P)
+        _fwd_heads(q_ptr, qo_ptr, qw_ptr, qb_ptr, qmean_ptr, qrstd_ptr, rows, row_ok, h0,
+                   tl.minimum(h0 + heads_per_prog, H), H, sq_t, sq_h, cos, sin, NP, eps, NORM, BLOCK_P)
     else:
         h0 = (j - q_groups) * heads_per_prog
-        _fwd_heads(k_ptr, ko_ptr, kw_ptr, kb_ptr, kstat_ptr, rows, row_ok, h0, tl.minimum(h0 + heads_per_prog, HK),
-                   N, HK, sk_t, sk_h, cos, sin, NP, eps, NORM, BLOCK_P)
+        _fwd_heads(k_ptr, ko_ptr, kw_ptr, kb_ptr, kmean_ptr, krstd_ptr, rows, row_ok, h0,
+                   tl.minimum(h0 + heads_per_prog, HK), HK, sk_t, sk_h, cos, sin, NP, eps, NORM, BLOCK_P)
 
 
 @triton.jit
-def _norm_bwd_heads(g_ptr, x_ptr, w_ptr, stat_ptr, dx_ptr, part_ptr, rows, row_ok, h0, h1, N, nheads, s_t, s_h,
+def _norm_bwd_heads(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, rows, row_ok, h0, h1, nheads, s_t, s_h,
                     cos, sin, NP, BLOCK_P: tl.constexpr):
     """LayerNorm(affine) + rotation backward of heads h0..h1-1; dweight/dbias partials to part [2, 2*NP].
 
@@ -131,8 +134,8 @@ def _norm_bwd_heads(g_ptr, x_ptr, w_ptr, stat_ptr, dx_ptr, part_ptr, rows, row_o
         dn1 = g1 * cos - g0 * sin
         x0, x1 = _load_pairs(x_ptr, rows, h, s_t, s_h, mask, BLOCK_P)
         stat = rows.to(tl.int64) * nheads + h
-        mean = tl.load(stat_ptr + stat, mask=row_ok, other=0.0)[:, None]
-        rstd = tl.load(stat_ptr + (rows.to(tl.int64) + N) * nheads + h, mask=row_ok, other=0.0)[:, None]
+        mean = tl.load(mean_ptr + stat, mask=row_ok, other=0.0)[:, None]
+        rstd = tl.load(rstd_ptr + stat, mask=row_ok, other=0.0)[:, None]
         xh0 = tl.where(mask, (x0 - mean) * rstd, 0.0)
         xh1 = tl.where(mask, (x1 - mean) * rstd, 0.0)
         dw0 += tl.sum(dn0 * xh0, axis=0)
@@ -152,8 +155,9 @@ def _norm_bwd_heads(g_ptr, x_ptr, w_ptr, stat_ptr, dx_ptr, part_ptr, rows, row_o
 
 
 @triton.jit
-def _qk_norm_bwd_kernel(gq_ptr, gk_ptr, q_ptr, k_ptr, qw_ptr, kw_ptr, qstat_ptr, kstat_ptr, dq_ptr, dk_ptr, part_ptr,
-                        cu_ptr, sizes_ptr, freqs_ptr, N, H, HK, B, sq_t, sq_h, sk_t, sk_h, NP, mscale,
+def _qk_norm_bwd_kernel(gq_ptr, gk_ptr, q_ptr, k_ptr, qw_ptr, kw_ptr, qmean_ptr, qrstd_ptr, kmean_ptr, krstd_ptr,
+                        dq_ptr, dk_ptr, part_ptr, cu_ptr, sizes_ptr, freqs_ptr, N, H, HK, B, sq_t, sq_h, sk_t, sk_h,
+                        NP, mscale,
                         heads_per_prog, POS_COL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < N
@@ -163,19 +167,19 @@ def _qk_norm_bwd_kernel(gq_ptr, gk_ptr, q_ptr, k_ptr, qw_ptr, kw_ptr, qstat_ptr,
     q_groups = tl.cdiv(H, heads_per_prog)
     if j < q_groups:
         h0 = j * heads_per_prog
-        _norm_bwd_heads(gq_ptr, q_ptr, qw_ptr, qstat_ptr, dq_ptr, part, rows, row_ok, h0,
-                        tl.minimum(h0 + heads_per_prog, H), N, H, sq_t, sq_h, cos, sin, NP, BLOCK_P)
+        _norm_bwd_heads(gq_ptr, q_ptr, qw_ptr, qmean_ptr, qrstd_ptr, dq_ptr, part, rows, row_ok, h0,
+                        tl.minimum(h0 + heads_per_prog, H), H, sq_t, sq_h, cos, sin, NP, BLOCK_P)
     else:
         h0 = (j - q_groups) * heads_per_prog
-        _norm_bwd_heads(gk_ptr, k_ptr, kw_ptr, kstat_ptr, dk_ptr, part, rows, row_ok, h0,
-                        tl.minimum(h0 + heads_per_prog, HK), N, HK, sk_t, sk_h, cos, sin, NP, BLOCK_P)
+        _norm_bwd_heads(gk_ptr, k_ptr, kw_ptr, kmean_ptr, krstd_ptr, dk_ptr, part, rows, row_ok, h0,
+                        tl.minimum(h0 + heads_per_prog, HK), HK, sk_t, sk_h, cos, sin, NP, BLOCK_P)
 
 
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
 def _pos_col(positions: str) -> int:
-    if positions not in ("grid", "official"):
+    if positions not in POSITIONS:
         raise ValueError(f"positions must be 'grid' or 'official', got {positions!r}")
     return 1 if positions == "grid" else 0  # sizes[:, 1] = w for grid, sizes[:, 0] = h for official
 
@@ -215,7 +219,7 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def rope_2d_op(q: Tensor, k: Tensor, cu_seqlens: Tensor, sizes: Tensor, freqs: Tensor, positions: str,
+def rope_2d(q: Tensor, k: Tensor, cu_seqlens: Tensor, sizes: Tensor, freqs: Tensor, positions: str,
                mscale: float, inverse: bool) -> tuple[Tensor, Tensor]:
     cu_seqlens = _check("rope_2d", q, k, cu_seqlens, sizes, freqs)
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
@@ -226,7 +230,7 @@ def rope_2d_op(q: Tensor, k: Tensor, cu_seqlens: Tensor, sizes: Tensor, freqs: T
     if n:
         with _common.device_guard(q):
             wrap_triton(_rope_fwd_kernel)[grid](
-                q, k, qo, ko, freqs, freqs, freqs, freqs, qo, ko, cu_seqlens, sizes, freqs,
+                q, k, qo, ko, freqs, freqs, freqs, freqs, qo, qo, ko, ko, cu_seqlens, sizes, freqs,
                 n, h, k.shape[1], b, q.stride(0), q.stride(1), k.stride(0), k.stride(1), dh // 2,
                 0.0, mscale, -1.0 if inverse else 1.0, hpp,
                 POS_COL=_pos_col(positions), NORM=False, BLOCK_T=block_t, BLOCK_P=block_p,
@@ -236,8 +240,8 @@ def rope_2d_op(q: Tensor, k: Tensor, cu_seqlens: Tensor, sizes: Tensor, freqs: T
 
 def qk_norm_rope_fwd(q: Tensor, k: Tensor, cu_seqlens: Tensor, sizes: Tensor, freqs: Tensor, q_weight: Tensor,
                      q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, eps: float, positions: str,
-                     mscale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (q_rot, k_rot, q_stats [2, N, H], k_stats [2, N, Hk]); stats are fp32 (mean, rstd)."""
+                     mscale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (q_rot, k_rot, q_mean, q_rstd [N, H], k_mean, k_rstd [N, Hk]); statistics are fp32."""
     dh = (q.shape[-1],)
     cu_seqlens = _check("qk_norm_rope_fwd", q, k, cu_seqlens, sizes, freqs, q_weight=(q_weight, dh),
                         q_bias=(q_bias, dh), k_weight=(k_weight, dh), k_bias=(k_bias, dh))
@@ -246,30 +250,31 @@ def qk_norm_rope_fwd(q: Tensor, k: Tensor, cu_seqlens: Tensor, sizes: Tensor, fr
     hk = k.shape[1]
     b = cu_seqlens.shape[0] - 1
     qo, ko = q.new_empty(q.shape), k.new_empty(k.shape)
-    qs = q.new_empty((2, n, h), dtype=torch.float32)
-    ks = k.new_empty((2, n, hk), dtype=torch.float32)
+    stats = [t.new_empty((n, heads), dtype=torch.float32) for t, heads in ((q, h), (q, h), (k, hk), (k, hk))]
     block_p, block_t, hpp, grid = _tiling(q, k, gpu_elems=1024)
     if n:
         with _common.device_guard(q):
             wrap_triton(_rope_fwd_kernel)[grid](
-                q, k, qo, ko, q_weight, q_bias, k_weight, k_bias, qs, ks, cu_seqlens, sizes, freqs,
+                q, k, qo, ko, q_weight, q_bias, k_weight, k_bias, *stats, cu_seqlens, sizes, freqs,
                 n, h, hk, b, q.stride(0), q.stride(1), k.stride(0), k.stride(1), dh // 2,
                 eps, mscale, 1.0, hpp,
                 POS_COL=_pos_col(positions), NORM=True, BLOCK_T=block_t, BLOCK_P=block_p,
                 num_warps=num_warps_for(block_t * block_p))
-    return qo, ko, qs, ks
+    return (qo, ko, *stats)
 
 
 def qk_norm_rope_bwd(dq_rot: Tensor, dk_rot: Tensor, q: Tensor, k: Tensor, cu_seqlens: Tensor, sizes: Tensor,
-                     freqs: Tensor, q_weight: Tensor, k_weight: Tensor, q_stats: Tensor, k_stats: Tensor,
-                     positions: str, mscale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dparams [4, Dh] fp32: dq_weight, dq_bias, dk_weight, dk_bias)."""
-    dh, stats = (q.shape[-1],), (2, q.shape[0])
+                     freqs: Tensor, q_weight: Tensor, k_weight: Tensor, q_mean: Tensor, q_rstd: Tensor, k_mean: Tensor,
+                     k_rstd: Tensor, positions: str,
+                     mscale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dq_weight, dq_bias, dk_weight, dk_bias); the parameter gradients in q_weight's dtype."""
+    dh, qs, ks = (q.shape[-1],), tuple(q.shape[:2]), tuple(k.shape[:2])
     cu_seqlens = _check("qk_norm_rope_bwd", q, k, cu_seqlens, sizes, freqs, dq_rot=(dq_rot, q.shape),
                         dk_rot=(dk_rot, k.shape), q_weight=(q_weight, dh), k_weight=(k_weight, dh),
-                        q_stats=(q_stats, stats + (q.shape[1],)), k_stats=(k_stats, stats + (k.shape[1],)))
-    if q_stats.dtype != torch.float32 or k_stats.dtype != torch.float32:
-        fail("qk_norm_rope_bwd", f"q_stats and k_stats must be float32, got {q_stats.dtype} and {k_stats.dtype}")
+                        q_mean=(q_mean, qs), q_rstd=(q_rstd, qs), k_mean=(k_mean, ks), k_rstd=(k_rstd, ks))
+    stats = [t.contiguous() for t in (q_mean, q_rstd, k_mean, k_rstd)]
+    if any(t.dtype != torch.float32 for t in stats):
+        fail("qk_norm_rope_bwd", f"q_mean, q_rstd, k_mean, k_rstd must be float32, got {[t.dtype for t in stats]}")
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     dq_rot, dk_rot = dq_rot.contiguous(), dk_rot.contiguous()
     n, h, dh = q.shape
@@ -282,74 +287,15 @@ def qk_norm_rope_bwd(dq_rot: Tensor, dk_rot: Tensor, q: Tensor, k: Tensor, cu_se
     if n:
         with _common.device_guard(q):
             wrap_triton(_qk_norm_bwd_kernel)[grid](
-                dq_rot, dk_rot, q, k, q_weight, k_weight, q_stats, k_stats, dq, dk, part, cu_seqlens, sizes, freqs,
+                dq_rot, dk_rot, q, k, q_weight, k_weight, *stats, dq, dk, part, cu_seqlens, sizes, freqs,
                 n, h, hk, b, q.stride(0), q.stride(1), k.stride(0), k.stride(1), dh // 2, mscale, hpp,
                 POS_COL=_pos_col(positions), BLOCK_T=block_t, BLOCK_P=block_p,
                 num_warps=num_warps_for(block_t * block_p))
-    dparams = torch.cat([part[:q_groups].sum((0, 1)), part[q_groups:].sum((0, 1))])  # fixed-order sums
-    return dq, dk, dparams
+    # fixed-order sums of the per-program partials [groups, blocks, (dweight, dbias), Dh]
+    sums = [part[groups, :, i].sum((0, 1)).to(w.dtype) for groups, w in ((slice(None, q_groups), q_weight),
+                                                                          (slice(q_groups, None), k_weight))
+            for i in (0, 1)]
+    return (dq, dk, *sums)
 
 
-_rope = define("rope_2d", rope_2d_op,
-               lambda q, k, cu, sizes, freqs, positions, mscale, inverse: (q.new_empty(q.shape), k.new_empty(k.shape)))
-_qkn_fwd = define("qk_norm_rope_fwd", qk_norm_rope_fwd,
-                  lambda q, k, cu, sizes, freqs, qw, qb, kw, kb, eps, positions, mscale: (
-                      q.new_empty(q.shape), k.new_empty(k.shape),
-                      q.new_empty((2,) + tuple(q.shape[:2]), dtype=torch.float32),
-                      k.new_empty((2,) + tuple(k.shape[:2]), dtype=torch.float32)))
-_qkn_bwd = define("qk_norm_rope_bwd", qk_norm_rope_bwd,
-                  lambda dqo, dko, q, k, cu, sizes, freqs, qw, kw, qs, ks, positions, mscale: (
-                      q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty((4, q.shape[-1]), dtype=torch.float32)))
-
-
-def _zeros_if_none(g, like):
-    shape, dtype, device = like
-    return torch.zeros(shape, dtype=dtype, device=device) if g is None else g
-
-
-def _rope_setup(ctx, inputs, output):
-    q, k, cu, sizes, freqs, positions, mscale, inverse = inputs
-    ctx.save_for_backward(cu, sizes, freqs)
-    ctx.args = (positions, mscale, inverse)
-    ctx.like = [(t.shape, t.dtype, t.device) for t in (q, k)]
-
-
-def _rope_backward(ctx, dq, dk):
-    cu, sizes, freqs = ctx.saved_tensors
-    positions, mscale, inverse = ctx.args
-    # the transpose of mscale * R is mscale * R^T: the same kernel with the inverse rotation
-    gq, gk = _rope(_zeros_if_none(dq, ctx.like[0]), _zeros_if_none(dk, ctx.like[1]), cu, sizes, freqs,
-                   positions, mscale, not inverse)
-    return gq, gk, None, None, None, None, None, None
-
-
-def _qkn_setup(ctx, inputs, output):
-    q, k, cu, sizes, freqs, qw, qb, kw, kb, eps, positions, mscale = inputs
-    ctx.save_for_backward(q, k, cu, sizes, freqs, qw, kw, output[2], output[3])
-    ctx.args = (positions, mscale)
-
-
-def _qkn_backward(ctx, dq, dk, _dqs, _dks):
-    q, k, cu, sizes, freqs, qw, kw, qs, ks = ctx.saved_tensors
-    dq = torch.zeros_like(q) if dq is None else dq
-    dk = torch.zeros_like(k) if dk is None else dk
-    dq, dk, dp = _qkn_bwd(dq, dk, q, k, cu, sizes, freqs, qw, kw, qs, ks, *ctx.args)
-    return (dq, dk, None, None, None, dp[0].to(qw.dtype), dp[1].to(qw.dtype), dp[2].to(kw.dtype),
-            dp[3].to(kw.dtype), None, None, None)
-
-
-_rope.register_autograd(_rope_backward, setup_context=_rope_setup)
-_qkn_fwd.register_autograd(_qkn_backward, setup_context=_qkn_setup)
-
-
-# ---------------------------------------------------------------------------------------------
-# kernel interface (backends.py)
-# ---------------------------------------------------------------------------------------------
-def rope_2d(q, k, cu_seqlens, sizes, freqs, positions, mscale):
-    return _rope(q, k, cu_seqlens, sizes, freqs.float().contiguous(), positions, mscale, False)
-
-
-def qk_norm_rope(q, k, cu_seqlens, sizes, freqs, q_weight, q_bias, k_weight, k_bias, eps, positions, mscale):
-    params = [t.float().contiguous() for t in (q_weight, q_bias, k_weight, k_bias)]
-    out = _qkn_fwd(q, k, cu_seqlens, sizes, freqs.float().contiguous(), *params, eps, positions, mscale)
-    return out[0], out[1]
+RAW = (rope_2d, qk_norm_rope_fwd, qk_norm_rope_bwd)

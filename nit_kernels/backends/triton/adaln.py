@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import _common
 from ._checks import check_device, check_shape, checked_cu, fail
-from ._common import (INTERPRETED, cast_to, define, num_warps_for, rows_per_program, segment_of,
+from ._common import (INTERPRETED, cast_to, num_warps_for, rows_per_program, segment_of,
                       segment_of_scalar, segment_tiles, wrap_triton)
 
 Tensor = torch.Tensor
@@ -254,120 +254,45 @@ def _bwd(dh, dxo, x, y, gate, scale, mean, rstd, cu: Tensor, residual: bool, nor
 
 
 # ---------------------------------------------------------------------------------------------
-# ops: forward and backward of each registered as nit_triton::<op>_fwd / _bwd, with autograd
+# raw functions of the op contracts (nit_kernels/_autograd.py), registered as nit_triton::<name>
 # ---------------------------------------------------------------------------------------------
-def adaln_fwd(x: Tensor, shift: Tensor, scale: Tensor, cu_seqlens: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _split(sums: Tensor) -> tuple[Tensor, ...]:
+    # one [B, D] tensor per per-image gradient: outputs of a torch.library op may not alias each
+    # other (the kernels write them as one [slots, B, D] buffer; B x D is small next to N x D)
+    return tuple(s.clone() for s in sums.unbind(0))
+
+
+def adaln_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, cu_seqlens: Tensor,
+                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
     _, h, mean, rstd = _fwd(x, None, None, shift, scale, cu_seqlens, eps, residual=False, norm=True)
     return h, mean, rstd
 
 
-def adaln_bwd(dh: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
-              cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
-    dx, _, sums = _bwd(dh, None, x, None, None, scale, mean, rstd, cu_seqlens, residual=False, norm=True)
-    return dx, sums
+def adaln_modulate_bwd(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
+                       cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    dx, _, sums = _bwd(dy, None, x, None, None, scale, mean, rstd, cu_seqlens, residual=False, norm=True)
+    return (dx, *_split(sums))
 
 
-def gated_fwd(x: Tensor, y: Tensor, gate: Tensor, cu_seqlens: Tensor) -> Tensor:
+def gated_residual_fwd(x: Tensor, y: Tensor, gate: Tensor, cu_seqlens: Tensor) -> Tensor:
     return _fwd(x, y, gate, None, None, cu_seqlens, 0.0, residual=True, norm=False)[0]
 
 
-def gated_bwd(dout: Tensor, y: Tensor, gate: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+def gated_residual_bwd(dout: Tensor, y: Tensor, gate: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
     _, dy, sums = _bwd(None, dout, None, y, gate, None, None, None, cu_seqlens, residual=True, norm=False)
-    return dy, sums
+    return (dy, *_split(sums))
 
 
-def residual_fwd(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, cu_seqlens: Tensor,
-                 eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x_new, h, mean, rstd = _fwd(x, y, gate, shift, scale, cu_seqlens, eps, residual=True, norm=True)
-    return x_new, h, mean, rstd
+def residual_adaln_fwd(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, cu_seqlens: Tensor,
+                       eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _fwd(x, y, gate, shift, scale, cu_seqlens, eps, residual=True, norm=True)
 
 
-def residual_bwd(dx_new: Tensor, dh: Tensor, x: Tensor, y: Tensor, gate: Tensor, scale: Tensor, mean: Tensor,
-                 rstd: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def residual_adaln_bwd(dx_new: Tensor, dh: Tensor, x: Tensor, y: Tensor, gate: Tensor, scale: Tensor, mean: Tensor,
+                       rstd: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx, dy, sums = _bwd(dh, dx_new, x, y, gate, scale, mean, rstd, cu_seqlens, residual=True, norm=True)
-    return dx, dy, sums
+    return (dx, dy, *_split(sums))
 
 
-def _stats(x):
-    return x.new_empty(x.shape[0], dtype=torch.float32)
-
-
-def _sums(row, slots):
-    # the per-image sums leave an op as one [slots, B, D] tensor: outputs of a torch.library op
-    # may not alias each other, and autograd unbinds it outside the op
-    return row.new_empty((slots,) + tuple(row.shape))
-
-
-_adaln_fwd = define("adaln_modulate_fwd", adaln_fwd,
-                    lambda x, shift, scale, cu, eps: (_new(x), _stats(x), _stats(x)))
-_adaln_bwd = define("adaln_modulate_bwd", adaln_bwd,
-                    lambda dh, x, scale, mean, rstd, cu: (_new(x), _sums(scale, 2)))
-_gated_fwd = define("gated_residual_fwd", gated_fwd, lambda x, y, gate, cu: _new(x))
-_gated_bwd = define("gated_residual_bwd", gated_bwd,
-                    lambda dout, y, gate, cu: (_new(y), _sums(gate, 1)))
-_residual_fwd = define("residual_adaln_fwd", residual_fwd,
-                       lambda x, y, gate, shift, scale, cu, eps: (_new(x), _new(x),
-                                                                  _stats(x), _stats(x)))
-_residual_bwd = define("residual_adaln_bwd", residual_bwd,
-                       lambda dxn, dh, x, y, gate, scale, mean, rstd, cu: (
-                           _new(x), _new(y), _sums(gate, 3)))
-
-
-def _or_zeros(g, like):
-    return torch.zeros_like(like) if g is None else g.contiguous()
-
-
-def _adaln_setup(ctx, inputs, output):
-    x, shift, scale, cu, eps = inputs
-    ctx.save_for_backward(x, scale, output[1], output[2], cu)
-
-
-def _adaln_backward(ctx, dh, _dmean, _drstd):
-    x, scale, mean, rstd, cu = ctx.saved_tensors
-    dx, sums = _adaln_bwd(_or_zeros(dh, x), x, scale, mean, rstd, cu)
-    return dx, sums[0], sums[1], None, None
-
-
-def _gated_setup(ctx, inputs, output):
-    x, y, gate, cu = inputs
-    ctx.save_for_backward(y, gate, cu)
-
-
-def _gated_backward(ctx, dout):
-    y, gate, cu = ctx.saved_tensors
-    dout = _or_zeros(dout, y)
-    dy, sums = _gated_bwd(dout, y, gate, cu)
-    return dout, dy, sums[0], None
-
-
-def _residual_setup(ctx, inputs, output):
-    x, y, gate, shift, scale, cu, eps = inputs
-    ctx.save_for_backward(x, y, gate, scale, output[2], output[3], cu)
-
-
-def _residual_backward(ctx, dx_new, dh, _dmean, _drstd):
-    x, y, gate, scale, mean, rstd, cu = ctx.saved_tensors
-    dx, dy, sums = _residual_bwd(_or_zeros(dx_new, x), _or_zeros(dh, x), x, y, gate, scale, mean, rstd, cu)
-    return dx, dy, sums[0], sums[1], sums[2], None, None
-
-
-_adaln_fwd.register_autograd(_adaln_backward, setup_context=_adaln_setup)
-_gated_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
-_residual_fwd.register_autograd(_residual_backward, setup_context=_residual_setup)
-
-
-# ---------------------------------------------------------------------------------------------
-# kernel interface (backends.py)
-# ---------------------------------------------------------------------------------------------
-def adaln_modulate(x, shift, scale, cu_seqlens, eps):
-    return _adaln_fwd(x.contiguous(), shift.contiguous(), scale.contiguous(), cu_seqlens, eps)[0]
-
-
-def gated_residual(x, y, gate, cu_seqlens):
-    return _gated_fwd(x.contiguous(), y.contiguous(), gate.contiguous(), cu_seqlens)
-
-
-def residual_adaln(x, y, gate, shift, scale, cu_seqlens, eps):
-    x_new, h, _, _ = _residual_fwd(x.contiguous(), y.contiguous(), gate.contiguous(), shift.contiguous(),
-                                   scale.contiguous(), cu_seqlens, eps)
-    return x_new, h
+RAW = (adaln_modulate_fwd, adaln_modulate_bwd, gated_residual_fwd, gated_residual_bwd, residual_adaln_fwd,
+       residual_adaln_bwd)
