@@ -383,7 +383,8 @@ def test_glue_links_and_registers_a_cuda_kernel_for_every_schema(builds):
         import nit_kernels.cpp  # loads nit_kernels._C, which defines the schemas
         torch.ops.load_library(sys.argv[1])
         names = sys.argv[2:]
-        missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key("nit::" + n, "CUDA")]
+        # computed: an op without tensor arguments (limits) has one kernel for every backend
+        missing = [n for n in names if not torch._C._dispatch_has_computed_kernel_for_dispatch_key("nit::" + n, "CUDA")]
         print("registered", len(names) - len(missing), "missing", missing)
         sys.exit(1 if missing else 0)
     """)

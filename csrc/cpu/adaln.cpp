@@ -28,8 +28,6 @@
 namespace nit {
 namespace {
 
-using cpu::check_modulation;
-using cpu::check_tokens;
 using cpu::for_rows;
 using cpu::kLanes;
 using cpu::load_v;
@@ -59,7 +57,7 @@ inline void modulate_row(const float* buf, const float* one_plus_scale, const fl
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd_cpu(
     const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
     const at::Tensor& cu_seqlens, double eps) {
-  const int64_t B = check_modulation(x, "x", cu_seqlens, {{&shift, "shift"}, {&scale, "scale"}});
+  const int64_t B = check_rows(x, "x", cu_seqlens, {{&shift, "shift"}, {&scale, "scale"}});
   const int64_t N = x.size(0), D = x.size(1), Dp = cpu::padded(D);
   auto y = at::empty_like(x);
   auto mean = at::empty({N}, x.options().dtype(at::kFloat));
@@ -98,8 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& mean,
     const at::Tensor& rstd, const at::Tensor& cu_seqlens) {
-  const int64_t B = check_modulation(x, "x", cu_seqlens, {{&scale, "scale"}});
-  check_tokens(x, "x", {{&dy, "dy"}});
+  const int64_t B = check_rows(x, "x", cu_seqlens, {{&scale, "scale"}}, {{&dy, "dy"}});
   const int64_t N = x.size(0), D = x.size(1), Dp = cpu::padded(D);
   check_fp32(mean, {N}, x, "mean");
   check_fp32(rstd, {N}, x, "rstd");
@@ -167,9 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_adaln_fwd_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& shift,
     const at::Tensor& scale, const at::Tensor& cu_seqlens, double eps) {
-  const int64_t B =
-      check_modulation(x, "x", cu_seqlens, {{&gate, "gate"}, {&shift, "shift"}, {&scale, "scale"}});
-  check_tokens(x, "x", {{&y, "y"}});
+  const int64_t B = check_rows(x, "x", cu_seqlens,
+                               {{&gate, "gate"}, {&shift, "shift"}, {&scale, "scale"}}, {{&y, "y"}});
   const int64_t N = x.size(0), D = x.size(1), Dp = cpu::padded(D);
   auto x_new = at::empty_like(x);
   auto h = at::empty_like(x);
@@ -221,8 +217,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
     const at::Tensor& dx_new, const at::Tensor& dh, const at::Tensor& x, const at::Tensor& y,
     const at::Tensor& gate, const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& cu_seqlens) {
-  const int64_t B = check_modulation(x, "x", cu_seqlens, {{&gate, "gate"}, {&scale, "scale"}});
-  check_tokens(x, "x", {{&dx_new, "dx_new"}, {&dh, "dh"}, {&y, "y"}});
+  const int64_t B = check_rows(x, "x", cu_seqlens, {{&gate, "gate"}, {&scale, "scale"}},
+                               {{&dx_new, "dx_new"}, {&dh, "dh"}, {&y, "y"}});
   const int64_t N = x.size(0), D = x.size(1), Dp = cpu::padded(D);
   check_fp32(mean, {N}, x, "mean");
   check_fp32(rstd, {N}, x, "rstd");

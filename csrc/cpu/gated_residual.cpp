@@ -29,8 +29,7 @@ constexpr int64_t kAhead = 2;   // rows prefetched ahead of the one being comput
 
 at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& y,
                                   const at::Tensor& gate, const at::Tensor& cu_seqlens) {
-  const int64_t B = cpu::check_modulation(x, "x", cu_seqlens, {{&gate, "gate"}});
-  cpu::check_tokens(x, "x", {{&y, "y"}});
+  const int64_t B = check_rows(x, "x", cu_seqlens, {{&gate, "gate"}}, {{&y, "y"}});
   auto out = at::empty_like(x);
   const int64_t N = x.size(0), D = x.size(1), Dp = cpu::padded(D);
   const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
@@ -64,8 +63,7 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& dout
                                                           const at::Tensor& y,
                                                           const at::Tensor& gate,
                                                           const at::Tensor& cu_seqlens) {
-  const int64_t B = cpu::check_modulation(y, "y", cu_seqlens, {{&gate, "gate"}});
-  cpu::check_tokens(y, "y", {{&dout, "dout"}});
+  const int64_t B = check_rows(y, "y", cu_seqlens, {{&gate, "gate"}}, {{&dout, "dout"}});
   const int64_t D = y.size(1), Dp = cpu::padded(D);
   const cpu::ImageBlocks blocks(cu_seqlens.data_ptr<int32_t>(), B);
   auto dy = at::empty_like(y);

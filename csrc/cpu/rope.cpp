@@ -142,26 +142,12 @@ inline void rotate_row(const T* x, T* y, const float* C, const float* S, int64_t
   });
 }
 
-struct RopeArgs {
-  int64_t N, B, Dh;
-  bool official;
-};
-
-RopeArgs check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu,
-                    const at::Tensor& sizes, const at::Tensor& freqs, c10::string_view positions) {
-  check_qk(q, k);
-  const int64_t N = q.size(0), Dh = q.size(2);
-  const int64_t B = check_cu_seqlens(cu, N, q);
-  check_sizes(sizes, cu);
-  check_fp32(freqs, {2, Dh / 4}, q, "freqs");
-  return {N, B, Dh, check_positions(positions)};
-}
-
 std::tuple<at::Tensor, at::Tensor> rope_2d_cpu(const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& cu_seqlens, const at::Tensor& sizes,
                                                const at::Tensor& freqs, c10::string_view positions,
                                                double mscale, bool inverse) {
-  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, freqs, positions);
+  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, positions);
+  check_fp32(freqs, {2, a.Dh / 4}, q, "freqs");
   const int64_t H = q.size(1), Hk = k.size(1), Dh = a.Dh, Dhp = cpu::padded(Dh);
   auto q_rot = at::empty_like(q);
   auto k_rot = at::empty_like(k);
@@ -250,7 +236,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& freqs, const at::Tensor& q_weight, const at::Tensor& q_bias,
     const at::Tensor& k_weight, const at::Tensor& k_bias, double eps, c10::string_view positions,
     double mscale) {
-  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, freqs, positions);
+  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, positions);
+  check_fp32(freqs, {2, a.Dh / 4}, q, "freqs");
   const int64_t N = a.N, H = q.size(1), Hk = k.size(1), Dh = a.Dh, Dhp = cpu::padded(Dh);
   check_fp32(q_weight, {Dh}, q, "q_weight");
   check_fp32(q_bias, {Dh}, q, "q_bias");
@@ -302,12 +289,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& q_mean,
     const at::Tensor& q_rstd, const at::Tensor& k_mean, const at::Tensor& k_rstd,
     c10::string_view positions, double mscale) {
-  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, freqs, positions);
+  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, positions);
+  check_fp32(freqs, {2, a.Dh / 4}, q, "freqs");
   const int64_t N = a.N, H = q.size(1), Hk = k.size(1), Dh = a.Dh, Dhp = cpu::padded(Dh);
-  check_qk(dq_rot, dk_rot, "dq_rot", "dk_rot");
-  check_like(dq_rot, q, "dq_rot", "q");
-  check_shape(dq_rot, q.sizes(), "dq_rot");
-  check_shape(dk_rot, k.sizes(), "dk_rot");
+  check_qk_grads(dq_rot, dk_rot, q, k);
   check_fp32(q_weight, {Dh}, q, "q_weight");
   check_fp32(k_weight, {Dh}, q, "k_weight");
   check_fp32(q_mean, {N, H}, q, "q_mean");

@@ -9,29 +9,20 @@ namespace rope_2d {
 
 std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& cu_seqlens, const at::Tensor& sizes,
-                                       const at::Tensor& freqs, std::string_view positions,
+                                       const at::Tensor& freqs, c10::string_view positions,
                                        double mscale, bool inverse) {
   check_cuda(q, "q");
-  check_float_input(q, "q");
-  check_float_input(k, "k");
-  check_like(k, q, "k", "q");
-  TORCH_CHECK(q.dim() == 3, "q must be [N, H, Dh], got shape ", q.sizes());
-  TORCH_CHECK(k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == q.size(2),
-              "k must be [N, Hk, Dh] with q's N and Dh ", q.sizes(), ", got shape ", k.sizes());
-  const int64_t N = q.size(0), Dh = q.size(2);
-  TORCH_CHECK(Dh % 4 == 0, "head_dim must be a multiple of 4 for axial 2D RoPE, got ", Dh);
-  check_cu_seqlens(cu_seqlens, N, q);
-  check_sizes(sizes, cu_seqlens);
-  const at::Tensor f = fp32_param(freqs, {2, Dh / 4}, q, "freqs");
-  const DeviceGuard guard(q.device());
+  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, positions);
+  const at::Tensor f = fp32_param(freqs, {2, a.Dh / 4}, q, "freqs");
   auto q_out = at::empty_like(q);
   auto k_out = at::empty_like(k);
-  const cuda::RopeArgs rope{sizes.data_ptr<int32_t>(), f.data_ptr<float>(),
-                            official_positions(positions), static_cast<float>(mscale)};
-  check_launch(cuda::rope_2d(dtype_of(q), q.data_ptr(), k.data_ptr(), pack_of(cu_seqlens, N),
-                             q.size(1), k.size(1), Dh, rope, inverse, q_out.data_ptr(),
-                             k_out.data_ptr(), current_stream()),
-               "rope_2d");
+  const cuda::RopeArgs rope{sizes.data_ptr<int32_t>(), f32(f), a.official,
+                            static_cast<float>(mscale)};
+  launch_on(q, "rope_2d", [&](cudaStream_t stream) {
+    return cuda::rope_2d(dtype_of(q), q.data_ptr(), k.data_ptr(), pack_of(cu_seqlens, a.N),
+                         q.size(1), k.size(1), a.Dh, rope, inverse, q_out.data_ptr(),
+                         k_out.data_ptr(), stream);
+  });
   return {q_out, k_out};
 }
 
