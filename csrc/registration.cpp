@@ -1,5 +1,5 @@
 // Every op schema of the `nit` library, defined once. Backends add implementations with
-// TORCH_LIBRARY_IMPL(nit, CPU|CUDA, m) in csrc/cpu/<op>.cpp and csrc/cuda/<op>_glue.cpp;
+// TORCH_LIBRARY_IMPL(nit, CPU|CUDA, m) in csrc/cpu/<family>.cpp and csrc/cuda/<family>_glue.cpp;
 // Python adds register_fake and register_autograd (nit_kernels/cpp.py).
 //
 // Shared conventions: tokens of image i are rows cu_seqlens[i] .. cu_seqlens[i+1]-1 of every

@@ -22,7 +22,7 @@
 
 #include "checks.h"
 #include "common/adaln_math.h"
-#include "common/rope_angles.h"
+#include "common/rope_math.h"
 #include "common/segments.h"
 #include "cpu/rows.h"
 #include "cpu/vec.h"
@@ -115,7 +115,7 @@ struct ImageCursor {
     w = sizes[2 * seg + 1];
   }
   void positions(int64_t r, int64_t* p0, int64_t* p1) const {
-    rope_position_indices(r - start, h, w, official, p0, p1);
+    rope_positions(r - start, h, w, official, p0, p1);
   }
 };
 

@@ -1,4 +1,4 @@
-// Helpers of the thin torch glue of the CUDA kernels (<op>_glue.cpp): dtype mapping, device
+// Helpers of the thin torch glue of the CUDA kernels (<family>_glue.cpp): dtype mapping, device
 // guard and current stream, launch-error reporting. The argument checks are those of checks.h,
 // shared with the CPU kernels. Only the glue includes torch headers.
 //

@@ -1,6 +1,6 @@
 // Host interface of the CUDA kernels: plain functions on raw device pointers, sizes and a
 // stream. This header needs only the CUDA runtime API, so the kernels (.cu) compile with plain
-// nvcc and the torch glue (<op>_glue.cpp) stays thin: it checks arguments, allocates outputs
+// nvcc and the torch glue (<family>_glue.cpp) stays thin: it checks arguments, allocates outputs
 // and workspaces with torch's caching allocator, and calls one of these on the current stream.
 //
 // Conventions shared by every launcher:
@@ -23,7 +23,7 @@ namespace cuda {
 // The glue refuses a larger head_dim with a clear error, the launchers return
 // cudaErrorInvalidValue, and the extension reports them to Python (op nit::limits; the CPU
 // kernels have no such limits). attention: tiles padded to 64, 80 or 128 columns (attention_tile.cuh);
-// qk_norm_rope: at most 4 pairs per lane of a warp (qk_norm_rope.cu).
+// qk_norm_rope: at most 4 pairs per lane of a warp (rope.cu).
 constexpr int64_t kAttnMaxHeadDim = 128;
 constexpr int64_t kQkNormMaxHeadDim = 256;
 

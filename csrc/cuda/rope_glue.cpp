@@ -1,12 +1,36 @@
-// Torch glue of the CUDA qk_norm_rope kernels (qk_norm_rope.cu). LayerNorm weights and biases
-// may come in any float dtype; the kernels read them as fp32 and their gradients are returned
-// in the weights' dtype.
+// Torch glue of the CUDA kernels of axial 2D RoPE (rope.cu): rope_2d and qk_norm_rope.
+// qk_norm_rope's LayerNorm weights and biases may come in any float dtype; the kernels read them
+// as fp32 and their gradients are returned in the weights' dtype.
 #include <torch/library.h>
 
 #include "cuda/glue.h"
 
 namespace nit {
 namespace cuda_glue {
+
+namespace rope_2d {
+
+std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& cu_seqlens, const at::Tensor& sizes,
+                                       const at::Tensor& freqs, c10::string_view positions,
+                                       double mscale, bool inverse) {
+  check_cuda(q, "q");
+  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, positions);
+  const at::Tensor f = fp32_param(freqs, {2, a.Dh / 4}, q, "freqs");
+  auto q_out = at::empty_like(q);
+  auto k_out = at::empty_like(k);
+  const cuda::RopeArgs rope{sizes.data_ptr<int32_t>(), f32(f), a.official,
+                            static_cast<float>(mscale)};
+  launch_on(q, "rope_2d", [&](cudaStream_t stream) {
+    return cuda::rope_2d(dtype_of(q), q.data_ptr(), k.data_ptr(), pack_of(cu_seqlens, a.N),
+                         q.size(1), k.size(1), a.Dh, rope, inverse, q_out.data_ptr(),
+                         k_out.data_ptr(), stream);
+  });
+  return {q_out, k_out};
+}
+
+}  // namespace rope_2d
+
 namespace qk_norm_rope {
 
 // The RoPE arguments (checks.h) on the device, head_dim within the kernel's limit; the kernels'
@@ -85,9 +109,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace qk_norm_rope
+
 }  // namespace cuda_glue
 
 NIT_CUDA_GLUE_IMPL(m) {
+  m.impl("rope_2d", &cuda_glue::rope_2d::run);
   m.impl("qk_norm_rope_fwd", &cuda_glue::qk_norm_rope::fwd);
   m.impl("qk_norm_rope_bwd", &cuda_glue::qk_norm_rope::bwd);
 }

@@ -1,4 +1,4 @@
-// Torch glue of the CUDA varlen attention kernels (varlen_attention.cu, varlen_attention_bwd.cu).
+// Torch glue of the CUDA varlen attention kernels (attention.cu, attention_bwd.cu).
 // cu_seqlens stays on the device (reading it here would synchronise the stream in every call):
 // the kernels schedule the tiles that cu_seqlens describes, so a max_seqlen smaller than a real
 // sequence cannot leave rows unwritten; it is only checked to be >= 0. q, k, v may be strided
