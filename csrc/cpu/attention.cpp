@@ -57,29 +57,19 @@
 // reports -Wpsabi at the end of the translation unit, hence no push/pop around it.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-namespace nit {
-namespace {
-namespace vec256 {
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
+namespace nit { namespace { namespace vec256 {  // the tiles with 256-bit vectors
+#define NIT_ATTENTION_VECTOR_BYTES 32
 #include "cpu/attention_kernels.h"
-}  // namespace vec256
-}  // namespace
-}  // namespace nit
+} } }  // namespace nit::(anonymous)::vec256
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define NIT_ATTENTION_AVX512 1
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-namespace nit {
-namespace {
-namespace vec512 {
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+namespace nit { namespace { namespace vec512 {  // the tiles with 512-bit vectors
+#define NIT_ATTENTION_VECTOR_BYTES 64
 #include "cpu/attention_kernels.h"
-}  // namespace vec512
-}  // namespace
-}  // namespace nit
+} } }  // namespace nit::(anonymous)::vec512
 #pragma GCC pop_options
 #else
 #define NIT_ATTENTION_AVX512 0

@@ -28,17 +28,12 @@
 #include "cpu/vec.h"
 
 namespace nit {
+namespace cpu {
 namespace {
-
-using cpu::kLanes;
-using cpu::load_v;
-using cpu::store_v;
-using cpu::Vec8;
 
 constexpr int64_t kGrain = 8;               // tokens per parallel task, at least
 constexpr int64_t kTokenBlock = 32;         // tokens per reduction block of dweight/dbias
 constexpr int64_t kMaxTablePositions = 4096;
-constexpr int64_t kAhead = 2;               // tokens prefetched ahead of the one being computed
 
 // Rotation coefficients C, S of every token, from per-axis tables indexed by position.
 class RopeCoeffs {
@@ -163,10 +158,8 @@ std::tuple<at::Tensor, at::Tensor> rope_2d_cpu(const at::Tensor& q, const at::Te
       std::vector<float> cs(2 * Dhp, 0.f);
       float *C = cs.data(), *S = C + Dhp;
       for_rotated_rows(cu, sz, a.B, a.official, coeffs, begin, end, C, S, [&](int64_t r) {
-        if (r + kAhead < end) {
-          cpu::prefetch(qp + (r + kAhead) * H * Dh, H * Dh * sizeof(scalar_t));
-          cpu::prefetch(kp + (r + kAhead) * Hk * Dh, Hk * Dh * sizeof(scalar_t));
-        }
+        cpu::prefetch_ahead(r, end, H * Dh, {qp + r * H * Dh});
+        cpu::prefetch_ahead(r, end, Hk * Dh, {kp + r * Hk * Dh});
         for (int64_t h = 0; h < H; ++h) rotate_row(qp + (r * H + h) * Dh, qo + (r * H + h) * Dh, C, S, Dh);
         for (int64_t h = 0; h < Hk; ++h) rotate_row(kp + (r * Hk + h) * Dh, ko + (r * Hk + h) * Dh, C, S, Dh);
       });
@@ -265,10 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       std::vector<float> work(3 * Dhp, 0.f);
       float *C = work.data(), *S = C + Dhp, *buf = S + Dhp;
       for_rotated_rows(cu, sz, a.B, a.official, coeffs, begin, end, C, S, [&](int64_t r) {
-        if (r + kAhead < end) {
-          cpu::prefetch(qp + (r + kAhead) * H * Dh, H * Dh * sizeof(scalar_t));
-          cpu::prefetch(kp + (r + kAhead) * Hk * Dh, Hk * Dh * sizeof(scalar_t));
-        }
+        cpu::prefetch_ahead(r, end, H * Dh, {qp + r * H * Dh});
+        cpu::prefetch_ahead(r, end, Hk * Dh, {kp + r * Hk * Dh});
         for (int64_t h = 0; h < H; ++h) {
           const int64_t i = r * H + h;
           norm_rope_row(qp + i * Dh, qo + i * Dh, buf, qw.data(), qb.data(), C, S, Dh, e, qm + i, qr + i);
@@ -328,10 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         float* acc_kb = pp + (3 * nblocks + blk) * Dhp;
         const int64_t r0 = blk * kTokenBlock, r1 = std::min(N, r0 + kTokenBlock);
         for_rotated_rows(cu, sz, a.B, a.official, coeffs, r0, r1, C, S, [&](int64_t r) {
-          if (r + kAhead < N) {
-            for (const scalar_t* p : {dqp, qp}) cpu::prefetch(p + (r + kAhead) * H * Dh, H * Dh * sizeof(scalar_t));
-            for (const scalar_t* p : {dkp, kp}) cpu::prefetch(p + (r + kAhead) * Hk * Dh, Hk * Dh * sizeof(scalar_t));
-          }
+          cpu::prefetch_ahead(r, N, H * Dh, {dqp + r * H * Dh, qp + r * H * Dh});
+          cpu::prefetch_ahead(r, N, Hk * Dh, {dkp + r * Hk * Dh, kp + r * Hk * Dh});
           for (int64_t h = 0; h < H; ++h) {
             const int64_t i = r * H + h;
             norm_rope_row_bwd(dqp + i * Dh, qp + i * Dh, dqo + i * Dh, qm[i], qr[i], qw.data(), C, S,
@@ -370,4 +359,5 @@ TORCH_LIBRARY_IMPL(nit, CPU, m) {
   m.impl("qk_norm_rope_bwd", &qk_norm_rope_bwd_cpu);
 }
 
+}  // namespace cpu
 }  // namespace nit

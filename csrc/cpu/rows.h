@@ -4,12 +4,23 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <initializer_list>
 
 #include "common/segments.h"
 #include "cpu/vec.h"
 
 namespace nit {
 namespace cpu {
+
+constexpr int64_t kAhead = 2;  // rows prefetched ahead of the one being computed
+
+// Prefetches, while row r + kAhead < end, that row of every [rows, width] table whose row r
+// starts at one of `at_r`.
+template <typename T>
+inline void prefetch_ahead(int64_t r, int64_t end, int64_t width, std::initializer_list<const T*> at_r) {
+  if (r + kAhead >= end) return;
+  for (const T* p : at_r) prefetch(p + kAhead * width, width * sizeof(T));
+}
 
 // fp32 copy of row `seg` of a [B, D] table plus `add` (1 turns scale into 1 + scale).
 template <typename T>

@@ -155,41 +155,59 @@ inline cudaError_t adaln_grad_rows(const T* dy, const T* x, const T* y, const T*
   });
 }
 
-// ---- adaln_modulate ---------------------------------------------------------------------------
-namespace {
-
-// dx, and the column sums of (dy, dy * xhat) of every piece of this chunk -> partial[slot][2][D].
+// The chunk pass of the backward: dx (with residual_adaln, y != nullptr: dx = dx_new + du and
+// dy_out = dx * gate), and the column sums of every piece of this chunk -> partial[slot][V][D]:
+// V = 2, (dshift, dscale), for adaln_modulate; V = 3, (dgate, dshift, dscale), for residual_adaln.
 template <typename T>
 __global__ void __launch_bounds__(kColThreads)
-    adaln_bwd_chunks_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                            const T* __restrict__ scale, const float* __restrict__ mean,
-                            const float* __restrict__ rstd, const float2* __restrict__ rowstat,
-                            Pack pack, int64_t D, int64_t R, T* __restrict__ dx,
+    adaln_bwd_chunks_kernel(const T* __restrict__ dx_new, const T* __restrict__ dy,
+                            const T* __restrict__ x, const T* __restrict__ y,
+                            const T* __restrict__ gate, const T* __restrict__ scale,
+                            const float* __restrict__ mean, const float* __restrict__ rstd,
+                            const float2* __restrict__ rowstat, Pack pack, int64_t D, int64_t R,
+                            T* __restrict__ dx, T* __restrict__ dy_out,
                             float* __restrict__ partial) {
   const int64_t col = int64_t(blockIdx.y) * kColThreads + threadIdx.x;
   if (col >= D) return;
-  float dshift = 0.f, dscale = 0.f;
+  const bool residual = y != nullptr;
+  float dgate = 0.f, dshift = 0.f, dscale = 0.f;
   walk_chunk(
       pack, R, blockIdx.x,
       [&](int64_t r, int seg) {
-        const float d = to_float(dy[r * D + col]);
+        const int64_t i = r * D + col;
+        const float d = to_float(dy[i]);
         const float rs = rstd[r];
-        const float xhat = ln_normalize(to_float(x[r * D + col]), mean[r], rs);
+        const float yi = residual ? to_float(y[i]) : 0.f;
+        const float gi = residual ? to_float(gate[int64_t(seg) * D + col]) : 0.f;
+        const float u = residual ? gated_residual_elem(to_float(x[i]), gi, yi) : to_float(x[i]);
+        const float xhat = ln_normalize(u, mean[r], rs);
         const float g = d * (1.f + to_float(scale[int64_t(seg) * D + col]));
         const float2 st = rowstat[r];
-        dx[r * D + col] = from_float<T>(ln_backward_elem(g, xhat, rs, st.x, st.y));
+        const float du = ln_backward_elem(g, xhat, rs, st.x, st.y);
+        if (residual) {
+          const float dtot = to_float(dx_new[i]) + du;  // the total gradient of x_new
+          dx[i] = from_float<T>(dtot);
+          dy_out[i] = from_float<T>(dtot * gi);
+          dgate += dtot * yi;
+        } else {
+          dx[i] = from_float<T>(du);
+        }
         dshift += d;
         dscale += d * xhat;
       },
       [&](int64_t slot) {
-        partial[(slot * 2 + 0) * D + col] = dshift;
-        partial[(slot * 2 + 1) * D + col] = dscale;
-        dshift = dscale = 0.f;
+        float* p = partial + slot * (residual ? 3 : 2) * D + col;
+        if (residual) {
+          *p = dgate;
+          p += D;
+        }
+        p[0] = dshift;
+        p[D] = dscale;
+        dgate = dshift = dscale = 0.f;
       });
 }
 
-}  // namespace
-
+// ---- adaln_modulate ---------------------------------------------------------------------------
 cudaError_t adaln_modulate_fwd(DType dt, const void* x, const void* shift, const void* scale,
                                Pack pack, int64_t D, float eps, void* y, float* mean,
                                float* rstd, cudaStream_t stream) {
@@ -220,8 +238,9 @@ cudaError_t adaln_modulate_bwd(DType dt, const void* dy, const void* x, const vo
     if (err != cudaSuccess) return err;
     if (pack.num_tokens > 0 && D > 0) {
       launch<adaln_bwd_chunks_kernel<T>>(
-          chunk_grid(L, D), kColThreads, 0, stream, static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(scale),
-          mean, rstd, rowstat, pack, D, L.rows_per_chunk, static_cast<T*>(dx), partial);
+          chunk_grid(L, D), kColThreads, 0, stream, nullptr, static_cast<const T*>(dy),
+          static_cast<const T*>(x), nullptr, nullptr, static_cast<const T*>(scale), mean, rstd,
+          rowstat, pack, D, L.rows_per_chunk, static_cast<T*>(dx), nullptr, partial);
       err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
@@ -232,49 +251,6 @@ cudaError_t adaln_modulate_bwd(DType dt, const void* dy, const void* x, const vo
 }
 
 // ---- residual_adaln ---------------------------------------------------------------------------
-namespace {
-
-// dx, dy, and the column sums of (dtot * y, dh, dh * xhat) of every piece -> partial[slot][3][D].
-template <typename T>
-__global__ void __launch_bounds__(kColThreads)
-    residual_adaln_bwd_chunks_kernel(const T* __restrict__ dx_new, const T* __restrict__ dh,
-                                     const T* __restrict__ x, const T* __restrict__ y,
-                                     const T* __restrict__ gate, const T* __restrict__ scale,
-                                     const float* __restrict__ mean,
-                                     const float* __restrict__ rstd,
-                                     const float2* __restrict__ rowstat, Pack pack, int64_t D,
-                                     int64_t R, T* __restrict__ dx, T* __restrict__ dy,
-                                     float* __restrict__ partial) {
-  const int64_t col = int64_t(blockIdx.y) * kColThreads + threadIdx.x;
-  if (col >= D) return;
-  float dgate = 0.f, dshift = 0.f, dscale = 0.f;
-  walk_chunk(
-      pack, R, blockIdx.x,
-      [&](int64_t r, int seg) {
-        const int64_t i = r * D + col;
-        const float d = to_float(dh[i]);
-        const float rs = rstd[r];
-        const float yi = to_float(y[i]), gi = to_float(gate[int64_t(seg) * D + col]);
-        const float xhat = ln_normalize(gated_residual_elem(to_float(x[i]), gi, yi), mean[r], rs);
-        const float g = d * (1.f + to_float(scale[int64_t(seg) * D + col]));
-        const float2 st = rowstat[r];
-        const float dtot = to_float(dx_new[i]) + ln_backward_elem(g, xhat, rs, st.x, st.y);
-        dx[i] = from_float<T>(dtot);
-        dy[i] = from_float<T>(dtot * gi);
-        dgate += dtot * yi;
-        dshift += d;
-        dscale += d * xhat;
-      },
-      [&](int64_t slot) {
-        partial[(slot * 3 + 0) * D + col] = dgate;
-        partial[(slot * 3 + 1) * D + col] = dshift;
-        partial[(slot * 3 + 2) * D + col] = dscale;
-        dgate = dshift = dscale = 0.f;
-      });
-}
-
-}  // namespace
-
 cudaError_t residual_adaln_fwd(DType dt, const void* x, const void* y, const void* gate,
                                const void* shift, const void* scale, Pack pack, int64_t D,
                                float eps, void* x_new, void* h, float* mean, float* rstd,
@@ -308,7 +284,7 @@ cudaError_t residual_adaln_bwd(DType dt, const void* dx_new, const void* dh, con
                              static_cast<const T*>(scale), mean, rstd, pack, D, rowstat, stream);
     if (err != cudaSuccess) return err;
     if (pack.num_tokens > 0 && D > 0) {
-      launch<residual_adaln_bwd_chunks_kernel<T>>(
+      launch<adaln_bwd_chunks_kernel<T>>(
           chunk_grid(L, D), kColThreads, 0, stream, static_cast<const T*>(dx_new), static_cast<const T*>(dh), static_cast<const T*>(x),
           static_cast<const T*>(y), static_cast<const T*>(gate), static_cast<const T*>(scale),
           mean, rstd, rowstat, pack, D, L.rows_per_chunk, static_cast<T*>(dx),
