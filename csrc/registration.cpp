@@ -1,5 +1,5 @@
 // Every op schema of the `nit` library, defined once. Backends add implementations with
-// TORCH_LIBRARY_IMPL(nit, CPU|CUDA, m) in csrc/cpu/<op>.cpp and csrc/cuda/<op>_glue.cpp;
+// TORCH_LIBRARY_IMPL(nit, CPU|CUDA, m) in csrc/cpu/<family>.cpp and csrc/cuda/<family>_glue.cpp;
 // Python adds register_fake and register_autograd (nit_kernels/cpp.py).
 //
 // Shared conventions: tokens of image i are rows cu_seqlens[i] .. cu_seqlens[i+1]-1 of every
@@ -8,6 +8,9 @@
 // statistics (mean, rstd, lse) are fp32.
 #include <Python.h>
 #include <torch/library.h>
+
+#define NIT_CUDA_LIMITS_ONLY
+#include "cuda/launchers.h"
 
 TORCH_LIBRARY(nit, m) {
   // packed AdaLN: y = LN(x) * (1 + scale[seg]) + shift[seg]; mean/rstd [N] for backward
@@ -29,7 +32,12 @@ TORCH_LIBRARY(nit, m) {
   // max_seqlen_* are SymInt so that torch.compile does not specialise (and recompile) on them.
   m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
   m.def("varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // largest head_dim of the CUDA kernels (csrc/cuda/launchers.h); the CPU kernels have no limit
+  m.def("limits() -> (int varlen_attention_max_head_dim, int qk_norm_rope_max_head_dim)");
 }
+
+// limits takes no tensor, so no backend key selects a kernel: one serves every backend.
+TORCH_LIBRARY_IMPL(nit, CompositeExplicitAutograd, m) { m.impl("limits", &nit::cuda::limits); }
 
 // `import nit_kernels._C` loads this library (and with it the registrations above).
 extern "C" PyObject* PyInit__C(void) {

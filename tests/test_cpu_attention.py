@@ -83,24 +83,36 @@ def _scale_of(t):
     return max(1.0, t.abs().max().item()) if t.numel() else 1.0
 
 
-def check_pack(lq, lk=None, *, heads=2, kv_heads=None, head_dim=64, dv=None, causal=False, scale=None, seed=0):
-    """fp32 kernel forward, lse and (dq, dk, dv) against the float64 reference."""
+def attention_case(lq, lk, heads, kv_heads, head_dim, dv, scale, seed, inputs=None):
+    """cu_seqlens_q, cu_seqlens_k, the softmax scale and (q, k, v, dout) in float64 of one check;
+    lk, kv_heads, dv and scale default to lq, heads, head_dim and head_dim**-0.5; `inputs` makes
+    the tensors (default _inputs)."""
     lk = lq if lk is None else lk
     kv_heads, dv = kv_heads or heads, dv or head_dim
     scale = head_dim ** -0.5 if scale is None else scale
-    cu_q, cu_k = _cu(lq), _cu(lk)
-    q, k, v, do = _inputs(lq, lk, heads, kv_heads, head_dim, dv, seed)
+    return _cu(lq), _cu(lk), scale, (inputs or _inputs)(lq, lk, heads, kv_heads, head_dim, dv, seed)
+
+
+def reference_pair(hi, lo, cu_q, cu_k, scale, causal):
+    """The two sides of the accuracy rule: the reference out and (dq, dk, dv) on the float64
+    inputs hi = (q, k, v, dout) and on the same inputs in the kernel's dtype, lo."""
+    with _one_thread():
+        outs = tuple(attention_math(*t[:3], cu_q, cu_k, scale, causal) for t in (hi, lo))
+        grads = tuple(attention_math_backward(t[3], *t[:3], cu_q, cu_k, scale, causal) for t in (hi, lo))
+    return outs, grads
+
+
+def check_pack(lq, lk=None, *, heads=2, kv_heads=None, head_dim=64, dv=None, causal=False, scale=None, seed=0):
+    """fp32 kernel forward, lse and (dq, dk, dv) against the float64 reference."""
+    cu_q, cu_k, scale, (q, k, v, do) = attention_case(lq, lk, heads, kv_heads, head_dim, dv, scale, seed)
     f32 = [t.float() for t in (q, k, v, do)]
     out, lse = _fwd(*f32[:3], cu_q, cu_k, scale, causal)
     grads = _bwd(f32[3], *f32[:3], out, lse, cu_q, cu_k, scale, causal)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
-    assert out.shape == (sum(lq), heads, dv) and lse.shape == (heads, sum(lq))
+    assert out.shape == (sum(lq), heads, v.shape[2]) and lse.shape == (heads, sum(lq))
+    (ref64, ref32), (g64, g32) = reference_pair((q, k, v, do), f32, cu_q, cu_k, scale, causal)
     with _one_thread():
-        ref64 = attention_math(q, k, v, cu_q, cu_k, scale, causal)
-        ref32 = attention_math(*f32[:3], cu_q, cu_k, scale, causal)
         ref_lse = _reference_lse(q, k, cu_q, cu_k, scale, causal)
-        g64 = attention_math_backward(do, q, k, v, cu_q, cu_k, scale, causal)
-        g32 = attention_math_backward(f32[3], *f32[:3], cu_q, cu_k, scale, causal)
     assert_accuracy(out, ref64, ref32, name="out", atol=1e-5 * _scale_of(ref64))
     assert_close(lse, ref_lse, atol=1e-5 * _scale_of(ref_lse[torch.isfinite(ref_lse)]), name="lse")
     for name, gk, gh, gl in zip(("dq", "dk", "dv"), grads, g64, g32):
@@ -448,14 +460,20 @@ def test_nan_and_inf_propagate_like_the_reference(case, bits, monkeypatch):
     assert torch.isnan(out).any() or case.startswith("causal, nan query of a row without"), "nothing propagated"
 
 
-def test_nan_query_gives_nan_lse_and_the_documented_zero_rows_stay():
+def check_nan_query_rows(fwd):
+    """fwd(q, k, v, cu_q, cu_k, scale, causal) -> (out, lse): a NaN query gives a NaN row and lse,
+    rows that see no key by the causal mask keep out 0 and lse -inf, the other rows stay finite."""
     lq, lk = [6], [2]
     q, k, v, _ = (t.float() for t in _inputs(lq, lk, 2, 2, 16, 16, 3))
     q[5, 0] = float("nan")
-    out, lse = _fwd(q, k, v, _cu(lq), _cu(lk), 0.25, True)
+    out, lse = fwd(q, k, v, _cu(lq), _cu(lk), 0.25, True)
     assert torch.isnan(lse[0, 5]) and torch.isnan(out[5, 0]).all()
     assert torch.equal(out[:4], torch.zeros_like(out[:4])) and torch.isneginf(lse[:, :4]).all()
     assert torch.isfinite(out[4:, 1]).all() and torch.isfinite(lse[1, 4:]).all()
+
+
+def test_nan_query_gives_nan_lse_and_the_documented_zero_rows_stay():
+    check_nan_query_rows(_fwd)
 
 
 @pytest.mark.parametrize("bits", ["256", "512"])

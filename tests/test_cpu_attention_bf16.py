@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from nit_kernels import dispatch
-from nit_kernels.reference import attention_math, attention_math_backward
 from nit_kernels.testing import assert_accuracy, assert_close
-from test_cpu_attention import _cu, _poison  # the same pack and poison helpers as the fp32 tests
+# the same pack, poison and reference helpers as the fp32 tests
+from test_cpu_attention import _cu, _poison, attention_case, reference_pair
 
 CPU = dispatch.get("cpu")
 pytestmark = pytest.mark.skipif(not CPU.implements("varlen_attention"),
@@ -76,20 +76,13 @@ def _scale_of(t):
 
 
 def check_bf16(lq, lk=None, *, heads=2, kv_heads=None, head_dim=64, dv=None, causal=False, scale=None, seed=0):
-    lk = lq if lk is None else lk
-    kv_heads, dv = kv_heads or heads, dv or head_dim
-    scale = head_dim ** -0.5 if scale is None else scale
-    cu_q, cu_k = _cu(lq), _cu(lk)
-    q, k, v, do = _inputs(lq, lk, heads, kv_heads, head_dim, dv, seed)
+    cu_q, cu_k, scale, (q, k, v, do) = attention_case(lq, lk, heads, kv_heads, head_dim, dv, scale, seed,
+                                                      inputs=_inputs)
     lo = [t.bfloat16() for t in (q, k, v, do)]
     out, lse, *grads = _run(*lo, cu_q, cu_k, scale, causal)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert all(g.dtype == torch.bfloat16 for g in grads)
-    with _threads(1):
-        ref = attention_math(q, k, v, cu_q, cu_k, scale, causal)
-        ref_lo = attention_math(*lo[:3], cu_q, cu_k, scale, causal)
-        g_ref = attention_math_backward(do, q, k, v, cu_q, cu_k, scale, causal)
-        g_lo = attention_math_backward(lo[3], *lo[:3], cu_q, cu_k, scale, causal)
+    (ref, ref_lo), (g_ref, g_lo) = reference_pair((q, k, v, do), lo, cu_q, cu_k, scale, causal)
     assert_accuracy(out, ref, ref_lo, name="out", atol=1e-3 * _scale_of(ref))
     for name, gk, gh, gl in zip(("dq", "dk", "dv"), grads, g_ref, g_lo):
         assert_accuracy(gk, gh, gl, name=name, atol=1e-3 * _scale_of(gh))

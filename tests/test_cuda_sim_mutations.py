@@ -30,35 +30,35 @@ _ATTN_LONG = """check_against_reference("varlen_attention", "cuda_sim", pack_of(
 MUTATIONS = {
     # the barrier before K/V are overwritten: a warp still reading the previous tile races the loads
     "race-attention-fwd-first-syncthreads": (
-        "cuda/varlen_attention.cu",
+        "cuda/attention.cu",
         "    __syncthreads();  // every warp is done with the previous K/V tiles\n",
         "",
         _ATTN_LONG.format(dtype="torch.float32", hd=64, causal=False),
         "race"),
     # the causal/length mask lets every row see one key past the end of its image
     "off-by-one-key-mask": (
-        "cuda/varlen_attention.cu",
+        "cuda/attention.cu",
         "int64_t lim = rg.sk - n0;",
         "int64_t lim = rg.sk - n0 + 1;",
         _ATTN_LONG.format(dtype="torch.float32", hd=64, causal=False),
         "max error"),
     # K/V tiles load one key row past the end of each image: past the end of k for the last one
     "off-by-one-key-load": (
-        "cuda/varlen_attention.cu",
+        "cuda/attention.cu",
         "const int keys = static_cast<int>(rg.sk - n0 < BN ? rg.sk - n0 : BN);",
         "const int keys = static_cast<int>(rg.sk - n0 + 1 < BN ? rg.sk - n0 + 1 : BN);",
         _ATTN_LONG.format(dtype="torch.float32", hd=64, causal=False),
         "out of bounds"),
     # a broadcast whose mask leaves out lane 31, which makes the call too
     "shuffle-mask-leaves-out-a-lane": (
-        "cuda/varlen_attention.cu",
+        "cuda/attention.cu",
         "const float alpha = st.rescale_to(warp_max(block_max));",
         "const float alpha = st.rescale_to(__shfl_sync(0x7fffffffu, warp_max(block_max), 0));",
         _ATTN_LONG.format(dtype="torch.float16", hd=64, causal=False),
         "shuffle"),
     # head_dim 128 in fp16 needs 78 KB of dynamic shared memory: launched without the opt-in
     "smem-over-48k-without-opt-in": (
-        "cuda/varlen_attention.cu",
+        "cuda/attention.cu",
         "cudaError_t err = allow_smem(kernel, L::bytes);",
         "cudaError_t err = cudaSuccess;",
         _ATTN_LONG.format(dtype="torch.float16", hd=128, causal=True),

@@ -26,20 +26,10 @@
 #include "cpu/vec.h"
 
 namespace nit {
+namespace cpu {
 namespace {
 
-using cpu::check_modulation;
-using cpu::check_tokens;
-using cpu::for_rows;
-using cpu::kLanes;
-using cpu::load_v;
-using cpu::row_stats;
-using cpu::store_v;
-using cpu::Vec8;
-using cpu::widen_row;
-
 constexpr int64_t kGrain = 16;  // rows per parallel task, at least
-constexpr int64_t kAhead = 2;   // rows prefetched ahead of the one being computed
 
 // h = modulate(LN(buf)) for one row whose statistics are known.
 template <typename T>
@@ -59,7 +49,7 @@ inline void modulate_row(const float* buf, const float* one_plus_scale, const fl
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd_cpu(
     const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
     const at::Tensor& cu_seqlens, double eps) {
-  const int64_t B = check_modulation(x, "x", cu_seqlens, {{&shift, "shift"}, {&scale, "scale"}});
+  const int64_t B = check_rows(x, "x", cu_seqlens, {{&shift, "shift"}, {&scale, "scale"}});
   const int64_t N = x.size(0), D = x.size(1), Dp = cpu::padded(D);
   auto y = at::empty_like(x);
   auto mean = at::empty({N}, x.options().dtype(at::kFloat));
@@ -81,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd_cpu(
       };
       for_rows(cu, static_cast<int>(B), begin, end, enter, [&](int64_t r) {
         const scalar_t* xr = xp + r * D;
-        if (r + kAhead < end) cpu::prefetch(xr + kAhead * D, D * sizeof(scalar_t));
+        cpu::prefetch_ahead(r, end, D, {xr});
         const float sum = cpu::reduce_sum(D, [&](int64_t j, auto tag) {
           const Vec8 v = load_v(xr, j, D, tag);
           v.storeu(buf + j * kLanes);
@@ -98,8 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& mean,
     const at::Tensor& rstd, const at::Tensor& cu_seqlens) {
-  const int64_t B = check_modulation(x, "x", cu_seqlens, {{&scale, "scale"}});
-  check_tokens(x, "x", {{&dy, "dy"}});
+  const int64_t B = check_rows(x, "x", cu_seqlens, {{&scale, "scale"}}, {{&dy, "dy"}});
   const int64_t N = x.size(0), D = x.size(1), Dp = cpu::padded(D);
   check_fp32(mean, {N}, x, "mean");
   check_fp32(rstd, {N}, x, "rstd");
@@ -128,10 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cpu(
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* xr = xp + r * D;
           const scalar_t* dyr = dyp + r * D;
-          if (r + kAhead < r1) {
-            cpu::prefetch(xr + kAhead * D, D * sizeof(scalar_t));
-            cpu::prefetch(dyr + kAhead * D, D * sizeof(scalar_t));
-          }
+          cpu::prefetch_ahead(r, r1, D, {xr, dyr});
           const Vec8 mv(mp[r]), rv(rp[r]);
           float sum_dxh, sum_dxh_xh;
           cpu::reduce_sum2(D, [&](int64_t j, auto tag, Vec8& a, Vec8& b) {
@@ -167,9 +153,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_adaln_fwd_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& shift,
     const at::Tensor& scale, const at::Tensor& cu_seqlens, double eps) {
-  const int64_t B =
-      check_modulation(x, "x", cu_seqlens, {{&gate, "gate"}, {&shift, "shift"}, {&scale, "scale"}});
-  check_tokens(x, "x", {{&y, "y"}});
+  const int64_t B = check_rows(x, "x", cu_seqlens,
+                               {{&gate, "gate"}, {&shift, "shift"}, {&scale, "scale"}}, {{&y, "y"}});
   const int64_t N = x.size(0), D = x.size(1), Dp = cpu::padded(D);
   auto x_new = at::empty_like(x);
   auto h = at::empty_like(x);
@@ -198,10 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_adaln_fwd_cp
         const scalar_t* xr = xp + r * D;
         const scalar_t* yr = yp + r * D;
         scalar_t* xnr = xnp + r * D;
-        if (r + kAhead < end) {
-          cpu::prefetch(xr + kAhead * D, D * sizeof(scalar_t));
-          cpu::prefetch(yr + kAhead * D, D * sizeof(scalar_t));
-        }
+        cpu::prefetch_ahead(r, end, D, {xr, yr});
         // h is normalised from the fp32 x_new, before it is rounded to the output dtype
         const float sum = cpu::reduce_sum(D, [&](int64_t j, auto tag) {
           const Vec8 v = gated_residual_elem(load_v(xr, j, D, tag), Vec8::loadu(g + j * kLanes), load_v(yr, j, D, tag));
@@ -221,8 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
     const at::Tensor& dx_new, const at::Tensor& dh, const at::Tensor& x, const at::Tensor& y,
     const at::Tensor& gate, const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& cu_seqlens) {
-  const int64_t B = check_modulation(x, "x", cu_seqlens, {{&gate, "gate"}, {&scale, "scale"}});
-  check_tokens(x, "x", {{&dx_new, "dx_new"}, {&dh, "dh"}, {&y, "y"}});
+  const int64_t B = check_rows(x, "x", cu_seqlens, {{&gate, "gate"}, {&scale, "scale"}},
+                               {{&dx_new, "dx_new"}, {&dh, "dh"}, {&y, "y"}});
   const int64_t N = x.size(0), D = x.size(1), Dp = cpu::padded(D);
   check_fp32(mean, {N}, x, "mean");
   check_fp32(rstd, {N}, x, "rstd");
@@ -263,9 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
           const scalar_t* dhr = dhp + r * D;
           const scalar_t* dxnr = dxnp + r * D;
           const scalar_t* yr = yp + r * D;
-          if (r + kAhead < r1) {
-            for (const scalar_t* p : {xr, dhr, dxnr, yr}) cpu::prefetch(p + kAhead * D, D * sizeof(scalar_t));
-          }
+          cpu::prefetch_ahead(r, r1, D, {xr, dhr, dxnr, yr});
           const Vec8 mv(mp[r]), rv(rp[r]);
           float sum_dxh, sum_dxh_xh;
           cpu::reduce_sum2(D, [&](int64_t j, auto tag, Vec8& a, Vec8& b) {
@@ -314,4 +294,5 @@ TORCH_LIBRARY_IMPL(nit, CPU, m) {
   m.impl("residual_adaln_bwd", &residual_adaln_bwd_cpu);
 }
 
+}  // namespace cpu
 }  // namespace nit

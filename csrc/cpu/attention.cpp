@@ -57,29 +57,19 @@
 // reports -Wpsabi at the end of the translation unit, hence no push/pop around it.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-namespace nit {
-namespace {
-namespace vec256 {
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
+namespace nit { namespace { namespace vec256 {  // the tiles with 256-bit vectors
+#define NIT_ATTENTION_VECTOR_BYTES 32
 #include "cpu/attention_kernels.h"
-}  // namespace vec256
-}  // namespace
-}  // namespace nit
+} } }  // namespace nit::(anonymous)::vec256
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define NIT_ATTENTION_AVX512 1
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-namespace nit {
-namespace {
-namespace vec512 {
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+namespace nit { namespace { namespace vec512 {  // the tiles with 512-bit vectors
+#define NIT_ATTENTION_VECTOR_BYTES 64
 #include "cpu/attention_kernels.h"
-}  // namespace vec512
-}  // namespace
-}  // namespace nit
+} } }  // namespace nit::(anonymous)::vec512
 #pragma GCC pop_options
 #else
 #define NIT_ATTENTION_AVX512 0
@@ -116,13 +106,9 @@ Geometry check_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
               v.sizes());
   TORCH_CHECK(q.size(2) > 0 && v.size(2) > 0, "head_dim must be positive, got q ", q.sizes(),
               " and v ", v.sizes());
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "q heads (", q.size(1),
-              ") must be a positive multiple of k/v heads (", k.size(1), ")");
+  check_attention_heads(q.size(1), k.size(1));
   TORCH_CHECK(std::isfinite(scale), "softmax_scale must be finite, got ", scale);
-  const int64_t B = check_cu_seqlens(cu_q, q.size(0), q, "cu_seqlens_q");
-  const int64_t Bk = check_cu_seqlens(cu_k, k.size(0), q, "cu_seqlens_k");
-  TORCH_CHECK(B == Bk, "cu_seqlens_q and cu_seqlens_k must describe the same number of "
-              "sequences, got ", B, " and ", Bk);
+  const int64_t B = check_cu_seqlens_qk(cu_q, cu_k, q, k);
   const int64_t longest_q = longest(cu_q), longest_k = longest(cu_k);
   TORCH_CHECK(max_q >= longest_q, "max_seqlen_q=", max_q,
               " is smaller than the longest query sequence (", longest_q, ")");
@@ -142,19 +128,6 @@ Geometry check_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
   g.scale = static_cast<float>(scale);
   g.causal = causal;
   return g;
-}
-
-void check_backward(const Geometry& g, const at::Tensor& dout, const at::Tensor& q,
-                    const at::Tensor& out, const at::Tensor& lse) {
-  for (const auto& [t, name] : {std::pair{dout, "dout"}, std::pair{out, "out"}}) {
-    check_float_input(t, name);
-    check_like(t, q, name, "q");
-    check_shape(t, {g.Nq, g.H, g.Dv}, name);
-  }
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK(lse.device() == q.device(), "lse is on ", lse.device(), " but q is on ", q.device());
-  check_shape(lse, {g.H, g.Nq}, "lse");
-  TORCH_CHECK(lse.is_contiguous(), "lse must be contiguous (got strides ", lse.strides(), ")");
 }
 
 bool use_avx512() {
@@ -231,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k,
     int64_t max_q, int64_t max_k, double scale, bool causal) {
   const Geometry g = check_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
-  check_backward(g, dout, q, out, lse);
+  check_attention_saved(dout, out, lse, q, {g.Nq, g.H, g.Dv});
   auto dq = at::empty_like(q);
   auto dk = at::empty_like(k);
   auto dv = at::empty_like(v);

@@ -46,15 +46,10 @@
 #define NIT_ATTENTION_BF16 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
-namespace nit {
-namespace {
-namespace vec512 {
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+namespace nit { namespace { namespace vec512 {  // the tiles with 512-bit vectors
+#define NIT_ATTENTION_VECTOR_BYTES 64
 #include "cpu/attention_kernels.h"
-}  // namespace vec512
-}  // namespace
-}  // namespace nit
+} } }  // namespace nit::(anonymous)::vec512
 #else
 #define NIT_ATTENTION_BF16 0
 #endif
@@ -416,16 +411,7 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
       std::fill(dKa, dKa + nk * D16, 0.f);
       std::fill(dVa, dVa + nk * Dv16, 0.f);
     }
-    for (int64_t j = 0; j < nk; ++j) {
-      if (t.chunk < 0) {
-        store_row(dk + ((k0 + j0 + j) * Hk + hk) * D, dKa + j * D16, D);
-        store_row(dv + ((k0 + j0 + j) * Hk + hk) * Dv, dVa + j * Dv16, Dv);
-      } else {
-        const int64_t prow = (t.part + t.chunk * sk + j0 + j) * Hk + hk;
-        std::copy(dKa + j * D16, dKa + j * D16 + D, dk_part + prow * D);
-        std::copy(dVa + j * Dv16, dVa + j * Dv16 + Dv, dv_part + prow * Dv);
-      }
-    }
+    store_dkdv(t, sk, k0, j0, nk, Hk, hk, D, Dv, dKa, D16, dVa, Dv16, dk, dv, dk_part, dv_part);
   }
   for (int64_t gi = 0; gi < G; ++gi) {
     for (int64_t r = 0; r < rows; ++r) {

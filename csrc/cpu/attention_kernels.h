@@ -1,13 +1,17 @@
 // Tile kernels of the CPU varlen attention, written once for any vector width.
 //
-// This file is included by attention.cpp once per instruction set, inside a namespace that
-// first defines `vf` (a GCC/Clang vector of floats) and `vi` (the int32 vector of the same
-// size). It has no include guard and includes nothing itself: everything it uses is included
-// before, so that under `#pragma GCC target(...)` only the functions defined here are compiled
-// for the wider instructions (no inline function shared with the rest of the library is).
+// This file is included by attention.cpp (and attention_bf16.cpp) once per instruction set,
+// inside a namespace of its own, with NIT_ATTENTION_VECTOR_BYTES defined to the vector size
+// (32 or 64). It has no include guard and includes nothing itself: everything it uses is
+// included before, so that under `#pragma GCC target(...)` only the functions defined here are
+// compiled for the wider instructions (no inline function shared with the rest of the library is).
 //
 // Every result depends only on the operands and the fixed tiling, never on the thread that runs
 // it: the kernels are deterministic whatever the thread count.
+
+typedef float vf __attribute__((vector_size(NIT_ATTENTION_VECTOR_BYTES)));    // vector of floats
+typedef int32_t vi __attribute__((vector_size(NIT_ATTENTION_VECTOR_BYTES)));  // of int32, same size
+#undef NIT_ATTENTION_VECTOR_BYTES
 
 constexpr int kVec = sizeof(vf) / sizeof(float);  // floats per vector
 constexpr int kNV = kVec == 8 ? 2 : 4;             // vectors per micro-tile row
@@ -263,6 +267,34 @@ inline void store_row(T* dst, const float* src, int64_t n, float mul = 1.f) {
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d] * mul);
 }
 
+// Prefetches the k and v rows of key row `key` (k/v head hk) ahead of their loads.
+template <typename T>
+inline void prefetch_kv(const T* k, const T* v, int64_t key, int64_t Hk, int64_t hk, int64_t D,
+                        int64_t Dv) {
+  prefetch_row(k + (key * Hk + hk) * D, D);
+  prefetch_row(v + (key * Hk + hk) * Dv, Dv);
+}
+
+// dK, dV of the keys j0 .. j0+nk-1 of an image (k0: its first key row) for k/v head hk, from
+// the fp32 tile accumulators dKa [nk, ldk] and dVa [nk, ldv]: into dk, dv when the image's
+// queries are one task (t.chunk < 0), else into this chunk's rows of dk_part, dv_part.
+template <typename T>
+inline void store_dkdv(const Task& t, int64_t sk, int64_t k0, int64_t j0, int64_t nk, int64_t Hk,
+                       int64_t hk, int64_t D, int64_t Dv, const float* dKa, int64_t ldk,
+                       const float* dVa, int64_t ldv, T* dk, T* dv, float* dk_part,
+                       float* dv_part) {
+  for (int64_t j = 0; j < nk; ++j) {
+    if (t.chunk < 0) {
+      store_row(dk + ((k0 + j0 + j) * Hk + hk) * D, dKa + j * ldk, D);
+      store_row(dv + ((k0 + j0 + j) * Hk + hk) * Dv, dVa + j * ldv, Dv);
+    } else {
+      const int64_t prow = (t.part + t.chunk * sk + j0 + j) * Hk + hk;
+      std::copy(dKa + j * ldk, dKa + j * ldk + D, dk_part + prow * D);
+      std::copy(dVa + j * ldv, dVa + j * ldv + Dv, dv_part + prow * Dv);
+    }
+  }
+}
+
 // Sets S[r, c] = fill for the columns of a [rows, N] tile (leading dimension ld) that are
 // padding (c >= nk) or, causal, after the last key of row i0 + r (key j0 + c > i0 + r + off).
 inline void mask_tile(float* S, int64_t ld, int64_t rows, int64_t N, int64_t nk, bool causal,
@@ -303,10 +335,7 @@ void fwd_task(const Geometry& g, const T* q, const T* k, const T* v, T* out, flo
   for (int64_t j0 = 0; j0 < nvis; j0 += kBk) {
     const int64_t nk = std::min(kBk, nvis - j0), N = round_up(nk, kVec);
     for (int64_t j = 0; j < N; ++j) {
-      if (j + kAhead < nk) {
-        prefetch_row(k + ((k0 + j0 + j + kAhead) * Hk + hk) * D, D);
-        prefetch_row(v + ((k0 + j0 + j + kAhead) * Hk + hk) * Dv, Dv);
-      }
+      if (j + kAhead < nk) prefetch_kv(k, v, k0 + j0 + j + kAhead, Hk, hk, D, Dv);
       if (j < nk) {
         load_row(krows + j * Dp, k + ((k0 + j0 + j) * Hk + hk) * D, D, Dp);
         load_row(vp + (j0 + j) * Dvp, v + ((k0 + j0 + j) * Hk + hk) * Dv, Dv, Dvp);
@@ -454,10 +483,7 @@ void bwd_task(const Geometry& g, const T* dout, const T* q, const T* k, const T*
     }
     if (j0 < nvis) {
       for (int64_t j = 0; j < N; ++j) {
-        if (j + kAhead < nk) {
-          prefetch_row(k + ((k0 + j0 + j + kAhead) * Hk + hk) * D, D);
-          prefetch_row(v + ((k0 + j0 + j + kAhead) * Hk + hk) * Dv, Dv);
-        }
+        if (j + kAhead < nk) prefetch_kv(k, v, k0 + j0 + j + kAhead, Hk, hk, D, Dv);
         if (j < nk) {
           load_row(Kr + j * Dp, k + ((k0 + j0 + j) * Hk + hk) * D, D, Dp);
           load_row(Vr + j * Dvp, v + ((k0 + j0 + j) * Hk + hk) * Dv, Dv, Dvp);
@@ -505,16 +531,7 @@ void bwd_task(const Geometry& g, const T* dout, const T* q, const T* k, const T*
         }
       }
     }
-    for (int64_t j = 0; j < nk; ++j) {
-      if (t.chunk < 0) {
-        store_row(dk + ((k0 + j0 + j) * Hk + hk) * D, dKa + j * Dp, D);
-        store_row(dv + ((k0 + j0 + j) * Hk + hk) * Dv, dVa + j * Dvp, Dv);
-      } else {
-        const int64_t prow = (t.part + t.chunk * sk + j0 + j) * Hk + hk;
-        std::copy(dKa + j * Dp, dKa + j * Dp + D, dk_part + prow * D);
-        std::copy(dVa + j * Dvp, dVa + j * Dvp + Dv, dv_part + prow * Dv);
-      }
-    }
+    store_dkdv(t, sk, k0, j0, nk, Hk, hk, D, Dv, dKa, Dp, dVa, Dvp, dk, dv, dk_part, dv_part);
   }
   for (int64_t gi = 0; gi < G; ++gi) {
     for (int64_t r = 0; r < rows; ++r) {

@@ -17,20 +17,14 @@
 #include "cpu/vec.h"
 
 namespace nit {
+namespace cpu {
 namespace {
 
-using cpu::kLanes;
-using cpu::load_v;
-using cpu::store_v;
-using cpu::Vec8;
-
 constexpr int64_t kGrain = 16;  // rows per parallel task, at least
-constexpr int64_t kAhead = 2;   // rows prefetched ahead of the one being computed
 
 at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& y,
                                   const at::Tensor& gate, const at::Tensor& cu_seqlens) {
-  const int64_t B = cpu::check_modulation(x, "x", cu_seqlens, {{&gate, "gate"}});
-  cpu::check_tokens(x, "x", {{&y, "y"}});
+  const int64_t B = check_rows(x, "x", cu_seqlens, {{&gate, "gate"}}, {{&y, "y"}});
   auto out = at::empty_like(x);
   const int64_t N = x.size(0), D = x.size(1), Dp = cpu::padded(D);
   const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
@@ -46,10 +40,7 @@ at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& y,
         const scalar_t* xr = xp + r * D;
         const scalar_t* yr = yp + r * D;
         scalar_t* orow = op + r * D;
-        if (r + kAhead < end) {
-          cpu::prefetch(xr + kAhead * D, D * sizeof(scalar_t));
-          cpu::prefetch(yr + kAhead * D, D * sizeof(scalar_t));
-        }
+        cpu::prefetch_ahead(r, end, D, {xr, yr});
         cpu::for_each_vec(D, [&](int64_t j, auto tag) {
           const Vec8 gj = Vec8::loadu(g.data() + j * kLanes);
           store_v(orow, j, D, gated_residual_elem(load_v(xr, j, D, tag), gj, load_v(yr, j, D, tag)), tag);
@@ -64,8 +55,7 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& dout
                                                           const at::Tensor& y,
                                                           const at::Tensor& gate,
                                                           const at::Tensor& cu_seqlens) {
-  const int64_t B = cpu::check_modulation(y, "y", cu_seqlens, {{&gate, "gate"}});
-  cpu::check_tokens(y, "y", {{&dout, "dout"}});
+  const int64_t B = check_rows(y, "y", cu_seqlens, {{&gate, "gate"}}, {{&dout, "dout"}});
   const int64_t D = y.size(1), Dp = cpu::padded(D);
   const cpu::ImageBlocks blocks(cu_seqlens.data_ptr<int32_t>(), B);
   auto dy = at::empty_like(y);
@@ -86,10 +76,7 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& dout
           const scalar_t* dr = dp + r * D;
           const scalar_t* yr = yp + r * D;
           scalar_t* dyr = dyp + r * D;
-          if (r + kAhead < r1) {
-            cpu::prefetch(dr + kAhead * D, D * sizeof(scalar_t));
-            cpu::prefetch(yr + kAhead * D, D * sizeof(scalar_t));
-          }
+          cpu::prefetch_ahead(r, r1, D, {dr, yr});
           cpu::for_each_vec(D, [&](int64_t j, auto tag) {
             const int64_t c = j * kLanes;
             const Vec8 d = load_v(dr, j, D, tag);
@@ -111,4 +98,5 @@ TORCH_LIBRARY_IMPL(nit, CPU, m) {
   m.impl("gated_residual_bwd", &gated_residual_bwd_cpu);
 }
 
+}  // namespace cpu
 }  // namespace nit

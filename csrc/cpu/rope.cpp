@@ -22,23 +22,18 @@
 
 #include "checks.h"
 #include "common/adaln_math.h"
-#include "common/rope_angles.h"
+#include "common/rope_math.h"
 #include "common/segments.h"
 #include "cpu/rows.h"
 #include "cpu/vec.h"
 
 namespace nit {
+namespace cpu {
 namespace {
-
-using cpu::kLanes;
-using cpu::load_v;
-using cpu::store_v;
-using cpu::Vec8;
 
 constexpr int64_t kGrain = 8;               // tokens per parallel task, at least
 constexpr int64_t kTokenBlock = 32;         // tokens per reduction block of dweight/dbias
 constexpr int64_t kMaxTablePositions = 4096;
-constexpr int64_t kAhead = 2;               // tokens prefetched ahead of the one being computed
 
 // Rotation coefficients C, S of every token, from per-axis tables indexed by position.
 class RopeCoeffs {
@@ -115,7 +110,7 @@ struct ImageCursor {
     w = sizes[2 * seg + 1];
   }
   void positions(int64_t r, int64_t* p0, int64_t* p1) const {
-    rope_position_indices(r - start, h, w, official, p0, p1);
+    rope_positions(r - start, h, w, official, p0, p1);
   }
 };
 
@@ -142,26 +137,12 @@ inline void rotate_row(const T* x, T* y, const float* C, const float* S, int64_t
   });
 }
 
-struct RopeArgs {
-  int64_t N, B, Dh;
-  bool official;
-};
-
-RopeArgs check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu,
-                    const at::Tensor& sizes, const at::Tensor& freqs, c10::string_view positions) {
-  check_qk(q, k);
-  const int64_t N = q.size(0), Dh = q.size(2);
-  const int64_t B = check_cu_seqlens(cu, N, q);
-  check_sizes(sizes, cu);
-  check_fp32(freqs, {2, Dh / 4}, q, "freqs");
-  return {N, B, Dh, check_positions(positions)};
-}
-
 std::tuple<at::Tensor, at::Tensor> rope_2d_cpu(const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& cu_seqlens, const at::Tensor& sizes,
                                                const at::Tensor& freqs, c10::string_view positions,
                                                double mscale, bool inverse) {
-  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, freqs, positions);
+  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, positions);
+  check_fp32(freqs, {2, a.Dh / 4}, q, "freqs");
   const int64_t H = q.size(1), Hk = k.size(1), Dh = a.Dh, Dhp = cpu::padded(Dh);
   auto q_rot = at::empty_like(q);
   auto k_rot = at::empty_like(k);
@@ -177,10 +158,8 @@ std::tuple<at::Tensor, at::Tensor> rope_2d_cpu(const at::Tensor& q, const at::Te
       std::vector<float> cs(2 * Dhp, 0.f);
       float *C = cs.data(), *S = C + Dhp;
       for_rotated_rows(cu, sz, a.B, a.official, coeffs, begin, end, C, S, [&](int64_t r) {
-        if (r + kAhead < end) {
-          cpu::prefetch(qp + (r + kAhead) * H * Dh, H * Dh * sizeof(scalar_t));
-          cpu::prefetch(kp + (r + kAhead) * Hk * Dh, Hk * Dh * sizeof(scalar_t));
-        }
+        cpu::prefetch_ahead(r, end, H * Dh, {qp + r * H * Dh});
+        cpu::prefetch_ahead(r, end, Hk * Dh, {kp + r * Hk * Dh});
         for (int64_t h = 0; h < H; ++h) rotate_row(qp + (r * H + h) * Dh, qo + (r * H + h) * Dh, C, S, Dh);
         for (int64_t h = 0; h < Hk; ++h) rotate_row(kp + (r * Hk + h) * Dh, ko + (r * Hk + h) * Dh, C, S, Dh);
       });
@@ -250,7 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& freqs, const at::Tensor& q_weight, const at::Tensor& q_bias,
     const at::Tensor& k_weight, const at::Tensor& k_bias, double eps, c10::string_view positions,
     double mscale) {
-  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, freqs, positions);
+  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, positions);
+  check_fp32(freqs, {2, a.Dh / 4}, q, "freqs");
   const int64_t N = a.N, H = q.size(1), Hk = k.size(1), Dh = a.Dh, Dhp = cpu::padded(Dh);
   check_fp32(q_weight, {Dh}, q, "q_weight");
   check_fp32(q_bias, {Dh}, q, "q_bias");
@@ -278,10 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       std::vector<float> work(3 * Dhp, 0.f);
       float *C = work.data(), *S = C + Dhp, *buf = S + Dhp;
       for_rotated_rows(cu, sz, a.B, a.official, coeffs, begin, end, C, S, [&](int64_t r) {
-        if (r + kAhead < end) {
-          cpu::prefetch(qp + (r + kAhead) * H * Dh, H * Dh * sizeof(scalar_t));
-          cpu::prefetch(kp + (r + kAhead) * Hk * Dh, Hk * Dh * sizeof(scalar_t));
-        }
+        cpu::prefetch_ahead(r, end, H * Dh, {qp + r * H * Dh});
+        cpu::prefetch_ahead(r, end, Hk * Dh, {kp + r * Hk * Dh});
         for (int64_t h = 0; h < H; ++h) {
           const int64_t i = r * H + h;
           norm_rope_row(qp + i * Dh, qo + i * Dh, buf, qw.data(), qb.data(), C, S, Dh, e, qm + i, qr + i);
@@ -302,12 +280,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& q_mean,
     const at::Tensor& q_rstd, const at::Tensor& k_mean, const at::Tensor& k_rstd,
     c10::string_view positions, double mscale) {
-  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, freqs, positions);
+  const RopeArgs a = check_rope(q, k, cu_seqlens, sizes, positions);
+  check_fp32(freqs, {2, a.Dh / 4}, q, "freqs");
   const int64_t N = a.N, H = q.size(1), Hk = k.size(1), Dh = a.Dh, Dhp = cpu::padded(Dh);
-  check_qk(dq_rot, dk_rot, "dq_rot", "dk_rot");
-  check_like(dq_rot, q, "dq_rot", "q");
-  check_shape(dq_rot, q.sizes(), "dq_rot");
-  check_shape(dk_rot, k.sizes(), "dk_rot");
+  check_qk_grads(dq_rot, dk_rot, q, k);
   check_fp32(q_weight, {Dh}, q, "q_weight");
   check_fp32(k_weight, {Dh}, q, "k_weight");
   check_fp32(q_mean, {N, H}, q, "q_mean");
@@ -343,10 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         float* acc_kb = pp + (3 * nblocks + blk) * Dhp;
         const int64_t r0 = blk * kTokenBlock, r1 = std::min(N, r0 + kTokenBlock);
         for_rotated_rows(cu, sz, a.B, a.official, coeffs, r0, r1, C, S, [&](int64_t r) {
-          if (r + kAhead < N) {
-            for (const scalar_t* p : {dqp, qp}) cpu::prefetch(p + (r + kAhead) * H * Dh, H * Dh * sizeof(scalar_t));
-            for (const scalar_t* p : {dkp, kp}) cpu::prefetch(p + (r + kAhead) * Hk * Dh, Hk * Dh * sizeof(scalar_t));
-          }
+          cpu::prefetch_ahead(r, N, H * Dh, {dqp + r * H * Dh, qp + r * H * Dh});
+          cpu::prefetch_ahead(r, N, Hk * Dh, {dkp + r * Hk * Dh, kp + r * Hk * Dh});
           for (int64_t h = 0; h < H; ++h) {
             const int64_t i = r * H + h;
             norm_rope_row_bwd(dqp + i * Dh, qp + i * Dh, dqo + i * Dh, qm[i], qr[i], qw.data(), C, S,
@@ -385,4 +359,5 @@ TORCH_LIBRARY_IMPL(nit, CPU, m) {
   m.impl("qk_norm_rope_bwd", &qk_norm_rope_bwd_cpu);
 }
 
+}  // namespace cpu
 }  // namespace nit

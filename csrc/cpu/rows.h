@@ -1,43 +1,25 @@
-// Row helpers shared by the CPU kernels: argument checks of the packed AdaLN family, the
-// image-by-image row loop, per-image row gathering, LayerNorm statistics of an fp32 row buffer.
+// Row helpers shared by the CPU kernels: the image-by-image row loop, per-image row gathering,
+// LayerNorm statistics of an fp32 row buffer.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <cmath>
-
 #include <initializer_list>
-#include <utility>
 
-#include "checks.h"
 #include "common/segments.h"
 #include "cpu/vec.h"
 
 namespace nit {
 namespace cpu {
 
-using Named = std::pair<const at::Tensor*, const char*>;
+constexpr int64_t kAhead = 2;  // rows prefetched ahead of the one being computed
 
-// x [N, D] (named x_name), cu_seqlens [B+1] consistent with N, and per-image rows [B, D] like x.
-inline int64_t check_modulation(const at::Tensor& x, const char* x_name, const at::Tensor& cu,
-                                std::initializer_list<Named> rows) {
-  check_float_input(x, x_name);
-  TORCH_CHECK(x.dim() == 2, x_name, " must be [N, D], got shape ", x.sizes());
-  const int64_t B = check_cu_seqlens(cu, x.size(0), x);
-  for (const auto& [t, name] : rows) {
-    check_float_input(*t, name);
-    check_like(*t, x, name, x_name);
-    check_shape(*t, {B, x.size(1)}, name);
-  }
-  return B;
-}
-
-// token tensors [N, D] like x
-inline void check_tokens(const at::Tensor& x, const char* x_name, std::initializer_list<Named> tensors) {
-  for (const auto& [t, name] : tensors) {
-    check_float_input(*t, name);
-    check_like(*t, x, name, x_name);
-    check_shape(*t, x.sizes(), name);
-  }
+// Prefetches, while row r + kAhead < end, that row of every [rows, width] table whose row r
+// starts at one of `at_r`.
+template <typename T>
+inline void prefetch_ahead(int64_t r, int64_t end, int64_t width, std::initializer_list<const T*> at_r) {
+  if (r + kAhead >= end) return;
+  for (const T* p : at_r) prefetch(p + kAhead * width, width * sizeof(T));
 }
 
 // fp32 copy of row `seg` of a [B, D] table plus `add` (1 turns scale into 1 + scale).

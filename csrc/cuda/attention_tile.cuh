@@ -1,4 +1,4 @@
-// Building blocks of the varlen attention kernels (varlen_attention.cu, varlen_attention_bwd.cu):
+// Building blocks of the varlen attention kernels (attention.cu, attention_bwd.cu):
 // tile shapes, shared-memory tile loads, and the two warp-level products every kernel is made of.
 //
 // Work split: every warp owns a 16-row strip of the block's tile (query rows in the forward and

@@ -11,7 +11,7 @@
 #include <stdint.h>
 
 #include "common/macros.h"
-#include "common/norm_math.h"
+#include "common/adaln_math.h"
 #include "common/segments.h"
 #include "cuda/launchers.h"
 
@@ -176,16 +176,6 @@ NIT_HD void segment_range(const int32_t* cu, int b, int64_t n, int64_t* begin, i
   e = e < a ? a : (e > n ? n : e);
   *begin = a;
   *end = e;
-}
-
-// cos and sin of an fp32 angle, evaluated in double: fast-math builds replace sinf/cosf with
-// approximate intrinsics whose error grows with |angle| (RoPE angles reach hundreds of
-// radians), while the reference rounds the angle to fp32 and then evaluates it accurately.
-__device__ __forceinline__ void accurate_sincos(float angle, float* c, float* s) {
-  double sd, cd;
-  sincos(static_cast<double>(angle), &sd, &cd);
-  *c = static_cast<float>(cd);
-  *s = static_cast<float>(sd);
 }
 
 }  // namespace cuda

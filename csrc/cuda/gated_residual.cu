@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kRowThreads)
     load_f32<kVec>(y + row * D + c, b);
     load_f32<kVec>(g + c, s);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) o[i] = a[i] + s[i] * b[i];
+    for (int i = 0; i < kVec; ++i) o[i] = gated_residual_elem(a[i], s[i], b[i]);
     store_f32<kVec>(out + row * D + c, o);
   }
 }

@@ -7,38 +7,32 @@ namespace nit {
 namespace cuda_glue {
 namespace gated_residual {
 
-void check_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
-                const at::Tensor& cu_seqlens, const char* x_name) {
-  const int64_t B = check_token_matrix(x, x_name, cu_seqlens, false);
-  check_same_kind(y, "y", x, x_name, x.sizes());
-  check_same_kind(gate, "gate", x, x_name, {B, x.size(1)});
-}
-
 at::Tensor fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
                const at::Tensor& cu_seqlens) {
-  check_args(x, y, gate, cu_seqlens, "x");
-  const DeviceGuard guard(x.device());
+  check_cuda(x, "x");
+  check_rows(x, "x", cu_seqlens, {{&gate, "gate"}}, {{&y, "y"}});
   auto out = at::empty_like(x);
-  check_launch(cuda::gated_residual_fwd(dtype_of(x), x.data_ptr(), y.data_ptr(), gate.data_ptr(),
-                                        pack_of(cu_seqlens, x.size(0)), x.size(1), out.data_ptr(),
-                                        current_stream()),
-               "gated_residual_fwd");
+  launch_on(x, "gated_residual_fwd", [&](cudaStream_t stream) {
+    return cuda::gated_residual_fwd(dtype_of(x), x.data_ptr(), y.data_ptr(), gate.data_ptr(),
+                                    pack_of(cu_seqlens, x.size(0)), x.size(1), out.data_ptr(),
+                                    stream);
+  });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& y,
                                        const at::Tensor& gate, const at::Tensor& cu_seqlens) {
-  check_args(dout, y, gate, cu_seqlens, "dout");
-  const DeviceGuard guard(y.device());
+  check_cuda(dout, "dout");
+  check_rows(dout, "dout", cu_seqlens, {{&gate, "gate"}}, {{&y, "y"}});
   const cuda::Pack pack = pack_of(cu_seqlens, y.size(0));
   const int64_t D = y.size(1);
   auto dy = at::empty_like(y);
   auto dgate = at::empty_like(gate);
-  auto ws = at::empty({cuda::gated_residual_bwd_workspace(pack, D)}, y.options().dtype(at::kFloat));
-  check_launch(cuda::gated_residual_bwd(dtype_of(y), dout.data_ptr(), y.data_ptr(), gate.data_ptr(),
-                                        pack, D, dy.data_ptr(), dgate.data_ptr(),
-                                        ws.data_ptr<float>(), current_stream()),
-               "gated_residual_bwd");
+  auto ws = fp32_empty({cuda::gated_residual_bwd_workspace(pack, D)}, y);
+  launch_on(y, "gated_residual_bwd", [&](cudaStream_t stream) {
+    return cuda::gated_residual_bwd(dtype_of(y), dout.data_ptr(), y.data_ptr(), gate.data_ptr(),
+                                    pack, D, dy.data_ptr(), dgate.data_ptr(), f32(ws), stream);
+  });
   return {dy, dgate};
 }
 

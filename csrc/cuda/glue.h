@@ -1,5 +1,6 @@
-// Helpers of the thin torch glue of the CUDA kernels (<op>_glue.cpp): dtype mapping, device
-// guard and current stream, launch-error reporting. Only the glue includes torch headers.
+// Helpers of the thin torch glue of the CUDA kernels (<family>_glue.cpp): dtype mapping, device
+// guard and current stream, launch-error reporting. The argument checks are those of checks.h,
+// shared with the CPU kernels. Only the glue includes torch headers.
 //
 // The simulator build (NIT_CUDA_SIM, see csrc/sim/glue_hooks.h) compiles the same glue for CPU
 // tensors: it registers the ops as nit_sim::* on the CPU key and swaps the device checks, guard
@@ -10,8 +11,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
-
-#include <string_view>
 
 #include "checks.h"
 #include "cuda/launchers.h"
@@ -45,53 +44,6 @@ inline cuda::DType dtype_of(const at::Tensor& t) {
   }
 }
 
-// fp32 statistics saved by a forward: float32, contiguous, the given shape, on ref's device.
-inline void check_stats(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& ref,
-                        const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but the data is on ",
-              ref.device());
-  check_shape(t, shape, name);
-}
-
-// Small fp32 parameter tables (freqs, LayerNorm weights): any float dtype is accepted and
-// converted, so a caller holding fp16 weights still gets fp32 math.
-inline at::Tensor fp32_param(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& ref,
-                             const char* name) {
-  TORCH_CHECK(t.is_floating_point(), name, " must be a floating-point tensor, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but the data is on ",
-              ref.device());
-  check_shape(t, shape, name);
-  return t.to(at::kFloat).contiguous();
-}
-
-// x [N, D] of the row-wise ops: CUDA, float, contiguous, with its cu_seqlens; returns B.
-inline int64_t check_token_matrix(const at::Tensor& x, const char* name, const at::Tensor& cu_seqlens,
-                                  bool needs_columns) {
-  check_cuda(x, name);
-  check_float_input(x, name);
-  TORCH_CHECK(x.dim() == 2, name, " must be [N, D], got shape ", x.sizes());
-  TORCH_CHECK(!needs_columns || x.size(1) > 0, name,
-              " must have at least one column to normalise, got shape ", x.sizes());
-  return check_cu_seqlens(cu_seqlens, x.size(0), x);
-}
-
-// t has x's dtype and device and the given shape ([N, D] per token or [B, D] per image).
-inline void check_same_kind(const at::Tensor& t, const char* name, const at::Tensor& x,
-                            const char* x_name, at::IntArrayRef shape) {
-  check_float_input(t, name);
-  check_like(t, x, name, x_name);
-  check_shape(t, shape, name);
-}
-
-inline bool official_positions(std::string_view positions) {
-  TORCH_CHECK(positions == "grid" || positions == "official",
-              "positions must be 'grid' or 'official', got '", std::string(positions), "'");
-  return positions == "official";
-}
-
 inline cuda::Pack pack_of(const at::Tensor& cu_seqlens, int64_t num_tokens) {
   return {cu_seqlens.data_ptr<int32_t>(), static_cast<int>(cu_seqlens.numel() - 1), num_tokens};
 }
@@ -100,6 +52,21 @@ inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "nit::", op, ": CUDA error ", cudaGetErrorName(err), " (",
               cudaGetErrorString(err), ")");
 }
+
+// The launch block of every glue function: launcher(stream) runs on the current stream of
+// ref's device (made current for the call); a CUDA error it returns raises, naming op.
+template <typename Launcher>
+inline void launch_on(const at::Tensor& ref, const char* op, Launcher&& launcher) {
+  const DeviceGuard guard(ref.device());
+  check_launch(launcher(current_stream()), op);
+}
+
+// An fp32 tensor on ref's device: saved statistics, and the kernels' workspaces.
+inline at::Tensor fp32_empty(at::IntArrayRef shape, const at::Tensor& ref) {
+  return at::empty(shape, ref.options().dtype(at::kFloat));
+}
+
+inline float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
 
 }  // namespace cuda_glue
 }  // namespace nit

@@ -1,6 +1,6 @@
 // Host interface of the CUDA kernels: plain functions on raw device pointers, sizes and a
 // stream. This header needs only the CUDA runtime API, so the kernels (.cu) compile with plain
-// nvcc and the torch glue (<op>_glue.cpp) stays thin: it checks arguments, allocates outputs
+// nvcc and the torch glue (<family>_glue.cpp) stays thin: it checks arguments, allocates outputs
 // and workspaces with torch's caching allocator, and calls one of these on the current stream.
 //
 // Conventions shared by every launcher:
@@ -12,12 +12,35 @@
 //   - statistics (mean, rstd, lse) and workspaces are fp32; all math is fp32;
 //   - the return value is the first CUDA error met (cudaSuccess otherwise); launches are async.
 #pragma once
+#include <stdint.h>
+
+#include <tuple>
+
+namespace nit {
+namespace cuda {
+
+// ---- head-dim limits of the kernels: the one statement of them -------------------------------
+// The glue refuses a larger head_dim with a clear error, the launchers return
+// cudaErrorInvalidValue, and the extension reports them to Python (op nit::limits; the CPU
+// kernels have no such limits). attention: tiles padded to 64, 80 or 128 columns (attention_tile.cuh);
+// qk_norm_rope: at most 4 pairs per lane of a warp (rope.cu).
+constexpr int64_t kAttnMaxHeadDim = 128;
+constexpr int64_t kQkNormMaxHeadDim = 256;
+
+// The value of op nit::limits() -> (varlen_attention_max_head_dim, qk_norm_rope_max_head_dim).
+inline std::tuple<int64_t, int64_t> limits() { return {kAttnMaxHeadDim, kQkNormMaxHeadDim}; }
+
+}  // namespace cuda
+}  // namespace nit
+
+// The rest needs the CUDA runtime API; registration.cpp, built without CUDA too, reads only the
+// limits above (it defines NIT_CUDA_LIMITS_ONLY).
+#if !defined(NIT_CUDA_LIMITS_ONLY)
 #include <cuda_runtime_api.h>
 #if defined(NIT_CUDA_SIM) && !defined(__CUDACC__)
 #include "sim/runtime.h"
 #endif
 #include <stddef.h>
-#include <stdint.h>
 
 namespace nit {
 namespace cuda {
@@ -76,7 +99,6 @@ cudaError_t rope_2d(DType dt, const void* q, const void* k, Pack pack, int64_t H
                     cudaStream_t stream);
 
 // ---- qk_norm_rope: LayerNorm over Dh with affine (fp32 weight/bias), then RoPE -------------------
-constexpr int64_t kQkNormMaxHeadDim = 256;
 cudaError_t qk_norm_rope_fwd(DType dt, const void* q, const void* k, Pack pack, int64_t H,
                              int64_t Hk, int64_t Dh, RopeArgs rope, const float* q_weight,
                              const float* q_bias, const float* k_weight, const float* k_bias,
@@ -92,7 +114,6 @@ cudaError_t qk_norm_rope_bwd(DType dt, const void* dq_rot, const void* dk_rot, c
                              float* workspace, cudaStream_t stream);
 
 // ---- varlen attention (flash_attn_varlen_func semantics) ---------------------------------------
-constexpr int64_t kAttnMaxHeadDim = 128;
 struct AttnArgs {
   const int32_t* cu_q;  // [B+1]
   const int32_t* cu_k;  // [B+1]
@@ -140,3 +161,4 @@ inline void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args
 
 }  // namespace cuda
 }  // namespace nit
+#endif  // !NIT_CUDA_LIMITS_ONLY

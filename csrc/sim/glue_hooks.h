@@ -244,3 +244,8 @@ class Registrar {
     fn(registrar);                                                       \
   }                                                                      \
   static void fn(::nit::cuda_glue::sim_checks::Registrar& m)
+
+// nit_sim::limits, the head-dim limits of the kernel sources this simulator was built from
+// (csrc/cuda/launchers.h). The simulator's glue is one translation unit, so this header, and
+// with it this registration, is compiled once.
+TORCH_LIBRARY_IMPL(nit_sim, CompositeExplicitAutograd, m) { m.impl("limits", &::nit::cuda::limits); }

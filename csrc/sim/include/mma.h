@@ -85,26 +85,26 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p
     for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = kRowMajor ? p[r * ldm + c] : p[c * ldm + r];
 }
 
+namespace detail {
+// The offset in a 16x16 fp32 tile (leading dimension ldm) of accumulator element i of lane l.
+inline unsigned acc_offset(int l, int i, unsigned ldm, layout_t layout) {
+  const unsigned r = acc_row(l, i), c = acc_col(l, i);
+  return layout == mem_row_major ? r * ldm + c : c * ldm + r;
+}
+}  // namespace detail
+
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float, void>& f, const float* p,
                              unsigned ldm, layout_t layout) {
   detail::check_ptr(p, ldm, sizeof(float), "load_matrix_sync");
   __syncwarp();
-  const int l = detail::lane();
-  for (int i = 0; i < 8; ++i) {
-    const int r = detail::acc_row(l, i), c = detail::acc_col(l, i);
-    f.x[i] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
-  }
+  for (int i = 0; i < 8; ++i) f.x[i] = p[detail::acc_offset(detail::lane(), i, ldm, layout)];
 }
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float, void>& f,
                               unsigned ldm, layout_t layout) {
   detail::check_ptr(p, ldm, sizeof(float), "store_matrix_sync");
   __syncwarp();
-  const int l = detail::lane();
-  for (int i = 0; i < 8; ++i) {
-    const int r = detail::acc_row(l, i), c = detail::acc_col(l, i);
-    (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[i];
-  }
+  for (int i = 0; i < 8; ++i) p[detail::acc_offset(detail::lane(), i, ldm, layout)] = f.x[i];
 }
 
 // d = a * b + c: each lane computes its own accumulator elements from its copies of a and b.

@@ -1,16 +1,102 @@
-// CUDA kernels of the fused qk-norm + axial 2D RoPE, q and k in one launch:
+// CUDA kernels of axial 2D RoPE on q [N, H, Dh] and k [N, Hk, Dh] (math: common/rope_math.h).
+// Angles are computed from the token index and the pack: no cos/sin table.
+//
+// rope_2d: (x0, x1) -> mscale * (x0 cos a - x1 sin a, x1 cos a + x0 sin a),  a = p_axis * freqs[axis][i]
+//   One thread per (token, pair): the angle is evaluated once and applied to every q and k head
+//   of the token; consecutive threads touch consecutive pairs of a head row (coalesced).
+//   inverse = true rotates by -a: the transpose, i.e. the backward (times mscale).
+//
+// qk_norm_rope, the fused qk-norm + RoPE, q and k in one launch:
 //   n = (x - mean) * rstd * weight + bias      (LayerNorm over Dh of every (token, head) row)
-//   out = mscale * R(a) n                      (rotation of interleaved pairs, see rope_2d.cu)
-// One warp per token: lane l owns pairs l, l+32, ... of every head, so the angles (and the
-// weight/bias entries) are computed once per token and reused by all H + Hk heads.
-// Backward per row, with g = mscale * R(-a) dout (the gradient of n) and xhat = (x - mean) * rstd:
+//   out = mscale * R(a) n
+//   One warp per token: lane l owns pairs l, l+32, ... of every head, so the angles (and the
+//   weight/bias entries) are computed once per token and reused by all H + Hk heads.
+//   Backward per row, with g = mscale * R(-a) dout (the gradient of n) and xhat = (x - mean) * rstd:
 //   dweight += g * xhat,  dbias += g,  dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w * xhat))
-// The parameter sums are fixed-order per-block partials reduced by slot_sums: deterministic.
+//   The parameter sums are fixed-order per-block partials reduced by slot_sums: deterministic.
+#include "common/rope_math.h"
 #include "cuda/packed_rows.cuh"
-#include "cuda/rope.cuh"
 
 namespace nit {
 namespace cuda {
+
+// ---- angles --------------------------------------------------------------------------------
+// Pair i of a head (dims 2i, 2i+1; 0 <= i < Dh/2) rotates with axis 0 for i < Dh/4 and axis 1
+// otherwise; freqs [2, Dh/4] flattened is indexed by i directly.
+struct TokenPos {
+  float p0, p1;
+};
+
+// Positions (p0, p1) of packed token `row` (see rope_positions for the two modes).
+__device__ __forceinline__ TokenPos token_position(const Pack& pack, const RopeArgs& rope,
+                                                   int64_t row) {
+  const int seg = find_segment(pack.cu_seqlens, pack.num_seqs, row);
+  int64_t t = row - pack.cu_seqlens[seg];
+  t = t < 0 ? 0 : t;
+  // sizes are validated on the host; max(., 1) keeps a corrupt table from dividing by zero
+  const int64_t h = max(rope.sizes[2 * seg], 1), w = max(rope.sizes[2 * seg + 1], 1);
+  int64_t p0, p1;
+  rope_positions(t, h, w, rope.official, &p0, &p1);
+  return {static_cast<float>(p0), static_cast<float>(p1)};
+}
+
+// cos and sin (without mscale) of pair i's angle p * freqs[axis][i mod Dh/4].
+__device__ __forceinline__ void pair_cos_sin(const TokenPos& pos, const float* __restrict__ freqs,
+                                             int64_t quarter, int64_t i, float* c, float* s) {
+  rope_cos_sin(i < quarter ? pos.p0 : pos.p1, freqs[i], c, s);
+}
+
+// ---- rope_2d -------------------------------------------------------------------------------
+namespace {
+
+constexpr int kRopeThreads = 256;
+
+template <typename T>
+__device__ __forceinline__ void rotate_heads(const T* __restrict__ x, T* __restrict__ out,
+                                             int64_t row, int64_t heads, int64_t Dh, int64_t i,
+                                             float c, float s, float mscale, bool inverse) {
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t off = (row * heads + h) * Dh + 2 * i;
+    float y0, y1;
+    rope_rotate_pair(to_float(x[off]), to_float(x[off + 1]), c, s, mscale, inverse, &y0, &y1);
+    out[off] = from_float<T>(y0);
+    out[off + 1] = from_float<T>(y1);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRopeThreads)
+    rope_2d_kernel(const T* __restrict__ q, const T* __restrict__ k, Pack pack, int64_t H,
+                   int64_t Hk, int64_t Dh, RopeArgs rope, bool inverse, T* __restrict__ q_out,
+                   T* __restrict__ k_out) {
+  const int64_t pairs = Dh / 2;
+  const int64_t idx = int64_t(blockIdx.x) * kRopeThreads + threadIdx.x;
+  if (idx >= pack.num_tokens * pairs) return;
+  const int64_t row = idx / pairs, i = idx % pairs;
+  float c, s;
+  pair_cos_sin(token_position(pack, rope, row), rope.freqs, Dh / 4, i, &c, &s);
+  rotate_heads(q, q_out, row, H, Dh, i, c, s, rope.mscale, inverse);
+  rotate_heads(k, k_out, row, Hk, Dh, i, c, s, rope.mscale, inverse);
+}
+
+}  // namespace
+
+cudaError_t rope_2d(DType dt, const void* q, const void* k, Pack pack, int64_t H, int64_t Hk,
+                    int64_t Dh, RopeArgs rope, bool inverse, void* q_out, void* k_out,
+                    cudaStream_t stream) {
+  if (Dh % 4 != 0) return cudaErrorInvalidValue;
+  const int64_t threads = pack.num_tokens * (Dh / 2);
+  if (threads <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(cdiv(threads, int64_t(kRopeThreads))));
+  NIT_DISPATCH_DTYPE(dt, T, {
+    launch<rope_2d_kernel<T>>(
+        grid, kRopeThreads, 0, stream, static_cast<const T*>(q), static_cast<const T*>(k), pack, H, Hk, Dh, rope, inverse,
+        static_cast<T*>(q_out), static_cast<T*>(k_out));
+  })
+  return cudaGetLastError();
+}
+
+// ---- qk_norm_rope --------------------------------------------------------------------------
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
@@ -70,8 +156,8 @@ __device__ void norm_rope_heads(const T* __restrict__ x, int64_t heads, int64_t 
     for (int j = 0; j < kPPL; ++j) {
       const int64_t i = lane + 32 * j;
       if (i < pairs) {
-        const float n0 = (v[j][0] - st.mean) * rs * w[j][0] + b[j][0];
-        const float n1 = (v[j][1] - st.mean) * rs * w[j][1] + b[j][1];
+        const float n0 = ln_normalize(v[j][0], st.mean, rs) * w[j][0] + b[j][0];
+        const float n1 = ln_normalize(v[j][1], st.mean, rs) * w[j][1] + b[j][1];
         float y0, y1;
         rope_rotate_pair(n0, n1, c[j], s[j], mscale, false, &y0, &y1);
         out[base + 2 * i] = from_float<T>(y0);
@@ -136,8 +222,8 @@ __device__ void norm_rope_heads_bwd(const T* __restrict__ dout, const T* __restr
         float g0, g1;
         rope_rotate_pair(to_float(dout[base + 2 * i]), to_float(dout[base + 2 * i + 1]), c[j],
                          s[j], mscale, true, &g0, &g1);
-        xhat[j][0] = (to_float(x[base + 2 * i]) - mu) * rs;
-        xhat[j][1] = (to_float(x[base + 2 * i + 1]) - mu) * rs;
+        xhat[j][0] = ln_normalize(to_float(x[base + 2 * i]), mu, rs);
+        xhat[j][1] = ln_normalize(to_float(x[base + 2 * i + 1]), mu, rs);
         dw[j][0] += g0 * xhat[j][0];
         dw[j][1] += g1 * xhat[j][1];
         db[j][0] += g0;
@@ -154,9 +240,9 @@ __device__ void norm_rope_heads_bwd(const T* __restrict__ dout, const T* __restr
     for (int j = 0; j < kPPL; ++j) {
       const int64_t i = lane + 32 * j;
       if (i < pairs) {
-        dx[base + 2 * i] = from_float<T>(layernorm_dx(dxhat[j][0], xhat[j][0], rs, mean_d, mean_dx));
+        dx[base + 2 * i] = from_float<T>(ln_backward_elem(dxhat[j][0], xhat[j][0], rs, mean_d, mean_dx));
         dx[base + 2 * i + 1] =
-            from_float<T>(layernorm_dx(dxhat[j][1], xhat[j][1], rs, mean_d, mean_dx));
+            from_float<T>(ln_backward_elem(dxhat[j][1], xhat[j][1], rs, mean_d, mean_dx));
       }
     }
   }

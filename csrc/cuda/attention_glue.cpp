@@ -1,4 +1,4 @@
-// Torch glue of the CUDA varlen attention kernels (varlen_attention.cu, varlen_attention_bwd.cu).
+// Torch glue of the CUDA varlen attention kernels (attention.cu, attention_bwd.cu).
 // cu_seqlens stays on the device (reading it here would synchronise the stream in every call):
 // the kernels schedule the tiles that cu_seqlens describes, so a max_seqlen smaller than a real
 // sequence cannot leave rows unwritten; it is only checked to be >= 0. q, k, v may be strided
@@ -41,13 +41,9 @@ cuda::AttnArgs check_args(const at::Tensor& q, const at::Tensor& k, const at::Te
               k.sizes().slice(0, 2), ", got ", v.sizes().slice(0, 2));
   TORCH_CHECK(D >= 1 && D <= cuda::kAttnMaxHeadDim,
               "the CUDA attention kernel supports head_dim 1..", cuda::kAttnMaxHeadDim, ", got ", D);
-  TORCH_CHECK(H >= 1 && Hk >= 1 && H % Hk == 0, "q heads (", H,
-              ") must be a positive multiple of k/v heads (", Hk, ")");
+  check_attention_heads(H, Hk);
   TORCH_CHECK(H <= kMaxGridDim, "at most ", kMaxGridDim, " heads are supported, got ", H);
-  const int64_t B = check_cu_seqlens(cu_q, q.size(0), q, "cu_seqlens_q");
-  const int64_t Bk = check_cu_seqlens(cu_k, k.size(0), q, "cu_seqlens_k");
-  TORCH_CHECK(B == Bk, "cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got ",
-              B, " and ", Bk);
+  const int64_t B = check_cu_seqlens_qk(cu_q, cu_k, q, k);
   TORCH_CHECK(max_q >= 0 && max_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0, got ", max_q,
               " and ", max_k);
   cuda::AttnArgs a;
@@ -77,15 +73,13 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
                                        double softmax_scale, bool causal) {
   const cuda::AttnArgs a = check_args(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal);
-  const DeviceGuard guard(q.device());
   auto out = at::empty(q.sizes(), q.options());  // contiguous whatever q's strides
-  auto lse = at::empty({a.H, a.nq}, q.options().dtype(at::kFloat));
-  auto ws = at::empty({cuda::varlen_attention_fwd_workspace(dtype_of(q), a)},
-                      q.options().dtype(at::kFloat));
-  check_launch(cuda::varlen_attention_fwd(dtype_of(q), q.data_ptr(), k.data_ptr(), v.data_ptr(), a,
-                                          out.data_ptr(), lse.data_ptr<float>(),
-                                          ws.data_ptr<float>(), current_stream()),
-               "varlen_attention_fwd");
+  auto lse = fp32_empty({a.H, a.nq}, q);
+  auto ws = fp32_empty({cuda::varlen_attention_fwd_workspace(dtype_of(q), a)}, q);
+  launch_on(q, "varlen_attention_fwd", [&](cudaStream_t stream) {
+    return cuda::varlen_attention_fwd(dtype_of(q), q.data_ptr(), k.data_ptr(), v.data_ptr(), a,
+                                      out.data_ptr(), f32(lse), f32(ws), stream);
+  });
   return {out, lse};
 }
 
@@ -94,24 +88,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k,
     int64_t max_q, int64_t max_k, double softmax_scale, bool causal) {
   const cuda::AttnArgs a = check_args(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal);
-  check_float_input(dout, "dout");
-  check_float_input(out, "out");
-  check_like(dout, q, "dout", "q");
-  check_like(out, q, "out", "q");
-  check_shape(dout, q.sizes(), "dout");
-  check_shape(out, q.sizes(), "out");
-  check_stats(lse, {a.H, a.nq}, q, "lse");
-  const DeviceGuard guard(q.device());
+  check_attention_saved(dout, out, lse, q, q.sizes());
   auto dq = at::empty(q.sizes(), q.options());  // contiguous whatever q, k, v's strides
   auto dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
-  auto ws = at::empty({cuda::varlen_attention_bwd_workspace(dtype_of(q), a)},
-                      q.options().dtype(at::kFloat));
-  check_launch(cuda::varlen_attention_bwd(dtype_of(q), dout.data_ptr(), q.data_ptr(), k.data_ptr(),
-                                          v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(), a,
-                                          dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                                          ws.data_ptr<float>(), current_stream()),
-               "varlen_attention_bwd");
+  auto ws = fp32_empty({cuda::varlen_attention_bwd_workspace(dtype_of(q), a)}, q);
+  launch_on(q, "varlen_attention_bwd", [&](cudaStream_t stream) {
+    return cuda::varlen_attention_bwd(dtype_of(q), dout.data_ptr(), q.data_ptr(), k.data_ptr(),
+                                      v.data_ptr(), out.data_ptr(), f32(lse), a, dq.data_ptr(),
+                                      dk.data_ptr(), dv.data_ptr(), f32(ws), stream);
+  });
   return {dq, dk, dv};
 }
 
