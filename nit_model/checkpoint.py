@@ -6,18 +6,19 @@ wrappers are unwrapped: a state dict under "ema", "model", "state_dict" or "modu
 the weights one samples with), and key prefixes "module." (DistributedDataParallel) and
 "_orig_mod." (torch.compile). Loading is strict: a checkpoint of another configuration fails with
 the missing, unexpected and mis-shaped keys named, and the configuration it looks like.
-Saving writes safetensors atomically (a temporary file in the same folder, then os.replace), with
-the model's NiTConfig as JSON metadata when it has one.
+Saving writes safetensors atomically (`nit_model.atomic`), with the model's NiTConfig as JSON
+metadata when it has one.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from .atomic import atomic_save
 
 __all__ = ["CheckpointMismatchError", "load_state_dict_file", "unwrap_state_dict", "check_state_dict",
            "load_weights", "save_weights", "read_config", "infer_config", "config_from_state_dict", "load_model"]
@@ -168,21 +169,7 @@ def save_weights(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: Path
         meta[CONFIG_KEY] = json.dumps(cfg.to_dict())
     sd = model.state_dict() if isinstance(model, nn.Module) else model
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0o600; give the file the mode open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()}))
 
 
 def read_config(path: PathLike):

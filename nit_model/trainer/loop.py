@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..atomic import atomic_write_text
 from ..checkpoint import (CheckpointMismatchError, check_state_dict, load_state_dict_file, save_weights,
                           CONFIG_KEY)
 from ..flow import FlowMatchingLoss
@@ -383,9 +384,7 @@ class Trainer:
         if self.resume_path and os.path.isfile(self.log_path):  # drop rows of steps after the checkpoint
             with open(self.log_path) as f:
                 rows = [line for line in f if _row_step(line) is not None and _row_step(line) <= self.step]
-            with open(self.log_path + ".tmp", "w") as f:
-                f.writelines(rows)
-            os.replace(self.log_path + ".tmp", self.log_path)
+            atomic_write_text(self.log_path, "".join(rows))
         elif not self.resume_path:
             if os.path.exists(self.log_path):
                 os.remove(self.log_path)
