@@ -236,7 +236,7 @@ def build_step(case: StepCase, make: Callable, backend: Optional[str]) -> StepPr
     opt = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                             foreach=True)
     ema = EMA(model, EMASection().decay)
-    loss_fn = FlowMatchingLoss(label_dropout=0.1)
+    loss_fn = FlowMatchingLoss.for_config(case.config, label_dropout=0.1)
     tr, sm = case.train, case.sample
     device = case.device
 

@@ -103,16 +103,6 @@ def load_encoder(spec: Optional[str], nit_config):
     return factory(nit_config)
 
 
-class _Forward:
-    """What FlowMatchingLoss calls: the (possibly DDP-wrapped) model, with the NiT's config."""
-
-    def __init__(self, module, config):
-        self.module, self.config = module, config
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-
 @dataclasses.dataclass
 class _Pending:
     step: int
@@ -208,7 +198,7 @@ class Trainer:
         self.peak_lr = cfg.lr(dist.world_size)
         self.opt = torch.optim.AdamW(self.trainable, lr=self.peak_lr, betas=tuple(o.betas), eps=o.eps,
                                      weight_decay=o.weight_decay, foreach=True)
-        self.loss_fn = FlowMatchingLoss(mu=cfg.flow.mu, sigma=cfg.flow.sigma, label_dropout=cfg.label_dropout,
+        self.loss_fn = FlowMatchingLoss.for_config(self.nit_config, mu=cfg.flow.mu, sigma=cfg.flow.sigma, label_dropout=cfg.label_dropout,
                                         dir_weight=cfg.flow.dir_weight, proj_weight=cfg.flow.proj_weight,
                                         encoder=self.encoder if self.use_repa else None)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
@@ -220,7 +210,7 @@ class Trainer:
             sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                     else {"broadcast_buffers": False})
             self.ddp = DDP(self.model, device_ids=None, gradient_as_bucket_view=True, **sync)
-        self.fwd = _Forward(self.ddp if self.ddp is not None else self.model, self.nit_config)
+        self.fwd = self.ddp if self.ddp is not None else self.model  # what the loss calls
         if self.use_repa:
             self._check_encoder(ds)
 
