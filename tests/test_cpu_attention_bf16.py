@@ -16,7 +16,8 @@ import torch
 from nit_kernels import backends
 from nit_kernels.reference import attention_math, attention_math_backward
 from nit_kernels.testing import assert_accuracy, assert_close
-from test_cpu_attention import _cu, _poison  # the same pack and poison helpers as the fp32 tests
+from test_cpu_attention import _cu, _poison  # the same pack, inputs and poison helpers as the fp32 tests
+from test_cpu_attention import _inputs as _fp64_inputs
 
 CPU = backends.get("cpu")
 pytestmark = pytest.mark.skipif(not CPU.implements("varlen_attention"),
@@ -53,14 +54,8 @@ def _threads(n):
 
 
 def _inputs(lq, lk, heads, kv_heads, head_dim, dv, seed):
-    """q, k, v, dout in float64 holding bf16-representable values."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).bfloat16().double()
-
-    nq, nk_ = sum(lq), sum(lk)
-    return r(nq, heads, head_dim), r(nk_, kv_heads, head_dim), r(nk_, kv_heads, dv), r(nq, heads, dv)
+    """q, k, v, dout of the fp32 tests' draw, in float64 holding bf16-representable values."""
+    return tuple(t.bfloat16().double() for t in _fp64_inputs(lq, lk, heads, kv_heads, head_dim, dv, seed))
 
 
 def _run(q, k, v, do, cu_q, cu_k, scale, causal):

@@ -11,7 +11,7 @@ import torch
 
 from nit_kernels import backends, cuda_sim
 from nit_kernels.testing import assert_close
-from test_cpu_attention import NONFINITE, _autograd_run, _cu, _fwd, _inputs, _one_thread
+from test_cpu_attention import NONFINITE, _autograd_run, _cu, _fwd, _inputs, _one_thread, check_nan_query_rows
 
 _WHY = backends.get("cuda_sim").load_error() if "cuda_sim" in backends.BACKENDS else "not registered"
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"cuda_sim backend not built: {_WHY}")
@@ -46,13 +46,7 @@ def test_nan_and_inf_propagate_like_the_reference(case):
 
 
 def test_nan_query_gives_nan_lse_and_the_documented_zero_rows_stay():
-    lq, lk = [6], [2]
-    q, k, v, _ = (t.float() for t in _inputs(lq, lk, 2, 2, 16, 16, 3))
-    q[5, 0] = float("nan")
-    out, lse = _sim_fwd(q, k, v, _cu(lq), _cu(lk), 0.25, True)
-    assert torch.isnan(lse[0, 5]) and torch.isnan(out[5, 0]).all()
-    assert torch.equal(out[:4], torch.zeros_like(out[:4])) and torch.isneginf(lse[:, :4]).all()
-    assert torch.isfinite(out[4:, 1]).all() and torch.isfinite(lse[1, 4:]).all()
+    check_nan_query_rows(_sim_fwd)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -12,13 +12,7 @@ from nit_model.model import NiT
 SIZES = [(2, 3), (1, 1), (4, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny shapes: a second OpenMP thread only adds synchronisation (and stalls on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
 
 
 
