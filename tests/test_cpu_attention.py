@@ -83,13 +83,19 @@ def _scale_of(t):
     return max(1.0, t.abs().max().item()) if t.numel() else 1.0
 
 
-def check_pack(lq, lk=None, *, heads=2, kv_heads=None, head_dim=64, dv=None, causal=False, scale=None, seed=0):
-    """fp32 kernel forward, lse and (dq, dk, dv) against the float64 reference."""
+def pack_case(lq, lk, heads, kv_heads, head_dim, dv, scale, seed, inputs=None):
+    """(cu_q, cu_k, scale, dv, (q, k, v, dout)) of one pack, the defaults filled in: keys as long as
+    the queries, as many kv heads as heads, dv = head_dim, scale head_dim**-0.5. `inputs` draws the
+    tensors (default _inputs: float64)."""
     lk = lq if lk is None else lk
     kv_heads, dv = kv_heads or heads, dv or head_dim
     scale = head_dim ** -0.5 if scale is None else scale
-    cu_q, cu_k = _cu(lq), _cu(lk)
-    q, k, v, do = _inputs(lq, lk, heads, kv_heads, head_dim, dv, seed)
+    return _cu(lq), _cu(lk), scale, dv, (inputs or _inputs)(lq, lk, heads, kv_heads, head_dim, dv, seed)
+
+
+def check_pack(lq, lk=None, *, heads=2, kv_heads=None, head_dim=64, dv=None, causal=False, scale=None, seed=0):
+    """fp32 kernel forward, lse and (dq, dk, dv) against the float64 reference."""
+    cu_q, cu_k, scale, dv, (q, k, v, do) = pack_case(lq, lk, heads, kv_heads, head_dim, dv, scale, seed)
     f32 = [t.float() for t in (q, k, v, do)]
     out, lse = _fwd(*f32[:3], cu_q, cu_k, scale, causal)
     grads = _bwd(f32[3], *f32[:3], out, lse, cu_q, cu_k, scale, causal)

@@ -18,6 +18,7 @@ from nit_kernels.reference import attention_math, attention_math_backward
 from nit_kernels.testing import assert_accuracy, assert_close
 from test_cpu_attention import _cu, _poison  # the same pack, inputs and poison helpers as the fp32 tests
 from test_cpu_attention import _inputs as _fp64_inputs
+from test_cpu_attention import pack_case
 
 CPU = backends.get("cpu")
 pytestmark = pytest.mark.skipif(not CPU.implements("varlen_attention"),
@@ -71,11 +72,7 @@ def _scale_of(t):
 
 
 def check_bf16(lq, lk=None, *, heads=2, kv_heads=None, head_dim=64, dv=None, causal=False, scale=None, seed=0):
-    lk = lq if lk is None else lk
-    kv_heads, dv = kv_heads or heads, dv or head_dim
-    scale = head_dim ** -0.5 if scale is None else scale
-    cu_q, cu_k = _cu(lq), _cu(lk)
-    q, k, v, do = _inputs(lq, lk, heads, kv_heads, head_dim, dv, seed)
+    cu_q, cu_k, scale, _, (q, k, v, do) = pack_case(lq, lk, heads, kv_heads, head_dim, dv, scale, seed, _inputs)
     lo = [t.bfloat16() for t in (q, k, v, do)]
     out, lse, *grads = _run(*lo, cu_q, cu_k, scale, causal)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
