@@ -29,7 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..atomic import atomic_write_text
-from ..checkpoint import (CheckpointMismatchError, check_state_dict, load_state_dict_file, save_weights,
+from ..weights import (CheckpointMismatchError, check_state_dict, load_state_dict_file, save_weights,
                           CONFIG_KEY)
 from ..flow import FlowMatchingLoss
 from ..memory import check_fits, training_estimate

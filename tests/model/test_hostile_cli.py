@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from nit_model.checkpoint import save_weights
+from nit_model.weights import save_weights
 from nit_model.cli import main as cli_main
 from nit_model.config import NiTConfig
 from nit_model.model import NiT

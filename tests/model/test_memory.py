@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from nit_model.checkpoint import save_weights
+from nit_model.weights import save_weights
 from nit_model.config import NiTConfig
 from nit_model.memory import (MemoryRefusal, available_memory, check_fits, count_parameters, sampling_estimate,
                               training_estimate)
