@@ -301,7 +301,7 @@ class StepSuite(ProviderSuite):
         }
 
     def workloads(self, opts: RunOptions) -> list[Workload]:
-        from nit_model.config import NiTConfig
+        from nit_model.model_config import NiTConfig
 
         out = []
         # --quick: the tiny model (seconds); NiT-XL stays listed so that its GPU-only skip is reported
@@ -314,7 +314,7 @@ class StepSuite(ProviderSuite):
         return out
 
     def make_case(self, workload, device, dtype, opts) -> StepCase:
-        from nit_model.config import NiTConfig
+        from nit_model.model_config import NiTConfig
 
         p = workload.params
         cfg = NiTConfig.from_name(p["model"], rope_positions="official")

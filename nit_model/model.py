@@ -34,7 +34,7 @@ import nit_kernels as nk
 from nit_kernels.nn import (AxialRoPE2D, GatedResidual, PackedAdaLN, ResidualAdaLN, VarlenSelfAttention,
                             rebuild_in_backward)
 
-from .config import NiTConfig
+from .model_config import NiTConfig
 from .official import repa_projector
 
 __all__ = ["NiT", "NiTBlock", "FinalLayer", "PatchEmbed", "TimestepEmbedder", "LabelEmbedder", "Mlp",

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import NiTConfig
+from .model_config import NiTConfig
 
 __all__ = ["NiTOfficialFormulation", "rotate_half", "official_grid", "sdpa_varlen", "repa_projector"]
 

@@ -176,7 +176,7 @@ def read_config(path: PathLike):
     """The NiTConfig stored in a safetensors file by save_weights, or None."""
     from safetensors import safe_open
 
-    from .config import NiTConfig
+    from .model_config import NiTConfig
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}")
@@ -199,7 +199,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], **overrides):
     Sizes come from the tensor shapes; ``rope_positions`` is "official" (the order the released
     checkpoints were trained with); encoder_depth follows the preset of the same width and depth.
     """
-    from .config import PRESETS, NiTConfig
+    from .model_config import PRESETS, NiTConfig
     inferred = infer_config(sd)
     if "hidden_size" not in inferred or "num_heads" not in inferred:
         raise ValueError("cannot infer a NiT config from this state dict (no x_embedder / qk-norm keys)")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nit_kernels as nk
-from nit_model.config import NiTConfig
+from nit_model.model_config import NiTConfig
 from nit_model.flow import FlowMatchingLoss, drop_labels, interpolate, per_token, sample_t, velocity_target
 from nit_model.model import NiT
 

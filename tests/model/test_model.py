@@ -7,7 +7,7 @@ import torch
 import nit_kernels as nk
 from nit_kernels.testing import assert_close
 from nit_model.weights import CheckpointMismatchError, load_model, load_weights, save_weights
-from nit_model.config import NiTConfig
+from nit_model.model_config import NiTConfig
 from nit_model.model import NiT
 from nit_model.official import NiTOfficialFormulation
 
