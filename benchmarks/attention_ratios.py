@@ -143,7 +143,7 @@ def main(argv=None):
         models = {"tiny": (2, 16)}
         args.rounds, args.calls = 2, 1
     else:
-        from nit_model.workloads import imagenet_like_pack
+        from .workloads import imagenet_like_pack
         workloads = [("4 x 1024", [(32, 32)] * 4), ("imagenet-like 4k", imagenet_like_pack(4096))]
         models = MODELS
     first = next(iter(IMPLS))

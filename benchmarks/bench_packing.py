@@ -1,6 +1,6 @@
 """Packing: how many of the processed tokens are useful, how many steps an epoch takes, how long packing takes.
 
-Data: the 50,000 (height, width) pairs of nit_model/assets/imagenet_like_sizes.csv at stride 32
+Data: the 50,000 (height, width) pairs of benchmarks/assets/imagenet_like_sizes.csv at stride 32
 (DC-AE f32, patch 1): 1 to 4,060 tokens an image, 170 on average. Budgets: 4,096 and 16,384
 tokens a step (``--quick``: 4,096 only).
 
@@ -124,7 +124,7 @@ class PackingSuite(Suite):
     def lengths() -> np.ndarray:
         """Tokens of every image of the ImageNet-like table at stride 32, int64 [50000]."""
         from nit_model.packing import token_lengths
-        from nit_model.workloads import imagenet_like_sizes_px
+        from .workloads import imagenet_like_sizes_px
 
         return token_lengths(imagenet_like_sizes_px(), STRIDE)
 

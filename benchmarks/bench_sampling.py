@@ -61,7 +61,7 @@ class SamplingSuite(Suite):
     @staticmethod
     def build_model(model_name: str, seed: int) -> torch.nn.Module:
         """The preset with ``bench_step.initial_state`` weights, in eval mode, on the CPU."""
-        from nit_model.config import NiTConfig
+        from nit_model.model_config import NiTConfig
 
         from .bench_step import _nit, initial_state
 

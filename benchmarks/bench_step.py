@@ -12,8 +12,8 @@ Passes:
           ``nit_model.sampling`` packs them. Tokens/s counts the tokens of both halves.
 
 Workloads (model x pack); every pack holds about ``budget`` tokens (4,096; ``--quick`` 512):
-  imagenet-4k   images of nit_model/assets/imagenet_like_sizes.csv at stride 32 (DC-AE f32,
-                patch 1), drawn until the budget is full (``nit_model.workloads.imagenet_like_pack``);
+  imagenet-4k   images of benchmarks/assets/imagenet_like_sizes.csv at stride 32 (DC-AE f32,
+                patch 1), drawn until the budget is full (``benchmarks.workloads.imagenet_like_pack``);
                 its CFG pack is a half-budget draw, twice.
   fixed-256px   the fixed-resolution case: 8x8-token images (256x256 pixels at stride 32).
 Models: ``tiny`` (depth 4, D 128), ``NiT-S`` (12, 384), ``NiT-XL`` (28, 1152). The packs are token
@@ -44,7 +44,7 @@ allocator statistics on GPU) of one more call after timing. The weights, AdamW a
 held before the call and not counted; the call's activations, gradients (freed by
 ``zero_grad(set_to_none=True)`` at its end) and temporaries are.
 
-NiT-XL runs on a GPU only: see ``XL_ON_CPU``. ``nit_model.trainer.bench`` times the whole trainer
+NiT-XL runs on a GPU only: see ``XL_ON_CPU``. ``benchmarks.train_bench`` times the whole trainer
 (data loading included) for one preset; this suite isolates the step so that providers can be
 swapped, and is built from the same pieces.
 """
@@ -93,7 +93,7 @@ def step_flops(cfg, n_tokens: int, sum_sq: int) -> float:
 @functools.lru_cache(maxsize=None)
 def step_packs(quick: bool, seed: int = 0) -> dict[str, tuple[tuple, tuple]]:
     """Pack name -> (training pack sizes, CFG half sizes), (h, w) in tokens."""
-    from nit_model.workloads import imagenet_like_pack
+    from .workloads import imagenet_like_pack
 
     budget = 512 if quick else 4096
     name = "imagenet-512" if quick else "imagenet-4k"
@@ -236,7 +236,7 @@ def build_step(case: StepCase, make: Callable, backend: Optional[str]) -> StepPr
     opt = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                             foreach=True)
     ema = EMA(model, EMASection().decay)
-    loss_fn = FlowMatchingLoss(label_dropout=0.1)
+    loss_fn = FlowMatchingLoss.for_config(case.config, label_dropout=0.1)
     tr, sm = case.train, case.sample
     device = case.device
 
@@ -301,7 +301,7 @@ class StepSuite(ProviderSuite):
         }
 
     def workloads(self, opts: RunOptions) -> list[Workload]:
-        from nit_model.config import NiTConfig
+        from nit_model.model_config import NiTConfig
 
         out = []
         # --quick: the tiny model (seconds); NiT-XL stays listed so that its GPU-only skip is reported
@@ -314,7 +314,7 @@ class StepSuite(ProviderSuite):
         return out
 
     def make_case(self, workload, device, dtype, opts) -> StepCase:
-        from nit_model.config import NiTConfig
+        from nit_model.model_config import NiTConfig
 
         p = workload.params
         cfg = NiTConfig.from_name(p["model"], rope_positions="official")

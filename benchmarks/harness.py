@@ -437,25 +437,28 @@ class ProviderSuite(Suite):
             device, dtype = torch.device(device_name), opts.dtype_for(device_name)
             for wl in self.workloads(opts):
                 names = [n for n in self.providers if opts.wants(self.name, wl.name, n)]
-                if not names:
-                    continue
-                base = {"suite": self.name, "workload": wl.name, "config": wl.config, "device": device.type,
-                        "dtype": str(dtype).replace("torch.", "")}
-                try:
-                    case = self.make_case(wl, device, dtype, opts)
-                except Skip as e:
-                    yield [dict(base, provider=n, **{"pass": p}, status="skipped", reason=str(e))
-                           for n in names for p in self.passes]
-                    continue
-                rows = []
-                for n in names:
-                    rows += self._run_provider(case, self.providers[n], base, device, ctx)
-                _fill_speedups(rows, self.reference, {n: s.ours for n, s in self.providers.items()})
-                del case  # tensors are freed by reference counting (gc.collect costs 0.3 s a call)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                load = load_average()
-                yield [dict(r, load_avg=load) for r in rows]
+                if names:
+                    yield self.run_workload(ctx, wl, device, dtype, names)
+
+    def run_workload(self, ctx, wl: Workload, device: torch.device, dtype: torch.dtype,
+                     names: Sequence[str]) -> list[dict]:
+        """The rows of one workload: every provider of `names` set up, checked, timed (all passes)."""
+        base = {"suite": self.name, "workload": wl.name, "config": wl.config, "device": device.type,
+                "dtype": str(dtype).replace("torch.", "")}
+        try:
+            case = self.make_case(wl, device, dtype, ctx.opts)
+        except Skip as e:
+            return [dict(base, provider=n, **{"pass": p}, status="skipped", reason=str(e))
+                    for n in names for p in self.passes]
+        rows = []
+        for n in names:
+            rows += self._run_provider(case, self.providers[n], base, device, ctx)
+        _fill_speedups(rows, self.reference, {n: s.ours for n, s in self.providers.items()})
+        del case  # tensors are freed by reference counting (gc.collect costs 0.3 s a call)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        load = load_average()
+        return [dict(r, load_avg=load) for r in rows]
 
     def _run_provider(self, case, spec: ProviderSpec, base: dict, device, ctx) -> list[dict]:
         opts = ctx.opts

@@ -1,8 +1,8 @@
 """Kernel-op suites: NiT workloads, shared inputs, the reference check, and the backend providers.
 
 Workloads are packs x model widths. Packs (full mode):
-  imagenet-4k, imagenet-16k  images drawn from nit_model/assets/imagenet_like_sizes.csv until the
-                             token budget is full (nit_model.workloads.imagenet_like_pack, seed 0)
+  imagenet-4k, imagenet-16k  images drawn from benchmarks/assets/imagenet_like_sizes.csv until the
+                             token budget is full (benchmarks.workloads.imagenet_like_pack, seed 0)
   fixed-256px                64 images of 8x8 tokens: 256x256 pixels at stride 32, the
                              fixed-resolution case
   tiny-images                many images of 1..4 x 1..4 tokens (short sequences), 4,096 tokens
@@ -48,7 +48,7 @@ def tiny_images(token_budget: int, seed: int = 0, max_side: int = 4) -> list[tup
 @functools.lru_cache(maxsize=None)
 def packs(quick: bool, seed: int = 0) -> dict[str, tuple[tuple[int, int], ...]]:
     """Pack name -> (h, w) token sizes."""
-    from nit_model.workloads import imagenet_like_pack
+    from .workloads import imagenet_like_pack
 
     if quick:
         return {"imagenet-512": tuple(imagenet_like_pack(512, seed=seed)),

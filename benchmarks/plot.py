@@ -54,6 +54,17 @@ def _suites(rows) -> "OrderedDict[str, list[dict]]":
 # ---------------------------------------------------------------------------------------------
 # plots
 # ---------------------------------------------------------------------------------------------
+def _save(fig, rows: list[dict], path: str) -> str:
+    """Write `fig` to the PNG `path` (a red banner when `rows` come from a quick run) and close it."""
+    import matplotlib.pyplot as plt
+    if rows[0].get("mode") == "quick":
+        fig.suptitle("quick mode: smoke test, not results", color="red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_speedups(rows: list[dict], out_dir: str) -> list[str]:
     """One PNG per suite: bars of speed-up over the reference, per workload and provider, per pass."""
     import matplotlib
@@ -100,13 +111,7 @@ def plot_speedups(rows: list[dict], out_dir: str) -> list[str]:
         axes[0][0].set_yticks([i + 0.4 - width / 2 for i in range(len(workloads))], workloads)
         axes[0][0].invert_yaxis()
         axes[0][0].legend(fontsize="small", loc="best")
-        if srows[0].get("mode") == "quick":
-            fig.suptitle("quick mode: smoke test, not results", color="red")
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"speedup_{suite}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, srows, os.path.join(out_dir, f"speedup_{suite}.png")))
     return written
 
 
@@ -157,13 +162,7 @@ def plot_throughput(rows: list[dict], out_dir: str, unit: str = "tokens/s") -> l
                 ax.set_ylabel(unit)
                 ax.set_title(f"{suite}: {p} on {pack}")
         axes[0][0].legend(fontsize="small")
-        if srows[0].get("mode") == "quick":
-            fig.suptitle("quick mode: smoke test, not results", color="red")
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"throughput_{suite}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, srows, os.path.join(out_dir, f"throughput_{suite}.png")))
     return written
 
 
@@ -190,13 +189,7 @@ def plot_packing(rows: list[dict], out_dir: str) -> list[str]:
         ax.set_xlabel("efficiency: useful / processed tokens (%)")
         ax.set_title(w)
     axes[0][0].invert_yaxis()
-    if ok[0].get("mode") == "quick":
-        fig.suptitle("quick mode: smoke test, not results", color="red")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "packing_efficiency.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, ok, os.path.join(out_dir, "packing_efficiency.png"))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import math
 import os
 from typing import Iterable
 
+from nit_model.atomic import atomic_save
+
 from .harness import COLUMNS
 
 DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "results.csv")
@@ -52,18 +54,19 @@ def append_rows(path: str, rows: Iterable[dict]) -> int:
 def _add_columns(path: str) -> None:
     """Rewrite a CSV written before columns were appended to COLUMNS: same rows, the new cells empty.
 
-    The new file is written next to the old one and renamed over it, so an interruption leaves
-    the old file whole.
+    Written atomically (nit_model.atomic), so an interruption leaves the old file whole.
     """
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        for r in rows:
-            w.writerow([r.get(c) or "" for c in COLUMNS])
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(COLUMNS)
+            for r in rows:
+                w.writerow([r.get(c) or "" for c in COLUMNS])
+
+    atomic_save(path, write)
 
 
 def read_rows(path: str) -> list[dict]:

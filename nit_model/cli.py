@@ -6,22 +6,35 @@ import os
 import sys
 
 
+def _source_root() -> str:
+    """The checkout this package was imported from (benchmarks/ sits beside nit_model/ there)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmarks(command: str, module: str, argv) -> int:
+    """`python -m <module> ARGV` (a module of the source tree's benchmarks package) in a child process
+    that imports this checkout; returns its exit code. The model package never imports benchmarks:
+    the tools sit a layer above it."""
+    import subprocess
+    root = _source_root()
+    if not os.path.isfile(os.path.join(root, "benchmarks", "__init__.py")):
+        raise SystemExit(f"nit {command}: error: it runs `python -m {module}` from the source tree (benchmarks/ "
+                         f"beside nit_model/ in {root}), which this install lacks; clone the repository and "
+                         f"install it with `make setup`, or run that module from the checkout")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    return subprocess.run([sys.executable, "-m", module, *argv], env=env).returncode
+
+
 def _kernels(args):
     from .checks import integer
-    from .kernel_tour import run
-    run(tokens=integer("--tokens", args.tokens, 1), reps=integer("--reps", args.reps, 1))
+    tokens, reps = integer("--tokens", args.tokens, 1), integer("--reps", args.reps, 1)
+    code = run_benchmarks("kernels", "benchmarks.kernel_tour", ["--tokens", str(tokens), "--reps", str(reps)])
+    if code:
+        sys.exit(code)
 
 
 def _bench(args, rest):
-    import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "benchmarks", "harness.py")):
-        raise SystemExit("nit bench runs the harness in the source tree (benchmarks/), which this install lacks; "
-                         "clone the repository and install it with `make setup`")
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from benchmarks.__main__ import main as bench_main
-    return bench_main(rest)
+    return run_benchmarks("bench", "benchmarks", rest)
 
 
 def _train(args):
@@ -188,7 +201,8 @@ def _add_sampling_knobs(p, *, steps: int, num: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nit", description="NiT: native-resolution diffusion transformer, packed and fused.")
     sub = p.add_subparsers(dest="command", required=True)
-    k = sub.add_parser("kernels", help="run every op on every usable backend on a realistic pack, check and time it")
+    k = sub.add_parser("kernels", help="run every op on every usable backend on a realistic pack, check and time it "
+                                       "(python -m benchmarks.kernel_tour)")
     k.add_argument("--tokens", type=int, default=4096, help="token budget of the ImageNet-like pack (default 4096)")
     k.add_argument("--reps", type=int, default=5, help="timed repetitions per op and backend (median reported)")
     k.set_defaults(func=_kernels)

@@ -89,13 +89,19 @@ class FlowLoss:
 class FlowMatchingLoss:
     """The NiT training objective; call it as ``loss_fn(model, x, y, packed)``.
 
+    Everything it needs comes at construction: `model` is only called, as
+    ``model(x_t, t, y, packed, return_zs=...)``, so a DistributedDataParallel wrapper (which has no
+    ``config``) is passed as is. ``FlowMatchingLoss.for_config(nit_config, ...)`` fills
+    ``null_class`` from a NiTConfig and checks that the model has a row for it.
+
     Args:
         mu, sigma: logit-normal time distribution.
-        label_dropout: probability of replacing a label by the null class (the model's config
-            ``null_class``; 0 disables).
+        label_dropout: probability of replacing a label by ``null_class`` (0 disables).
         dir_weight: weight of the direction loss (0 disables).
         proj_weight: weight of the REPA projection loss; used only with an ``encoder``.
         encoder: callable (x_clean [N, ...], packed) -> features [N, z_dim] per token, or None.
+        null_class: the label that stands for "no class" (NiTConfig.null_class); required when
+            label_dropout > 0.
     """
 
     mu: float = 0.0
@@ -104,6 +110,19 @@ class FlowMatchingLoss:
     dir_weight: float = 0.0
     proj_weight: float = 1.0
     encoder: Optional[RepaEncoder] = None
+    null_class: Optional[int] = None
+
+    def __post_init__(self):
+        if self.label_dropout > 0 and self.null_class is None:
+            raise ValueError(f"label_dropout={self.label_dropout} needs null_class (the label that stands for no "
+                             f"class, NiTConfig.null_class); FlowMatchingLoss.for_config(config, ...) fills it")
+
+    @classmethod
+    def for_config(cls, config, **kwargs) -> "FlowMatchingLoss":
+        """The loss for a NiT of `config` (its null_class); `kwargs` are the other fields."""
+        if kwargs.get("label_dropout", cls.label_dropout) > 0 and config.num_label_rows <= config.null_class:
+            raise ValueError("label_dropout > 0 needs a null-class row (config.class_dropout_prob > 0)")
+        return cls(null_class=config.null_class, **kwargs)
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, packed, *, t: Optional[torch.Tensor] = None,
                  eps: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> FlowLoss:
@@ -117,10 +136,7 @@ class FlowMatchingLoss:
         if eps is None:
             eps = torch.randn(x.shape, generator=generator, dtype=x.dtype,
                               device=x.device if generator is None else generator.device).to(x.device)
-        null = model.config.null_class
-        if self.label_dropout > 0 and model.config.num_label_rows <= null:
-            raise ValueError("label_dropout > 0 needs a null-class row (config.class_dropout_prob > 0)")
-        y = drop_labels(y, self.label_dropout, null, generator)
+        y = drop_labels(y, self.label_dropout, self.null_class, generator)
         x_t = interpolate(x, eps, per_token(t, packed))
         v = velocity_target(x, eps)
         use_proj = self.encoder is not None and self.proj_weight != 0

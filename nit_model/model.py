@@ -34,7 +34,8 @@ import nit_kernels as nk
 from nit_kernels.nn import (AxialRoPE2D, GatedResidual, PackedAdaLN, ResidualAdaLN, VarlenSelfAttention,
                             rebuild_in_backward)
 
-from .config import NiTConfig
+from .model_config import NiTConfig
+from .official import repa_projector
 
 __all__ = ["NiT", "NiTBlock", "FinalLayer", "PatchEmbed", "TimestepEmbedder", "LabelEmbedder", "Mlp",
            "as_packed", "timestep_embedding"]
@@ -256,9 +257,7 @@ class NiT(nn.Module):
         freqs, mscale = cfg.rope_table()
         self.rope = AxialRoPE2D(cfg.head_dim, freqs=freqs, positions=cfg.rope_positions, mscale=mscale,
                                 backend=cfg.backend)
-        self.projector = nn.Sequential(nn.Linear(d, cfg.projector_dim), nn.SiLU(),
-                                       nn.Linear(cfg.projector_dim, cfg.projector_dim), nn.SiLU(),
-                                       nn.Linear(cfg.projector_dim, cfg.z_dim))
+        self.projector = repa_projector(cfg)  # the official REPA head, as written in official.py
         self.blocks = nn.ModuleList(NiTBlock(cfg, self.rope) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, cfg.patch_dim, cfg.backend, cfg.selective_recompute)
         self.first_norm = PackedAdaLN(eps=1e-6, backend=cfg.backend)

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import NiTConfig
+from .model_config import NiTConfig
 
-__all__ = ["NiTOfficialFormulation", "rotate_half", "official_grid", "sdpa_varlen"]
+__all__ = ["NiTOfficialFormulation", "rotate_half", "official_grid", "sdpa_varlen", "repa_projector"]
 
 MAX_CACHED_LEN = 1024  # positions held in the official RoPE cache
 
@@ -64,6 +64,13 @@ def sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
+
+
+def repa_projector(cfg: NiTConfig) -> nn.Sequential:
+    """The REPA projector: hidden states [N, D] -> [N, z_dim] (Linear, SiLU, Linear, SiLU, Linear)."""
+    return nn.Sequential(nn.Linear(cfg.hidden_size, cfg.projector_dim), nn.SiLU(),
+                         nn.Linear(cfg.projector_dim, cfg.projector_dim), nn.SiLU(),
+                         nn.Linear(cfg.projector_dim, cfg.z_dim))
 
 class _PatchEmbed(nn.Module):
     def __init__(self, c, d, p):
@@ -181,9 +188,7 @@ class NiTOfficialFormulation(nn.Module):
         self.x_embedder = _PatchEmbed(cfg.in_channels, d, cfg.patch_size)
         self.t_embedder = _TimestepEmbedder(d, cfg.frequency_embedding_size)
         self.y_embedder = _LabelEmbedder(cfg.num_label_rows, d)
-        self.projector = nn.Sequential(nn.Linear(d, cfg.projector_dim), nn.SiLU(),
-                                       nn.Linear(cfg.projector_dim, cfg.projector_dim), nn.SiLU(),
-                                       nn.Linear(cfg.projector_dim, cfg.z_dim))
+        self.projector = repa_projector(cfg)
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.depth))
         self.final_layer = _FinalLayer(d, cfg.patch_dim)
         # fp32 angle caches [1024, Dh/2] per axis, each frequency repeated for its pair (official layout)

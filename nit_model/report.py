@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write_text
+
 __all__ = ["save_pngs", "contact_sheet", "save_npz", "save_samples", "plot_loss", "write_text"]
 
 
@@ -126,10 +128,5 @@ def plot_loss(curves: dict, path: str, *, smooth: int = 10, title: str = "traini
 
 
 def write_text(path: str, text: str) -> str:
-    """Write `text` to `path` atomically (a temporary file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    """Write `text` to `path` atomically (see nit_model.atomic); the folder is created if missing."""
+    return atomic_write_text(path, text)

@@ -358,7 +358,7 @@ def load_sampling_model(source, *, config=None, ema: bool = True, vae=None, vae_
     vae / vae_factor / space: override what the checkpoint implies (latent runs name their VAE in
     the latent folder's meta.json; the default is DC-AE f32c32, as the official configs).
     """
-    from .checkpoint import load_model
+    from .weights import load_model
     if isinstance(source, SamplingModel):
         return source
     train_config, path = None, None

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .atomic import atomic_save
 from .data.shapes import SHAPE_CLASSES, render_shape
 from .frechet import frechet_distance_features
 
@@ -127,10 +128,7 @@ def load_or_train_classifier(cache_dir: Optional[str] = None, cfg: ClassifierCon
         return model.eval()
     model = train_classifier(cfg, progress=progress)
     if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        atomic_save(path, lambda tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp))
     return model
 
 

@@ -30,7 +30,7 @@ import os
 import sys
 from typing import Callable, Mapping, Optional, Sequence, Union
 
-from .checkpoint import CheckpointMismatchError
+from .weights import CheckpointMismatchError
 from .memory import MemoryRefusal
 from .trainer.checkpointing import CheckpointNotFound
 from .trainer.config import ConfigError, TrainConfig, resolve_config_path, shipped_configs

@@ -23,6 +23,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..atomic import atomic_save, atomic_write_text
+
 __all__ = ["LatentWriter", "LatentDataset", "INDEX_NAME", "META_NAME", "FORMAT"]
 
 INDEX_NAME = "index.jsonl"
@@ -30,15 +32,6 @@ META_NAME = "meta.json"
 FORMAT = "nit-latents-v1"
 _SHARD_GLOB = "shard-*.safetensors"
 _FIELDS = ("index", "shard", "key", "h", "w", "label", "path")
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class LatentWriter:
@@ -114,9 +107,7 @@ class LatentWriter:
 
         name = f"shard-{self._num_shards:05d}.safetensors"
         path = os.path.join(self.out_dir, name)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(self._pending, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, path)
+        atomic_save(path, lambda tmp: save_file(self._pending, tmp, metadata={"format": FORMAT}))
         self._rows.extend((i, name, k, h, w, y, p) for i, k, h, w, y, p in self._pending_rows)
         self._num_shards += 1
         self._pending, self._pending_rows = {}, []
@@ -129,9 +120,9 @@ class LatentWriter:
         self._rows.sort(key=lambda r: r[0])
         meta = dict(self.meta, format=FORMAT, num_items=len(self._rows), channels=self._channels,
                     dtype=str(self.dtype).replace("torch.", ""), num_shards=self._num_shards)
-        _atomic_write_text(os.path.join(self.out_dir, META_NAME), json.dumps(meta, indent=1) + "\n")
+        atomic_write_text(os.path.join(self.out_dir, META_NAME), json.dumps(meta, indent=1) + "\n")
         lines = [json.dumps(dict(zip(_FIELDS, r))) for r in self._rows]
-        _atomic_write_text(os.path.join(self.out_dir, INDEX_NAME), "\n".join(lines) + ("\n" if lines else ""))
+        atomic_write_text(os.path.join(self.out_dir, INDEX_NAME), "\n".join(lines) + ("\n" if lines else ""))
         self.closed = True
 
     def __enter__(self) -> "LatentWriter":

@@ -43,6 +43,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..atomic import TMP_PREFIX as _TMP_PREFIX
+from ..atomic import atomic_write_text, file_mode, fsync_path
+
 __all__ = ["CKPT_FILES", "LATEST", "MANIFEST", "verify_checkpoint", "clean_debris", "file_mode", "CheckpointNotFound", "checkpoint_name", "save_checkpoint", "list_checkpoints",
            "resolve_checkpoint", "is_complete", "rng_state", "set_rng_state", "load_pt", "fsync_path"]
 
@@ -50,7 +53,6 @@ CKPT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt", "trainer.p
 LATEST = "latest"
 MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-_TMP_PREFIX = ".tmp-"
 CORRUPT_PREFIX = "corrupt-"
 
 
@@ -60,23 +62,6 @@ class CheckpointNotFound(FileNotFoundError):
 
 def checkpoint_name(step: int) -> str:
     return f"step-{int(step):08d}"
-
-
-def fsync_path(path: str) -> None:
-    """Flush a file's or a directory's data and metadata to disk."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_mode() -> int:
-    """0o666 minus the process umask: the mode of every checkpoint file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def sha256_file(path: str) -> str:
@@ -155,16 +140,6 @@ def clean_debris(root: str) -> list[str]:
     return gone
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}{_TMP_PREFIX}{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(os.path.dirname(os.path.abspath(path)))
-
-
 def is_complete(path: str) -> bool:
     """True when `path` is a checkpoint directory holding every file of CKPT_FILES."""
     return os.path.isdir(path) and all(os.path.isfile(os.path.join(path, f)) for f in CKPT_FILES)
@@ -224,7 +199,7 @@ def save_checkpoint(root: str, step: int, writers: Sequence[tuple[str, Callable[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(os.path.join(root, LATEST), os.path.basename(final) + "\n")
+    atomic_write_text(os.path.join(root, LATEST), os.path.basename(final) + "\n")
     if keep_last is not None:
         for _, path in list_checkpoints(root)[:-keep_last]:
             if os.path.abspath(path) != os.path.abspath(final):

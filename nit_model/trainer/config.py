@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from ..config import NiTConfig
+from ..model_config import NiTConfig
 from ..data.shapes import PALETTES
 
 __all__ = ["ConfigError", "ModelSection", "DataSection", "FlowSection", "OptimSection", "EMASection",

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..checkpoint import (CheckpointMismatchError, check_state_dict, load_state_dict_file, save_weights,
+from ..atomic import atomic_write_text
+from ..weights import (CheckpointMismatchError, check_state_dict, load_state_dict_file, save_weights,
                           CONFIG_KEY)
 from ..flow import FlowMatchingLoss
 from ..memory import check_fits, training_estimate
@@ -100,16 +101,6 @@ def load_encoder(spec: Optional[str], nit_config):
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"flow.repa_encoder={spec!r} cannot be imported: {type(e).__name__}: {e}") from None
     return factory(nit_config)
-
-
-class _Forward:
-    """What FlowMatchingLoss calls: the (possibly DDP-wrapped) model, with the NiT's config."""
-
-    def __init__(self, module, config):
-        self.module, self.config = module, config
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
 
 
 @dataclasses.dataclass
@@ -207,7 +198,7 @@ class Trainer:
         self.peak_lr = cfg.lr(dist.world_size)
         self.opt = torch.optim.AdamW(self.trainable, lr=self.peak_lr, betas=tuple(o.betas), eps=o.eps,
                                      weight_decay=o.weight_decay, foreach=True)
-        self.loss_fn = FlowMatchingLoss(mu=cfg.flow.mu, sigma=cfg.flow.sigma, label_dropout=cfg.label_dropout,
+        self.loss_fn = FlowMatchingLoss.for_config(self.nit_config, mu=cfg.flow.mu, sigma=cfg.flow.sigma, label_dropout=cfg.label_dropout,
                                         dir_weight=cfg.flow.dir_weight, proj_weight=cfg.flow.proj_weight,
                                         encoder=self.encoder if self.use_repa else None)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
@@ -219,7 +210,7 @@ class Trainer:
             sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                     else {"broadcast_buffers": False})
             self.ddp = DDP(self.model, device_ids=None, gradient_as_bucket_view=True, **sync)
-        self.fwd = _Forward(self.ddp if self.ddp is not None else self.model, self.nit_config)
+        self.fwd = self.ddp if self.ddp is not None else self.model  # what the loss calls
         if self.use_repa:
             self._check_encoder(ds)
 
@@ -383,9 +374,7 @@ class Trainer:
         if self.resume_path and os.path.isfile(self.log_path):  # drop rows of steps after the checkpoint
             with open(self.log_path) as f:
                 rows = [line for line in f if _row_step(line) is not None and _row_step(line) <= self.step]
-            with open(self.log_path + ".tmp", "w") as f:
-                f.writelines(rows)
-            os.replace(self.log_path + ".tmp", self.log_path)
+            atomic_write_text(self.log_path, "".join(rows))
         elif not self.resume_path:
             if os.path.exists(self.log_path):
                 os.remove(self.log_path)

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from nit_model.config import NiTConfig
+from nit_model.model_config import NiTConfig
 from nit_model.evaluate import (EvalReport, evaluate_models, markdown_table, parse_named_checkpoints,
                                 seen_in_training, training_palette)
 from nit_model.model import NiT

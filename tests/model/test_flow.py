@@ -1,35 +1,27 @@
 """Flow matching: interpolation, targets, time law, label dropout, losses, a training smoke test."""
 import math
-import types
 
 import pytest
 import torch
 
 import nit_kernels as nk
-from nit_model.config import NiTConfig
+from nit_model.model_config import NiTConfig
 from nit_model.flow import FlowMatchingLoss, drop_labels, interpolate, per_token, sample_t, velocity_target
 from nit_model.model import NiT
 
 SIZES = [(2, 3), (1, 1), (4, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny shapes: a second OpenMP thread only adds synchronisation (and stalls on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
 
 
 
 class Oracle(torch.nn.Module):
     """Returns a fixed prediction (and fixed REPA projections) whatever it is given."""
 
-    def __init__(self, v, zs=None, null_class=5):
+    def __init__(self, v, zs=None):
         super().__init__()
         self.v, self.zs = v, zs
-        self.config = types.SimpleNamespace(null_class=null_class, num_label_rows=null_class + 1)
         self.calls = []
 
     def forward(self, x, t, y, packed, return_zs=False):
@@ -148,6 +140,27 @@ def test_training_a_tiny_nit_reduces_the_loss():
         losses.append(out.loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.7 * losses[0], losses
-    # label dropout uses the model's null class
-    out = FlowMatchingLoss(label_dropout=1.0)(model, x, y, packed)
+    # label dropout uses the config's null class
+    out = FlowMatchingLoss.for_config(cfg, label_dropout=1.0)(model, x, y, packed)
     assert (out.y == cfg.null_class).all() and out.t.shape == (3,)
+
+
+def test_the_loss_needs_no_model_config_so_a_ddp_module_is_called_as_is():
+    """Everything the loss needs comes at construction: the model is only called (a DDP wrapper,
+    which has no `config`, can be passed directly)."""
+    x, eps, t, y, packed = _batch()
+    model = Oracle(eps - x)
+    assert not hasattr(model, "config")
+    out = FlowMatchingLoss(label_dropout=1.0, null_class=7)(model, x, y, packed, t=t, eps=eps)
+    assert (out.y == 7).all() and (model.calls[0][2] == 7).all()
+    cfg = NiTConfig.from_name("tiny")
+    assert FlowMatchingLoss.for_config(cfg, label_dropout=0.5).null_class == cfg.null_class
+
+
+def test_label_dropout_without_a_null_class_is_refused_at_construction():
+    with pytest.raises(ValueError, match="null_class"):
+        FlowMatchingLoss(label_dropout=0.1)
+    no_null_row = NiTConfig.from_name("tiny", class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="null-class row"):
+        FlowMatchingLoss.for_config(no_null_row, label_dropout=0.1)
+    assert FlowMatchingLoss.for_config(no_null_row, label_dropout=0.0).label_dropout == 0.0

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from nit_model.checkpoint import save_weights
+from nit_model.weights import save_weights
 from nit_model.cli import main as cli_main
-from nit_model.config import NiTConfig
+from nit_model.model_config import NiTConfig
 from nit_model.model import NiT
 from nit_model.sampling import sample, sample_tokens
 from nit_model.train import ConfigError, TrainConfig

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from nit_model.checkpoint import save_weights
-from nit_model.config import NiTConfig
+from nit_model.weights import save_weights
+from nit_model.model_config import NiTConfig
 from nit_model.memory import (MemoryRefusal, available_memory, check_fits, count_parameters, sampling_estimate,
                               training_estimate)
 from nit_model.model import NiT
@@ -23,7 +23,7 @@ MEASURE = r"""
 import json, resource, sys, torch
 torch.set_num_threads(1)
 import nit_kernels as nk
-from nit_model.config import NiTConfig
+from nit_model.model_config import NiTConfig
 from nit_model.model import NiT
 from nit_model.memory import sampling_estimate, training_estimate
 from nit_model.sampling import sample_tokens

@@ -6,21 +6,15 @@ import torch
 
 import nit_kernels as nk
 from nit_kernels.testing import assert_close
-from nit_model.checkpoint import CheckpointMismatchError, load_model, load_weights, save_weights
-from nit_model.config import NiTConfig
+from nit_model.weights import CheckpointMismatchError, load_model, load_weights, save_weights
+from nit_model.model_config import NiTConfig
 from nit_model.model import NiT
 from nit_model.official import NiTOfficialFormulation
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny shapes: a second OpenMP thread only adds synchronisation (and stalls on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
 
 
 # small configs: one of its own, one at NiT-S width with few blocks

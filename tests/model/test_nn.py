@@ -14,12 +14,7 @@ from nit_kernels.testing import assert_close
 SIZES = [(3, 5), (1, 1), (4, 2), (2, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
 
 
 def _rotate_pairs(x, cos, sin):

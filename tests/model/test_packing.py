@@ -8,7 +8,7 @@ import pytest
 
 from nit_model.packing import (PackedBatchSampler, bucket_stats, compare_strategies, pack, pack_ffd, pack_lpfhp,
                                padding_stats, token_lengths)
-from nit_model.workloads import imagenet_like_sizes_px
+from benchmarks.workloads import imagenet_like_sizes_px
 
 METHODS = ["lpfhp", "ffd"]
 

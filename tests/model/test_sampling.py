@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nit_model
-from nit_model.config import NiTConfig
+from nit_model.model_config import NiTConfig
 from nit_model.model import NiT
 from nit_model.report import contact_sheet, save_npz, save_samples
 from nit_model.sampling import (_noise, check_sizes, image_seed, load_sampling_model, nearest_valid_sizes, parse_sizes,

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from nit_model.checkpoint import CheckpointMismatchError, load_model
+from nit_model.weights import CheckpointMismatchError, load_model
 from nit_model.cli import main as cli_main
 from nit_model.data import LatentWriter
 from nit_model.train import ConfigError, TrainConfig, train

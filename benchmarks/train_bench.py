@@ -1,8 +1,8 @@
 """Time NiT training steps on one ImageNet-like pack of random latents, through the real trainer.
 
-    python -m nit_model.trainer.bench --preset NiT-S --tokens 4096 --steps 5
+    python -m benchmarks.train_bench --preset NiT-S --tokens 4096 --steps 5
 
-The images of ``nit_model.workloads.imagenet_like_pack(tokens)`` (DC-AE f32 token sizes) get
+The images of ``benchmarks.workloads.imagenet_like_pack(tokens)`` (DC-AE f32 token sizes) get
 random 32-channel latents, written as a LatentDataset; with a token budget equal to their total
 the whole dataset is one pack, so every step of ``train()`` (data, forward, backward, clipping,
 AdamW, EMA) runs on that pack. The time of a step is its tokens over the tokens/s that the log
@@ -27,9 +27,10 @@ def _maxrss_mb() -> float:
 
 def bench(preset: str = "NiT-S", tokens: int = 4096, steps: int = 5, threads: int | None = None, seed: int = 0,
           backend: str | None = None) -> dict:
-    from ..data import LatentWriter
-    from ..train import TrainConfig, train
-    from ..workloads import imagenet_like_pack
+    from nit_model.data import LatentWriter
+    from nit_model.train import TrainConfig, train
+
+    from .workloads import imagenet_like_pack
 
     sizes = imagenet_like_pack(tokens, seed=seed)
     total = sum(h * w for h, w in sizes)
