@@ -331,8 +331,9 @@ def _not_measured(rows: list[dict]) -> list[str]:
 
 
 _INTRO = {
-    "step": ["One NiT training step (flow-matching loss, backward, clipping, AdamW, EMA; fp32, and bf16 autocast with fp32 master weights where the "
-             "device multiplies bf16 natively: the precision column) and one "
+    "step": ["One NiT training step (flow-matching loss, backward, clipping, AdamW, EMA; fp32, and bf16 "
+             "autocast with fp32 master weights where the device multiplies bf16 natively: the precision "
+             "column) and one "
              "guided sampling step (one no-grad forward of a pack holding the images with their labels and again "
              "with the null class, cfg 4.0, one Euler update), per model size and provider: `reference` (every "
              "op pure PyTorch), `auto` (this package's fastest available kernel per op), `official` (the "

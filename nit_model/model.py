@@ -104,50 +104,6 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
-_GELU_K2 = 2.0 * math.sqrt(2.0 / math.pi)  # gelu_tanh(x) = x * sigmoid(K2 * (x + 0.044715 x^3))
-_GELU_C = 0.044715
-_GELU_CHUNK = 1 << 16  # elements per fp32 block: the temporaries of a block stay in L2
-
-
-def _gelu_block(x: torch.Tensor):
-    """(s, x^2) of an fp32 block, s = sigmoid(K2 (x + c x^3)), so gelu_tanh(x) = x s."""
-    u = x * x
-    return torch.sigmoid_(torch.addcmul(x, u, x, value=_GELU_C).mul_(_GELU_K2)), u
-
-
-def gelu_tanh_lowp(a: torch.Tensor, dact: Optional[torch.Tensor] = None):
-    """tanh-GELU of a bf16/fp16 tensor with fp32 math, in L2-sized blocks: ``gelu(a)`` (a's dtype),
-    or with ``dact`` the pair (gelu(a), dact * gelu'(a)) from one evaluation of the sigmoid.
-
-    ``0.5 (1 + tanh(z)) = sigmoid(2z)``, so ``gelu(x) = x s`` and ``gelu'(x) = s + x s (1 - s) K2 (1 + 3c x^2)``.
-    torch's own tanh-GELU on CPU evaluates tanh per element without vector math (about 2.5 ns an
-    element on AVX-512, slower in bf16 than in fp32); these blocks use vectorised sigmoid, and the
-    fp32 temporaries of a block never leave the cache, so memory sees bf16 in and bf16 out only.
-    """
-    flat = a.reshape(-1)
-    act = torch.empty_like(flat)
-    da = None if dact is None else torch.empty_like(flat)
-    d = None if dact is None else dact.reshape(-1)
-    for i in range(0, flat.numel(), _GELU_CHUNK):
-        j = min(i + _GELU_CHUNK, flat.numel())
-        x = flat[i:j].float()
-        s, u = _gelu_block(x)
-        torch.mul(x, s, out=act[i:j])
-        if d is not None:
-            t = torch.rsub(s, 1).mul_(s).mul_(x)                         # x s (1 - s)
-            t = torch.addcmul(s, t, u.mul_(3 * _GELU_C * _GELU_K2).add_(_GELU_K2))
-            torch.mul(t, d[i:j], out=da[i:j])
-    act = act.view_as(a)
-    return act if d is None else (act, da.view_as(a))
-
-
-def _gelu(a: torch.Tensor) -> torch.Tensor:
-    """tanh-GELU: the blocked fp32-math version for bf16/fp16 CPU tensors, torch's otherwise."""
-    if a.dtype in (torch.bfloat16, torch.float16) and a.device.type == "cpu" and not torch.compiler.is_compiling():
-        return gelu_tanh_lowp(a)
-    return F.gelu(a, approximate="tanh")
-
-
 class _GeluFc2(torch.autograd.Function):
     """``fc2(gelu_tanh(a))`` that keeps only ``a`` for backward and recomputes the GELU there.
 
@@ -164,18 +120,16 @@ class _GeluFc2(torch.autograd.Function):
         b = None if bias is None else bias.to(a.dtype)
         ctx.save_for_backward(a, w)
         ctx.has_bias, ctx.w_dtype = bias is not None, weight.dtype
-        return F.linear(_gelu(a), w, b)
+        return F.linear(F.gelu(a, approximate="tanh"), w, b)
 
     @staticmethod
     def backward(ctx, g):
         a, w = ctx.saved_tensors
         g = g.to(a.dtype)
-        dact = g @ w if ctx.needs_input_grad[0] else None
-        if a.dtype in (torch.bfloat16, torch.float16) and a.device.type == "cpu" and dact is not None:
-            act, da = gelu_tanh_lowp(a, dact)
-        else:
-            act = F.gelu(a, approximate="tanh")
-            da = None if dact is None else torch.ops.aten.gelu_backward(dact, a, approximate="tanh")
+        act = F.gelu(a, approximate="tanh")
+        da = None
+        if ctx.needs_input_grad[0]:
+            da = torch.ops.aten.gelu_backward(g @ w, a, approximate="tanh")
         g2, act2 = g.reshape(-1, g.shape[-1]), act.reshape(-1, act.shape[-1])
         dw = (g2.t() @ act2).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
         db = g2.sum(0).to(ctx.w_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -197,7 +151,7 @@ class Mlp(nn.Module):
         # under torch.compile the partitioner already recomputes cheap element-wise ops
         if self.recompute_gelu and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return _GeluFc2.apply(a, self.fc2.weight, self.fc2.bias)
-        return self.fc2(_gelu(a))
+        return self.fc2(F.gelu(a, approximate="tanh"))
 
 
 def _adaln_linear(dim: int, out: int, lora_dim: Optional[int]) -> nn.Sequential:
