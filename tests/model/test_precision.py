@@ -145,3 +145,16 @@ def test_sampling_in_bf16_is_close_to_fp32(tmp_path):
         torch.testing.assert_close(y, x, rtol=0.05, atol=0.05)
     with pytest.raises(ValueError, match="precision must be one of"):
         sample_tokens(model, [(2, 2)], [1], precision="fp16", **kw)
+
+
+def test_nit_sample_precision_flag(tmp_path):
+    import json
+
+    from nit_model.cli import main as cli_main
+
+    run = tmp_path / "run"
+    train(small(model={"depth": 1, "encoder_depth": 1}, train={"steps": 1}), out_dir=run, progress=False)
+    out = tmp_path / "s"
+    cli_main(["sample", "--ckpt", str(run), "--sizes", "16x16", "--num", "1", "--steps", "1", "--precision", "bf16",
+              "--out", str(out), "--no-progress", "--no-png"])
+    assert json.loads((out / "samples.json").read_text())["settings"]["precision"] == "bf16"
