@@ -36,8 +36,11 @@ parameter (one vector) and the state after one guided Euler step are compared wi
 in float64 (``backend="reference"``), by the project's accuracy rule (error at most 2x the error
 of the fp32 reference, plus atol).
 
-Precision: fp32 on CPU. With ``--dtype bf16``/``fp16`` (the default on CUDA) the weights, AdamW
-and EMA stay fp32 and the forward runs under ``torch.autocast`` in that dtype, as the trainer does.
+Precision (the ``dtype`` column): every workload runs in fp32 and, where the device multiplies bf16
+natively (``nit_model.precision.default_precision``: CPUs with AMX-BF16, CUDA devices with bf16), in
+bf16, each provider under the same policy: the weights, AdamW and EMA stay fp32 and the forward
+runs under ``torch.autocast`` in bf16, as the trainer does with ``train.precision=bf16``.
+``--dtype`` runs one precision only.
 
 Peak memory (both passes): ``harness.peak_memory`` (torch profiler allocations on CPU, CUDA
 allocator statistics on GPU) of one more call after timing. The weights, AdamW and EMA state are
@@ -299,6 +302,21 @@ class StepSuite(ProviderSuite):
                                      doc="NiTOfficialFormulation: per-token conditioning and RoPE tables, "
                                          "SDPA per image (the official formulation)"),
         }
+
+    @staticmethod
+    def precisions(opts: RunOptions) -> list:
+        """fp32, and bf16 where the first device multiplies bf16 natively; ``--dtype`` picks one."""
+        from nit_model.precision import default_precision
+
+        if opts.dtype is not None:
+            return [opts.dtype]
+        return ["fp32"] + (["bf16"] if default_precision(opts.devices[0]) == "bf16" else [])
+
+    def run(self, ctx):
+        # one pass of the harness per precision: speed-ups compare providers under the same policy
+        for p in self.precisions(ctx.opts):
+            opts = dataclasses.replace(ctx.opts, dtype=p)
+            yield from super().run(dataclasses.replace(ctx, opts=opts))
 
     def workloads(self, opts: RunOptions) -> list[Workload]:
         from nit_model.model_config import NiTConfig

@@ -127,6 +127,8 @@ def plot_throughput(rows: list[dict], out_dir: str, unit: str = "tokens/s") -> l
         ok = [r for r in srows if r["status"] == "ok" and r.get("unit") == unit and _f(r.get("throughput"))]
         if not ok:
             continue
+        if len({r.get("dtype") for r in ok}) > 1:  # one bar per provider and precision
+            ok = [dict(r, provider=f"{r['provider']} {r.get('dtype', '')}") for r in ok]
         def parts(w):
             return tuple(w.split("/", 1)) if "/" in w else (w, "")
 
@@ -233,13 +235,13 @@ def _step_table(srows: list[dict]) -> list[str]:
     if not ok:
         return ["Nothing in this suite was measured in this run (see below for why)."]
     passes = [p for p in _passes(srows) if any(r["pass"] == p for r in ok)]
-    head = ["workload", "provider"]
+    head = ["workload", "precision", "provider"]
     for p in passes:
         head += [f"{p} ms", f"{p} tokens/s", f"{p} x reference", f"{p} x best peer (which)", f"{p} peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for w, prov in OrderedDict.fromkeys((r["workload"], r["provider"]) for r in ok):
-        by = {r["pass"]: r for r in ok if r["workload"] == w and r["provider"] == prov}
-        cells = [w, prov]
+    for w, dt, prov in OrderedDict.fromkeys((r["workload"], r.get("dtype", ""), r["provider"]) for r in ok):
+        by = {r["pass"]: r for r in ok if r["workload"] == w and r.get("dtype", "") == dt and r["provider"] == prov}
+        cells = [w, dt, prov]
         for p in passes:
             r = by.get(p)
             if r is None:
@@ -322,7 +324,9 @@ def _not_measured(rows: list[dict]) -> list[str]:
 
 
 _INTRO = {
-    "step": ["One NiT training step (flow-matching loss, backward, clipping, AdamW, EMA; fp32 on CPU) and one "
+    "step": ["One NiT training step (flow-matching loss, backward, clipping, AdamW, EMA; fp32, and bf16 "
+             "autocast with fp32 master weights where the device multiplies bf16 natively: the precision "
+             "column) and one "
              "guided sampling step (one no-grad forward of a pack holding the images with their labels and again "
              "with the null class, cfg 4.0, one Euler update), per model size and provider: `reference` (every "
              "op pure PyTorch), `auto` (this package's fastest available kernel per op), `official` (the "

@@ -85,7 +85,8 @@ def _sample(args):
     _writable_folder(args.out)
     res = sample(sm, sizes, args.labels, num=args.num, steps=args.steps, solver=args.solver,
                  cfg_scale=args.cfg_scale, cfg_interval=(low, high), seed=args.seed,
-                 token_budget=args.token_budget, progress=not args.no_progress, force=args.force)
+                 token_budget=args.token_budget, progress=not args.no_progress, force=args.force,
+                 precision=args.precision)
     files = save_samples(res, args.out, class_names=sm.class_names, write_pngs=not args.no_png)
     import json
     write_text(os.path.join(args.out, "samples.json"), json.dumps(
@@ -234,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-png", action="store_true", help="write only the contact sheet and .npz files")
     s.add_argument("--force", action="store_true",
                    help="sample even when the memory estimate exceeds the available memory")
+    s.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="fp32, or bf16 autocast (weights stay fp32); auto: bf16 on CPUs with AMX-BF16 and on "
+                        "CUDA devices with bf16, else fp32 (default fp32)")
     s.set_defaults(func=_sample)
     e = sub.add_parser("eval", help="per-resolution accuracy and Fréchet distance on the shapes data",
                        description="Sample every model at seen and unseen sizes (same seeds), judge the samples "

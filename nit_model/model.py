@@ -111,25 +111,29 @@ class _GeluFc2(torch.autograd.Function):
     The GELU output is the largest activation of a block ([N, 4D]); recomputing it costs one
     element-wise pass and saves 4D floats per token per block (selective recomputation,
     Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models", 2022).
+    Under autocast the weight is cast to a's dtype once, in forward, and that copy serves the
+    backward too (one cast per step, not one per use).
     """
 
     @staticmethod
     def forward(ctx, a, weight, bias):
-        ctx.save_for_backward(a, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(F.gelu(a, approximate="tanh"), weight, bias)
+        w = weight.to(a.dtype)  # a no-op in fp32; under autocast the same cast F.linear would make
+        b = None if bias is None else bias.to(a.dtype)
+        ctx.save_for_backward(a, w)
+        ctx.has_bias, ctx.w_dtype = bias is not None, weight.dtype
+        return F.linear(F.gelu(a, approximate="tanh"), w, b)
 
     @staticmethod
     def backward(ctx, g):
-        a, weight = ctx.saved_tensors
-        act = F.gelu(a, approximate="tanh").to(g.dtype)  # under autocast g may be lower precision
-        g2, act2 = g.reshape(-1, g.shape[-1]), act.reshape(-1, act.shape[-1])
-        dw = (g2.t() @ act2).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = g2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        a, w = ctx.saved_tensors
+        g = g.to(a.dtype)
+        act = F.gelu(a, approximate="tanh")
         da = None
         if ctx.needs_input_grad[0]:
-            dact = (g @ weight.to(g.dtype)).to(a.dtype)
-            da = torch.ops.aten.gelu_backward(dact, a, approximate="tanh")
+            da = torch.ops.aten.gelu_backward(g @ w, a, approximate="tanh")
+        g2, act2 = g.reshape(-1, g.shape[-1]), act.reshape(-1, act.shape[-1])
+        dw = (g2.t() @ act2).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        db = g2.sum(0).to(ctx.w_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return da, dw, db
 
 

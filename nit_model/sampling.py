@@ -192,7 +192,7 @@ def sample_tokens(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], labe
                   cfg_interval: tuple[float, float] = (0.0, 1.0), seed: int = 0,
                   image_ids: Optional[Sequence[int]] = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
                   per_resolution: bool = False, progress: bool = True, stats: Optional[dict] = None,
-                  force: bool = False) -> list[torch.Tensor]:
+                  force: bool = False, precision: str = "fp32") -> list[torch.Tensor]:
     """Sample images given in tokens; returns one float32 CPU tensor [h*w, C, p, p] per image.
 
     model: a NiT (or a module with its ``config`` and ``forward(x, t, y, packed)``).
@@ -203,7 +203,9 @@ def sample_tokens(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], labe
         comparison). stats: if a dict, receives forwards, packs, tokens_forwarded, seconds.
     force: sample even when the memory estimate (`nit_model.memory`) exceeds the available memory;
         otherwise that raises MemoryRefusal before anything is allocated.
+    precision: "fp32", or "bf16" (the forwards under bf16 autocast; the solver state stays fp32).
     """
+    from .precision import autocast, check_precision
     cfg = model.config
     a = check_sampling_args(steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=cfg_interval, seed=seed,
                             token_budget=token_budget)
@@ -226,6 +228,7 @@ def sample_tokens(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], labe
         raise ValueError(f"one image id per image: {n} sizes but {len(image_ids)} ids")
     param = next(model.parameters())
     device, mdtype = param.device, param.dtype
+    precision = check_precision(precision, device, where="precision")
     c, p = cfg.in_channels, cfg.patch_size
     sizes = [(int(h), int(w)) for h, w in sizes]
     counts = [h * w for h, w in sizes]
@@ -255,7 +258,8 @@ def sample_tokens(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], labe
             counters["forwards"] += 1
             counters["tokens_forwarded"] += xx.shape[0]
             tt = torch.full((yy.shape[0],), float(t), dtype=torch.float32, device=device)
-            return model(xx.to(mdtype), tt, yy, pk).float()
+            with autocast(precision, device):
+                return model(xx.to(mdtype), tt, yy, pk).float()
 
         def cond(xx, t):
             return forward(xx, t, y, packed)
@@ -466,7 +470,7 @@ def sample(model, sizes, labels=None, *, num: int = 1, steps: int = 32, solver: 
            cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0), seed: int = 0,
            token_budget: int = DEFAULT_TOKEN_BUDGET, output: str = "images", vae=None,
            vae_factor: Optional[int] = None, ema: bool = True, progress: bool = True,
-           per_resolution: bool = False, force: bool = False) -> SampleResult:
+           per_resolution: bool = False, force: bool = False, precision: str = "fp32") -> SampleResult:
     """Sample `num` images at every size of `sizes`, all packed together.
 
     model: a NiT, a SamplingModel, or a checkpoint (see `load_sampling_model`; EMA weights by default).
@@ -482,6 +486,7 @@ def sample(model, sizes, labels=None, *, num: int = 1, steps: int = 32, solver: 
     output: "images" (decoded; uint8 arrays too) or "latents" (no decoding; latent models only).
     force: go on when the peak-memory estimate exceeds the available memory (otherwise
         MemoryRefusal is raised, naming the estimate, the memory available and what to change).
+    precision: "fp32" or "bf16" (forwards under bf16 autocast; see nit_model.precision).
     """
     sm = load_sampling_model(model, vae=vae, vae_factor=vae_factor, ema=ema)
     cfg = sm.model.config
@@ -510,7 +515,8 @@ def sample(model, sizes, labels=None, *, num: int = 1, steps: int = 32, solver: 
     t0 = time.perf_counter()
     tokens = sample_tokens(sm.model, tok_sizes, req_labels, steps=steps, solver=solver, cfg_scale=cfg_scale,
                            cfg_interval=tuple(cfg_interval), seed=seed, token_budget=token_budget,
-                           per_resolution=per_resolution, progress=progress, stats=stats, force=force)
+                           per_resolution=per_resolution, progress=progress, stats=stats, force=force,
+                           precision=precision)
     if output == "latents":
         tensors, images = [unpatchify(t, hw) for t, hw in zip(tokens, tok_sizes)], None
     else:
@@ -519,7 +525,7 @@ def sample(model, sizes, labels=None, *, num: int = 1, steps: int = 32, solver: 
     stats["total_seconds"] = time.perf_counter() - t0
     stats["images_per_s"] = len(req_sizes) / max(stats["total_seconds"], 1e-9)
     settings = dict(steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=list(cfg_interval), seed=seed,
-                    token_budget=token_budget, space=sm.space, stride=s, source=sm.source)
+                    token_budget=token_budget, space=sm.space, stride=s, source=sm.source, precision=precision)
     return SampleResult(images, tensors, req_sizes, req_labels, [image_seed(seed, i) for i in range(len(req_sizes))],
                         stats, settings)
 

@@ -153,7 +153,8 @@ class EMASection:
 class TrainSection:
     """The run: number of optimizer steps, micro-steps per step, seed, numerics and bookkeeping.
 
-    precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+    precision: ``auto`` (bf16 autocast on CUDA devices with bf16, fp32 on CPU), ``fp32`` or ``bf16``
+    (autocast; weights, optimizer state, EMA and checkpoints stay fp32; see nit_model.precision).
     device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     num_threads: torch CPU threads (None: torch's default).
     init_from: a weights file (safetensors or a weights-only torch file) or a checkpoint

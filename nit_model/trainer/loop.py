@@ -240,10 +240,15 @@ class Trainer:
         return path
 
     def _amp_dtype(self) -> Optional[torch.dtype]:
+        """bf16 autocast dtype or None (fp32); "auto" is bf16 on CUDA devices that support it, fp32 on CPU."""
+        from ..precision import PrecisionError, amp_dtype, check_precision, default_precision
         p = self.cfg.train.precision
-        if p == "bf16" or (p == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
+        if p == "auto":
+            p = default_precision(self.device) if self.device.type == "cuda" else "fp32"
+        try:
+            return amp_dtype(check_precision(p, self.device, where="train.precision"))
+        except PrecisionError as e:
+            raise ConfigError(str(e)) from None
 
     def _init_file(self, spec: str) -> str:
         if os.path.isdir(spec):

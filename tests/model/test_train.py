@@ -95,8 +95,9 @@ class Crash(Exception):
     pass
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(tmp_path):
-    cfg = small(train={"steps": 6, "grad_accum": 2, "ckpt_every": 3})
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: autocast, fp32 masters and checkpoints
+def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(tmp_path, precision):
+    cfg = small(train={"steps": 6, "grad_accum": 2, "ckpt_every": 3, "precision": precision})
     full = train(cfg, out_dir=tmp_path / "full", progress=False)
 
     def crash_at_5(row):
