@@ -129,12 +129,23 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
         load/train one for `classifier_config` in that palette (cached in `cache_dir`).
     palette: of the real images ("colour" or "mono"); None: the one the models were trained on.
     rope_methods: RoPE methods to sample every model with ("normal,yarn" or a list; see
-        `nit_model.rope_scaling`); None: the default rule of `nit_model.sample`. A size whose
-        images get the same table under two methods is sampled once (same seeds, same images).
+        `nit_model.rope_scaling`), or a dict model name -> methods (a model not named there gets
+        the first list); None: the default rule of `nit_model.sample`. A size whose images get
+        the same table under two methods is sampled once (same seeds, same images).
     tiling: `quadrant_correlation` of the samples (real_tiling: of real images).
     """
     sizes = parse_sizes(sizes)
-    methods = parse_rope_methods(rope_methods) if rope_methods is not None else [None]
+    if isinstance(rope_methods, Mapping):
+        per_model = {n: parse_rope_methods(v) for n, v in rope_methods.items()}
+        unknown = sorted(set(per_model) - set(models))
+        if unknown:
+            raise ValueError(f"rope_methods names model(s) {', '.join(unknown)} that are not evaluated")
+        first = next(iter(per_model.values()))
+        per_model = {n: per_model.get(n, first) for n in models}
+    else:
+        one = parse_rope_methods(rope_methods) if rope_methods is not None else [None]
+        per_model = {n: one for n in models}
+    methods = list(dict.fromkeys(m for ms in per_model.values() for m in ms))
     check_sampling_args(steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=cfg_interval, seed=seed,
                         token_budget=token_budget)
     if num < 2:
@@ -171,7 +182,7 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
         tok = [(h // stride, w // stride) for h, w in sizes]
         done: dict = {}  # (size index, table key) -> judged cell: sizes a method leaves alone are not resampled
         info[name] = {"source": sm.source, "sampling_seconds": 0.0, "images": 0, "forwards": 0, "packs": 0}
-        for method in methods:
+        for method in per_model[name]:
             rope = resolve_rope_scaling(method, sm.model.config, sm.train_config, ori_max_pe_len=rope_ori_max_pe_len,
                                         decouple=rope_decouple)
             keys = [rope.image_key(h, w, sm.model.config.rope_positions) if rope else ("trained",) for h, w in tok]
@@ -291,6 +302,8 @@ def method_summary(report: EvalReport) -> dict:
     for n in report.models:
         out[n] = {}
         for m in report.methods:
+            if report.rows and (n, m) not in _cells(report, report.rows[0]):
+                continue  # this model was not sampled with this method
             d = {}
             for label, want in (("seen", True), ("unseen", False)):
                 cells = [_cells(report, r)[(n, m)] for r in report.rows if r[n]["seen"] is want]
@@ -298,7 +311,7 @@ def method_summary(report: EvalReport) -> dict:
                 for key in ("accuracy", "frechet", "tiling"):
                     d[f"{label}_{key}"] = float(np.mean([c[key] for c in cells])) if cells else math.nan
             out[n][m] = d
-        ranked = [m for m in report.methods if out[n][m]["unseen_sizes"]]
+        ranked = [m for m in out[n] if out[n][m]["unseen_sizes"]]
         if ranked:
             best = ranked[0]
             for m in ranked[1:]:
@@ -334,12 +347,12 @@ def method_table(report: EvalReport) -> str:
                   "image's quadrants (about 0 for one shape, 1 for a 2x2 repetition); bold: the best of the row "
                   "(accuracy, then FD).", ""]
     for n in report.models:
-        for m in report.methods:
+        for m in s[n]:
             d = s[n][m]
             parts = [f"{lab} sizes ({d[f'{lab}_sizes']}): accuracy {d[f'{lab}_accuracy']:.0%}, FD "
                      f"{d[f'{lab}_frechet']:.1f}, tiling {d[f'{lab}_tiling']:.2f}"
                      for lab in ("seen", "unseen") if d[f"{lab}_sizes"]]
-            mark = " (best at unseen sizes)" if s["best"].get(n) == m and len(report.methods) > 1 else ""
+            mark = " (best at unseen sizes)" if s["best"].get(n) == m and len(s[n]) > 1 else ""
             lines.append(f"- **{label.get((n, m), m)}**{mark}: " + "; ".join(parts))
     return "\n".join(lines)
 
