@@ -86,7 +86,7 @@ def _sample(args):
     res = sample(sm, sizes, args.labels, num=args.num, steps=args.steps, solver=args.solver,
                  cfg_scale=args.cfg_scale, cfg_interval=(low, high), seed=args.seed,
                  token_budget=args.token_budget, progress=not args.no_progress, force=args.force,
-                 precision=args.precision)
+                 precision=args.precision, **_rope_kwargs(args))
     files = save_samples(res, args.out, class_names=sm.class_names, write_pngs=not args.no_png)
     import json
     write_text(os.path.join(args.out, "samples.json"), json.dumps(
@@ -121,8 +121,13 @@ def _eval(args):
                           solver=args.solver, cfg_scale=args.cfg_scale, cfg_interval=(low, high),
                           seed=args.seed, num_real=args.num_real, cache_dir=args.cache_dir,
                           classifier_config=ClassifierConfig(steps=args.classifier_steps),
-                          palette=args.palette, progress=not args.no_progress)
+                          palette=args.palette, progress=not args.no_progress,
+                          rope_methods=args.rope_methods or (args.rope_method and [args.rope_method]),
+                          rope_ori_max_pe_len=args.rope_ori_max_pe_len, rope_decouple=args.rope_decouple)
     table = markdown_table(rep)
+    if args.rope_methods:
+        from .evaluate import method_table
+        table += "\n\n## Per RoPE method\n\n" + method_table(rep)
     print(table)
     if args.out:
         write_text(os.path.join(args.out, "eval.json"), rep.to_json())
@@ -184,6 +189,28 @@ def _ckpt(args):
         raise SystemExit(1)
 
 
+def _rope_kwargs(args) -> dict:
+    return dict(rope_method=args.rope_method, rope_ori_max_pe_len=args.rope_ori_max_pe_len,
+                rope_decouple=args.rope_decouple)
+
+
+def _add_rope_knobs(p) -> None:
+    """RoPE scaling at sampling time (nit_model.rope_scaling), one scale per image."""
+    from .rope_scaling import AUTO_METHOD, ROPE_CHOICES
+    # checked by nit_model.rope_scaling (not argparse choices), so that a bad value is one line
+    p.add_argument("--rope-method", default=None, metavar="METHOD",
+                   help="RoPE frequencies for images larger than the training sizes (per image; sizes within the "
+                        f"training range keep the trained angles): auto = trained within the range, {AUTO_METHOD} "
+                        "beyond (default when the checkpoint records its training max side); normal = the trained "
+                        "table everywhere; linear (position interpolation), ntk-aware, ntk-aware-pro1/2, "
+                        f"ntk-by-parts, yarn, scale1/2 as in NiT (one of {', '.join(ROPE_CHOICES)})")
+    p.add_argument("--rope-ori-max-pe-len", type=int, default=None, metavar="TOKENS",
+                   help="the largest image side seen in training, in tokens (default: from the checkpoint, "
+                        "rope_ori_max_pe_len or data.max_side / patch size)")
+    p.add_argument("--rope-decouple", action="store_true",
+                   help="scale each axis by its own side instead of both by the longer side")
+
+
 def _add_sampling_knobs(p, *, steps: int, num: int) -> None:
     from .solvers import SOLVERS
     p.add_argument("--num", type=int, default=num, help=f"images per size (default {num})")
@@ -226,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", default=None,
                    help="class ids cycled over each size's images, e.g. 0,3 (default: all trained classes)")
     _add_sampling_knobs(s, steps=32, num=4)
+    _add_rope_knobs(s)
     s.add_argument("--out", default="samples", help="output folder (default samples/)")
     s.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
                    help=f"tokens per forward, guidance halves counted (default {DEFAULT_TOKEN_BUDGET})")
@@ -247,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline-ckpt", metavar="PATH", help="a baseline (e.g. trained at one fixed size), named 'baseline'")
     e.add_argument("--sizes", default=None, help="HEIGHTxWIDTH list (default: seen and unseen sizes of tiny-shapes)")
     _add_sampling_knobs(e, steps=16, num=32)
+    _add_rope_knobs(e)
+    e.add_argument("--rope-methods", default=None, metavar="M1,M2,...",
+                   help="evaluate every model with each of these RoPE methods and write one table (sizes x methods: "
+                        "judge accuracy, FD, tiling), e.g. normal,ntk-aware,yarn")
     e.add_argument("--num-real", type=int, default=256, help="real images per size for the reference statistics")
     e.add_argument("--cache-dir", default=os.path.join("runs", "cache"), help="where the classifier is cached")
     e.add_argument("--classifier-steps", type=int, default=300,

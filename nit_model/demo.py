@@ -64,6 +64,10 @@ class DemoSettings:
     bench_reps: int = 3
     bench_steps: int = 8
     classifier_steps: int = 300
+    # RoPE methods compared at the unseen sizes (nit_model.rope_scaling); the first one fills the main table
+    rope_methods: tuple = ("auto", "normal", "linear", "ntk-aware", "yarn")
+    # train.precision of both runs ("auto": fp32 on CPU); bf16 on AMX CPUs is this one value
+    precision: str = "auto"
     threads: Optional[int] = None
     seed: int = 0
     progress: bool = True
@@ -71,7 +75,8 @@ class DemoSettings:
 
 
 QUICK = dict(train_steps=6, sample_steps=2, sample_num=1, eval_num=2, eval_steps=2, num_real=8,
-             eval_sizes=[(32, 32), (16, 48), (64, 64)], bench_reps=1, bench_steps=2, classifier_steps=8)
+             eval_sizes=[(32, 32), (16, 48), (64, 64), (96, 96)], bench_reps=1, bench_steps=2, classifier_steps=8,
+             rope_methods=("auto", "normal", "yarn"))
 
 
 def _busy_cores(window: float = 0.5) -> float:
@@ -110,7 +115,7 @@ def _train(name: str, settings: DemoSettings, extra: list, threads: int):
     s = settings
     overrides = [f"train.steps={s.train_steps}", f"train.ckpt_every={s.train_steps}", "train.keep_last=1",
                  f"train.num_threads={threads}", f"train.seed={s.seed}", f"data.token_budget={s.token_budget}",
-                 f"train.log_every={1 if s.quick else 10}"] + extra
+                 f"train.log_every={1 if s.quick else 10}", f"train.precision={s.precision}"] + extra
     if s.palette:
         overrides.append(f"data.shapes_palette={s.palette}")
     cfg = TrainConfig.from_yaml("tiny-shapes", overrides=overrides)
@@ -131,7 +136,8 @@ def run_demo(settings: DemoSettings) -> dict:
     """Run the demo; returns the results dict also written to <out>/results.json."""
     import torch
 
-    from .evaluate import DEFAULT_EVAL_SIZES, evaluate_models, markdown_table, seen_in_training
+    from .evaluate import (DEFAULT_EVAL_SIZES, evaluate_models, markdown_table, method_summary, method_table,
+                           seen_in_training)
     from .report import plot_loss, save_samples, write_text
     from .sampling import benchmark_packed_vs_per_resolution, load_sampling_model, sample
     from .shapes_eval import ClassifierConfig, load_or_train_classifier
@@ -151,6 +157,7 @@ def run_demo(settings: DemoSettings) -> dict:
                                threads)
     timings["train_s"] = time.perf_counter() - t_start
     models = {name: load_sampling_model(r.checkpoint) for name, r in runs.items()}
+    seen = {n: (lambda size, tc=sm.train_config: bool(seen_in_training(size, tc))) for n, sm in models.items()}
     loss_png = plot_loss({n: (r.loss_steps, r.losses) for n, r in runs.items()}, os.path.join(s.out, "loss.png"),
                          smooth=1 if s.quick else 10)
 
@@ -184,9 +191,17 @@ def run_demo(settings: DemoSettings) -> dict:
         print("[demo] evaluating per resolution", flush=True)
     report = evaluate_models(models, s.eval_sizes or DEFAULT_EVAL_SIZES, num=s.eval_num, steps=s.eval_steps,
                              cfg_scale=s.eval_cfg_scale, cfg_interval=s.cfg_interval, seed=s.seed,
-                             num_real=s.num_real, classifier=judge, classifier_config=ccfg, progress=s.progress)
+                             num_real=s.num_real, classifier=judge, classifier_config=ccfg, progress=s.progress,
+                             # the baseline: the same sampler as the native model's main column
+                             rope_methods={n: list(s.rope_methods) if n == "native" else [s.rope_methods[0]]
+                                           for n in models})
     table = markdown_table(report)
     timings["eval_s"] = time.perf_counter() - t0
+
+    # 4b. the unseen sizes once per RoPE method: one contact-sheet row each
+    t0 = time.perf_counter()
+    rope_rows = _rope_rows(s, models["native"], [hw for hw in SHOWCASE_SIZES if not seen["native"](hw)])
+    timings["rope_rows_s"] = time.perf_counter() - t0
 
     # 5. packed vs one resolution per batch, on the native model
     t0 = time.perf_counter()
@@ -206,12 +221,31 @@ def run_demo(settings: DemoSettings) -> dict:
                       "loss_first": _mean(r.losses[:10]), "loss_last": _mean(r.losses[-10:]),
                       "checkpoint": os.path.relpath(r.checkpoint, s.out)} for n, r in runs.items()},
         "samples": samples, "eval": dataclasses.asdict(report), "eval_summary": report.summary(),
+        "rope": {"summary": method_summary(report), "rows": rope_rows},
         "bench": bench, "timings": timings, "loss_png": os.path.relpath(loss_png, s.out),
     }
-    seen = {n: (lambda size, tc=sm.train_config: bool(seen_in_training(size, tc))) for n, sm in models.items()}
     write_text(os.path.join(s.out, "results.json"), json.dumps(results, indent=1, default=str))
-    write_text(os.path.join(s.out, "REPORT.md"), _report_md(results, table, runs, show_sizes, seen["native"]))
+    write_text(os.path.join(s.out, "REPORT.md"), _report_md(results, table, runs, show_sizes, seen["native"],
+                                                            method_table(report)))
     return results
+
+
+def _rope_rows(s: DemoSettings, sm, sizes) -> list:
+    """One contact sheet (a single row) per RoPE method of the native model's samples at the
+    showcase sizes it did not train on, same seeds for every method: [{method, contact_sheet}]."""
+    from .report import contact_sheet
+    from .sampling import sample
+    out = []
+    for method in dict.fromkeys(m for m in s.rope_methods if m != "auto"):  # auto repeats one of the others
+        if not sizes:
+            break
+        res = sample(sm, sizes, num=s.sample_num, steps=s.sample_steps, cfg_scale=s.cfg_scale,
+                     cfg_interval=s.cfg_interval, seed=s.seed, progress=False, rope_method=method)
+        width = sum(im.shape[1] + 4 for im in res.images) + 4
+        path = contact_sheet(res.images, os.path.join(s.out, "samples", "rope", f"{method}.png"), max_width=width,
+                             scale=2)
+        out.append({"method": method, "contact_sheet": os.path.relpath(path, s.out)})
+    return out
 
 
 def _mean(v) -> float:
@@ -248,7 +282,7 @@ def _verdict(rows: list) -> str:
     return " ".join(out)
 
 
-def _report_md(r: dict, table: str, runs: dict, show_sizes, seen_native) -> str:
+def _report_md(r: dict, table: str, runs: dict, show_sizes, seen_native, rope_table: str = "") -> str:
     s, t, b = r["settings"], r["timings"], r["bench"]
     lines = ["# NiT demo: tiny NiT on shapes at native resolutions", "",
              f"Made by `nit demo{' --quick' if s['quick'] else ''}` in {t['total_s'] / 60:.1f} min on {r['machine']}.",
@@ -287,6 +321,7 @@ def _report_md(r: dict, table: str, runs: dict, show_sizes, seen_native) -> str:
     v = _verdict(r["eval"]["rows"])
     if v:
         lines += ["**" + v + "**", ""]
+    lines += _rope_md(r, rope_table)
     lines += ["## Throughput", "", "| figure | value |", "|---|---|"]
     for name in runs:
         lines.append(f"| training, {name} (tokens/s) | {r['train'][name]['tokens_per_s']:,.0f} |")
@@ -309,14 +344,39 @@ def _report_md(r: dict, table: str, runs: dict, show_sizes, seen_native) -> str:
                   "pays most when each size has few images.", "",
               "## Time", "",
               f"training {t['train_s']:.0f} s, judge {t['judge_s']:.0f} s, samples {t['showcase_s']:.0f} s, "
-              f"evaluation {t['eval_s']:.0f} s, throughput {t['bench_s']:.0f} s; total {t['total_s']:.0f} s.", "",
+              f"evaluation {t['eval_s']:.0f} s, RoPE rows {t.get('rope_rows_s', 0):.0f} s, throughput "
+              f"{t['bench_s']:.0f} s; total {t['total_s']:.0f} s.", "",
               "## Again, by hand", "", "```",
               f"nit sample --ckpt {os.path.join(s['out'], 'native')} --sizes 32x32,64x64,32x96,128x128 --num 4 "
               f"--steps 24 --cfg-scale 3 --out {os.path.join(s['out'], 'more')}",
               f"nit eval --ckpt native={os.path.join(s['out'], 'native')} "
-              f"--baseline-ckpt {os.path.join(s['out'], 'fixed')} --num 32 --cfg-scale 3",
+              f"--baseline-ckpt {os.path.join(s['out'], 'fixed')} --num 32 --cfg-scale 3 "
+              f"--rope-methods {','.join(s['rope_methods'])}",
               "```", ""]
     return "\n".join(lines)
+
+
+def _rope_md(r: dict, rope_table: str) -> list:
+    """The RoPE section: the per-method table and one contact-sheet row per method."""
+    from .rope_scaling import AUTO_METHOD
+    if not rope_table:
+        return []
+    best = r["rope"]["summary"]["best"]
+    lines = ["## RoPE scaling at the unseen sizes", "",
+             "Beyond the largest trained side (16 tokens) the sampler rescales each image's RoPE frequencies "
+             "with the dynamic scale of NiT (Wang et al. 2025; FiT, Wang et al. 2024): position interpolation "
+             "(`linear`, Chen et al. 2023), NTK-aware (bloc97 2023), NTK-by-parts and YaRN (Peng et al. 2023). "
+             f"`auto` (the default of `nit sample` and `nit eval`) keeps the trained angles within the trained "
+             f"sides and uses `{AUTO_METHOD}` beyond them; `normal` keeps the trained angles everywhere. Sizes "
+             "whose images get the same table under two methods are sampled once, so their cells repeat.", "",
+             rope_table, ""]
+    if best:
+        lines += ["Best method at the unseen sizes: " + ", ".join(f"{n}: `{m}`" for n, m in best.items()) + ".", ""]
+    if r["rope"]["rows"]:
+        lines += ["Unseen sizes of the showcase, native model, one row per method (same seeds; shown at 2x):", ""]
+        for row in r["rope"]["rows"]:
+            lines += [f"**{row['method']}**", "", f"![{row['method']}]({row['contact_sheet']})", ""]
+    return lines
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -341,6 +401,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="guidance scale of the evaluation samples (1: none)")
     p.add_argument("--num-real", type=int, default=d.num_real, help="real images per size for the FD reference")
     p.add_argument("--bench-reps", type=int, default=d.bench_reps, help="repetitions of the packing measurement")
+    p.add_argument("--rope-methods", default=",".join(d.rope_methods), metavar="M1,M2,...",
+                   help="RoPE methods compared at the unseen sizes (the first fills the main table)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the cores not kept busy by other processes, at least 1)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -350,13 +412,14 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args) -> DemoSettings:
+    from .rope_scaling import parse_rope_methods
     s = DemoSettings(out=args.out, train_steps=args.train_steps, baseline=not args.no_baseline,
                      baseline_size=args.baseline_size, token_budget=args.token_budget, palette=args.palette,
                      sample_steps=args.sample_steps,
                      sample_num=args.sample_num, cfg_scale=args.cfg_scale, eval_num=args.eval_num,
                      eval_steps=args.eval_steps, eval_cfg_scale=args.eval_cfg_scale, num_real=args.num_real,
                      bench_reps=args.bench_reps, threads=args.threads, seed=args.seed, progress=not args.no_progress,
-                     quick=args.quick)
+                     quick=args.quick, rope_methods=tuple(parse_rope_methods(args.rope_methods)))
     from .checks import finite, integer
     for flag in ("train_steps", "baseline_size", "token_budget", "sample_steps", "sample_num", "eval_num",
                  "eval_steps", "num_real", "bench_reps"):
@@ -366,7 +429,8 @@ def settings_from_args(args) -> DemoSettings:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive number of threads, got {args.threads}")
     if args.quick:
-        s = dataclasses.replace(s, **QUICK)
+        s = dataclasses.replace(s, **{k: v for k, v in QUICK.items()
+                                      if k != "rope_methods" or s.rope_methods == DemoSettings.rope_methods})
     return s
 
 

@@ -29,12 +29,15 @@ import numpy as np
 import torch
 
 from .data.shapes import PALETTES, SHAPE_CLASSES
+from .data.collate import unpatchify
+from .rope_scaling import parse_rope_methods, resolve_rope_scaling
 from .sampling import (DEFAULT_TOKEN_BUDGET, SamplingModel, check_sampling_args, load_sampling_model, parse_sizes,
-                       sample)
-from .shapes_eval import ClassifierConfig, evaluate_resolution, load_or_train_classifier, real_shapes
+                       sample_tokens)
+from .shapes_eval import (ClassifierConfig, evaluate_resolution, load_or_train_classifier, quadrant_correlation,
+                          real_shapes)
 
 __all__ = ["DEFAULT_EVAL_SIZES", "EvalReport", "seen_in_training", "real_floor", "training_palette", "evaluate_models",
-           "markdown_table", "parse_named_checkpoints"]
+           "markdown_table", "method_table", "method_summary", "size_category", "parse_named_checkpoints"]
 
 # seen by the tiny-shapes run (sides 16-64 px, aspect <= 3), then unseen: larger sides (1.5x, 2x
 # the largest trained side), 1:3 / 3:1 beyond the trained sides, and 1:4 / 4:1 beyond the trained
@@ -84,12 +87,15 @@ def training_palette(models: Mapping[str, SamplingModel]) -> str:
 @dataclasses.dataclass
 class EvalReport:
     """rows: one dict per size: height, width, tokens (per image at the models' stride), floor
-    (real-vs-real FD), real_accuracy, and per model name a dict {accuracy, frechet, seen}.
-    models: name -> {source, steps, sampling seconds, images/s}; settings: what was run."""
+    (real-vs-real FD), real_accuracy, real_tiling, category, and per model name a dict {accuracy,
+    frechet, tiling, seen} for its first RoPE method; with several methods, ``by_method`` holds
+    model -> method -> that dict. models: name -> {source, sampling seconds, images/s};
+    methods: the RoPE methods evaluated ("default" when none was named); settings: what was run."""
 
     rows: list
     models: dict
     settings: dict
+    methods: list = dataclasses.field(default_factory=lambda: ["default"])
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -114,15 +120,32 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
                     solver: str = "euler", cfg_scale: float = 1.0, cfg_interval=(0.0, 1.0), seed: int = 0,
                     num_real: int = 256, classifier=None, classifier_config: ClassifierConfig = ClassifierConfig(),
                     cache_dir: Optional[str] = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                    palette: Optional[str] = None, progress: bool = True) -> EvalReport:
+                    palette: Optional[str] = None, progress: bool = True, rope_methods=None,
+                    rope_ori_max_pe_len: Optional[int] = None, rope_decouple: bool = False) -> EvalReport:
     """Sample `num` images per size from every model (same seeds for all) and judge them.
 
     models: name -> a checkpoint path, NiT or SamplingModel (pixel models of the shapes classes).
     classifier: a trained ShapesClassifier (of real images in the same palette), or None to
         load/train one for `classifier_config` in that palette (cached in `cache_dir`).
     palette: of the real images ("colour" or "mono"); None: the one the models were trained on.
+    rope_methods: RoPE methods to sample every model with ("normal,yarn" or a list; see
+        `nit_model.rope_scaling`), or a dict model name -> methods (a model not named there gets
+        the first list); None: the default rule of `nit_model.sample`. A size whose images get
+        the same table under two methods is sampled once (same seeds, same images).
+    tiling: `quadrant_correlation` of the samples (real_tiling: of real images).
     """
     sizes = parse_sizes(sizes)
+    if isinstance(rope_methods, Mapping):
+        per_model = {n: parse_rope_methods(v) for n, v in rope_methods.items()}
+        unknown = sorted(set(per_model) - set(models))
+        if unknown:
+            raise ValueError(f"rope_methods names model(s) {', '.join(unknown)} that are not evaluated")
+        first = next(iter(per_model.values()))
+        per_model = {n: per_model.get(n, first) for n in models}
+    else:
+        one = parse_rope_methods(rope_methods) if rope_methods is not None else [None]
+        per_model = {n: one for n in models}
+    methods = list(dict.fromkeys(m for ms in per_model.values() for m in ms))
     check_sampling_args(steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=cfg_interval, seed=seed,
                         token_budget=token_budget)
     if num < 2:
@@ -149,27 +172,70 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
     rows = [{"height": h, "width": w} for h, w in sizes]
     for r, size in zip(rows, sizes):
         fl = real_floor(classifier, size, labels_per_size, num_real=num_real, seed=seed + 12345, palette=palette)
-        r.update(floor=fl["frechet"], real_accuracy=fl["accuracy"])
+        r.update(floor=fl["frechet"], real_accuracy=fl["accuracy"],
+                 real_tiling=quadrant_correlation(real_shapes(labels_per_size, *size, seed=seed + 1, palette=palette)))
     info = {}
+    kw = dict(steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=tuple(cfg_interval), seed=seed,
+              token_budget=token_budget, progress=progress)
     for name, sm in loaded.items():
-        t0 = time.perf_counter()
-        out = sample(sm, sizes, labels=list(range(len(SHAPE_CLASSES))), num=num, steps=steps, solver=solver,
-                     cfg_scale=cfg_scale, cfg_interval=cfg_interval, seed=seed, token_budget=token_budget,
-                     progress=progress)
-        secs = time.perf_counter() - t0
-        info[name] = {"source": sm.source, "sampling_seconds": secs, "images": len(out.sizes),
-                      "images_per_s": len(out.sizes) / secs, "forwards": out.stats["forwards"],
-                      "packs": out.stats["packs"]}
-        for k, (r, size) in enumerate(zip(rows, sizes)):
-            imgs = torch.stack(out.tensors[k * num:(k + 1) * num])
-            res = evaluate_resolution(classifier, imgs, labels_per_size, num_real=num_real, seed=seed + 12345,
-                                      palette=palette)
-            r[name] = {"accuracy": res["accuracy"], "frechet": res["frechet"],
-                       "seen": seen_in_training(size, sm.train_config)}
-            r["tokens"] = (size[0] // sm.stride) * (size[1] // sm.stride)
+        stride = sm.stride
+        tok = [(h // stride, w // stride) for h, w in sizes]
+        done: dict = {}  # (size index, table key) -> judged cell: sizes a method leaves alone are not resampled
+        info[name] = {"source": sm.source, "sampling_seconds": 0.0, "images": 0, "forwards": 0, "packs": 0}
+        for method in per_model[name]:
+            rope = resolve_rope_scaling(method, sm.model.config, sm.train_config, ori_max_pe_len=rope_ori_max_pe_len,
+                                        decouple=rope_decouple)
+            keys = [rope.image_key(h, w, sm.model.config.rope_positions) if rope else ("trained",) for h, w in tok]
+            todo = [k for k in range(len(sizes)) if (k, keys[k]) not in done]
+            if todo:
+                st: dict = {}
+                t0 = time.perf_counter()
+                # image j of size k is request image k * num + j, as in nit_model.sample: the same seeds
+                out = sample_tokens(sm.model, [tok[k] for k in todo for _ in range(num)], labels_per_size * len(todo),
+                                    image_ids=[k * num + j for k in todo for j in range(num)], rope=rope, stats=st,
+                                    **kw)
+                i = info[name]
+                i["sampling_seconds"] += time.perf_counter() - t0
+                i["images"] += len(out)
+                i["forwards"] += st["forwards"]
+                i["packs"] += st["packs"]
+                for n_k, k in enumerate(todo):
+                    imgs = torch.stack([unpatchify(t, tok[k]).clamp(-1, 1) for t in out[n_k * num:(n_k + 1) * num]])
+                    res = evaluate_resolution(classifier, imgs, labels_per_size, num_real=num_real, seed=seed + 12345,
+                                              palette=palette)
+                    done[(k, keys[k])] = {"accuracy": res["accuracy"], "frechet": res["frechet"],
+                                          "tiling": quadrant_correlation(imgs),
+                                          "seen": seen_in_training(sizes[k], sm.train_config)}
+            for k, r in enumerate(rows):
+                cell = dict(done[(k, keys[k])])
+                r.setdefault("by_method", {}).setdefault(name, {})[method or "default"] = cell
+                r.setdefault(name, cell)
+                r["tokens"] = tok[k][0] * tok[k][1]
+        info[name]["images_per_s"] = info[name]["images"] / max(info[name]["sampling_seconds"], 1e-9)
+    for r in rows:
+        r["category"] = size_category(r, list(loaded), loaded)
     settings = dict(num=num, steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=list(cfg_interval),
-                    seed=seed, num_real=num_real, classifier=dataclasses.asdict(classifier_config))
-    return EvalReport(rows, info, settings)
+                    seed=seed, num_real=num_real, classifier=dataclasses.asdict(classifier_config),
+                    rope_ori_max_pe_len=rope_ori_max_pe_len, rope_decouple=rope_decouple)
+    return EvalReport(rows, info, settings, [m or "default" for m in methods])
+
+
+def size_category(row: dict, names: Sequence[str], models: Optional[Mapping] = None) -> str:
+    """"seen" (by every model), "seen by <names> only", "unseen larger" (a side beyond every
+    model's largest trained side) or "unseen aspect" (sides within range, aspect ratio beyond)."""
+    seen = [n for n in names if row[n]["seen"]]
+    if seen and len(seen) == len(names):
+        return "seen"
+    if seen:
+        return f"seen by {', '.join(seen)} only"
+    sides = []
+    for n in names:
+        data = getattr(getattr((models or {}).get(n), "train_config", None), "data", None)
+        if data is not None and data.kind == "shapes":
+            sides.append(data.max_side)
+    if sides and max(row["height"], row["width"]) <= max(sides):
+        return "unseen aspect"
+    return "unseen larger" if sides else "unseen"
 
 
 def _aspect(h: int, w: int) -> str:
@@ -215,6 +281,79 @@ def markdown_table(report: EvalReport) -> str:
                  f"on t in {st['cfg_interval']}, seed {st['seed']}); FD against {st['num_real']} real images per "
                  f"size ({palette} palette) in the judge's {2 * 64}-d feature space; the floor is the FD of "
                  f"{st['num']} real images.")
+    return "\n".join(lines)
+
+
+def _cells(report: EvalReport, row: dict) -> dict:
+    """(model, method) -> that row's cell, in report order."""
+    by = row.get("by_method") or {n: {report.methods[0]: row[n]} for n in report.models}
+    return {(n, m): by[n][m] for n in report.models for m in report.methods if m in by.get(n, {})}
+
+
+def _better(a: dict, b: dict) -> bool:
+    """Higher judge accuracy, then lower FD."""
+    return (a["accuracy"], -a["frechet"]) > (b["accuracy"], -b["frechet"])
+
+
+def method_summary(report: EvalReport) -> dict:
+    """Per model and RoPE method: mean accuracy, FD and tiling over the seen and the unseen sizes
+    (for that model); "best": per model, the method with the highest unseen accuracy (then lowest FD)."""
+    out: dict = {"best": {}}
+    for n in report.models:
+        out[n] = {}
+        for m in report.methods:
+            if report.rows and (n, m) not in _cells(report, report.rows[0]):
+                continue  # this model was not sampled with this method
+            d = {}
+            for label, want in (("seen", True), ("unseen", False)):
+                cells = [_cells(report, r)[(n, m)] for r in report.rows if r[n]["seen"] is want]
+                d[f"{label}_sizes"] = len(cells)
+                for key in ("accuracy", "frechet", "tiling"):
+                    d[f"{label}_{key}"] = float(np.mean([c[key] for c in cells])) if cells else math.nan
+            out[n][m] = d
+        ranked = [m for m in out[n] if out[n][m]["unseen_sizes"]]
+        if ranked:
+            best = ranked[0]
+            for m in ranked[1:]:
+                a = {"accuracy": out[n][m]["unseen_accuracy"], "frechet": out[n][m]["unseen_frechet"]}
+                b = {"accuracy": out[n][best]["unseen_accuracy"], "frechet": out[n][best]["unseen_frechet"]}
+                best = m if _better(a, b) else best
+            out["best"][n] = best
+    return out
+
+
+def method_table(report: EvalReport) -> str:
+    """One table for every model and RoPE method: rows = sizes (with their category), columns =
+    model: method, cells = judge accuracy / FD / tiling (quadrant correlation); the best cell of
+    each row (accuracy, then FD) in bold; then the real images' figures and a summary per method."""
+    cols = list(_cells(report, report.rows[0])) if report.rows else []
+    label = {c: (c[1] if len(report.models) == 1 else f"{c[0]}: {c[1]}") for c in cols}
+    head = ["size (HxW)", "category"] + [label[c] for c in cols] + ["real acc / FD floor / tiling"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report.rows:
+        cells = _cells(report, r)
+        best = cols[0]
+        for c in cols[1:]:
+            best = c if _better(cells[c], cells[best]) else best
+        row = [f"{r['height']}x{r['width']}", r.get("category", "")]
+        for c in cols:
+            v = cells[c]
+            text = f"{v['accuracy']:.0%} / {v['frechet']:.1f} / {v.get('tiling', math.nan):.2f}"
+            row.append(f"**{text}**" if c == best and len(cols) > 1 else text)
+        row.append(f"{r['real_accuracy']:.0%} / {r['floor']:.1f} / {r.get('real_tiling', math.nan):.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    s = method_summary(report)
+    lines += ["", "Cells: judge accuracy / FD (lower is better) / tiling, the mean correlation between an "
+                  "image's quadrants (about 0 for one shape, 1 for a 2x2 repetition); bold: the best of the row "
+                  "(accuracy, then FD).", ""]
+    for n in report.models:
+        for m in s[n]:
+            d = s[n][m]
+            parts = [f"{lab} sizes ({d[f'{lab}_sizes']}): accuracy {d[f'{lab}_accuracy']:.0%}, FD "
+                     f"{d[f'{lab}_frechet']:.1f}, tiling {d[f'{lab}_tiling']:.2f}"
+                     for lab in ("seen", "unseen") if d[f"{lab}_sizes"]]
+            mark = " (best at unseen sizes)" if s["best"].get(n) == m and len(s[n]) > 1 else ""
+            lines.append(f"- **{label.get((n, m), m)}**{mark}: " + "; ".join(parts))
     return "\n".join(lines)
 
 

@@ -31,11 +31,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import nit_kernels as nk
-from nit_kernels.nn import (AxialRoPE2D, GatedResidual, PackedAdaLN, ResidualAdaLN, VarlenSelfAttention,
-                            rebuild_in_backward)
+from nit_kernels.nn import GatedResidual, PackedAdaLN, ResidualAdaLN, rebuild_in_backward
 
 from .model_config import NiTConfig
 from .official import repa_projector
+from .rope_scaling import ScaledAxialRoPE2D, ScaledVarlenSelfAttention
 
 __all__ = ["NiT", "NiTBlock", "FinalLayer", "PatchEmbed", "TimestepEmbedder", "LabelEmbedder", "Mlp",
            "as_packed", "timestep_embedding"]
@@ -189,11 +189,11 @@ class NiTBlock(nn.Module):
     block its modulated input (or None when ``next_mod`` is None, i.e. for the last block).
     """
 
-    def __init__(self, cfg: NiTConfig, rope: Optional[AxialRoPE2D]):
+    def __init__(self, cfg: NiTConfig, rope: Optional[ScaledAxialRoPE2D]):
         super().__init__()
         d, b = cfg.hidden_size, cfg.backend
-        self.attn = VarlenSelfAttention(d, cfg.num_heads, qkv_bias=True, qk_norm=cfg.qk_norm, rope=rope, backend=b,
-                                        selective_recompute=cfg.selective_recompute)
+        self.attn = ScaledVarlenSelfAttention(d, cfg.num_heads, qkv_bias=True, qk_norm=cfg.qk_norm, rope=rope,
+                                              backend=b, selective_recompute=cfg.selective_recompute)
         self.mlp = Mlp(d, cfg.mlp_hidden, recompute_gelu=cfg.selective_recompute)
         self.adaLN_modulation = _adaln_linear(d, 6 * d, cfg.adaln_lora_dim)
         self.norm = PackedAdaLN(eps=1e-6, backend=b)
@@ -259,8 +259,9 @@ class NiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d, cfg.frequency_embedding_size)
         self.y_embedder = LabelEmbedder(cfg.num_label_rows, d)
         freqs, mscale = cfg.rope_table()
-        self.rope = AxialRoPE2D(cfg.head_dim, freqs=freqs, positions=cfg.rope_positions, mscale=mscale,
-                                backend=cfg.backend)
+        # one table for every image, unless a per-image scaling rule is set (nit_model.rope_scaling)
+        self.rope = ScaledAxialRoPE2D(cfg.head_dim, theta=cfg.rope_theta, freqs=freqs, positions=cfg.rope_positions,
+                                      mscale=mscale, backend=cfg.backend)
         self.projector = repa_projector(cfg)  # the official REPA head, as written in official.py
         self.blocks = nn.ModuleList(NiTBlock(cfg, self.rope) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, cfg.patch_dim, cfg.backend, cfg.selective_recompute)

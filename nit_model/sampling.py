@@ -37,6 +37,7 @@ import nit_kernels as nk
 from .checks import at_least, finite, integer
 from .data.collate import patchify, unpatchify
 from .packing import pack as pack_items
+from .rope_scaling import resolve_rope_scaling, use_rope_scaling
 from .solvers import SOLVERS, guided, solve
 
 __all__ = ["SampleResult", "check_sampling_args", "parse_sizes", "parse_labels", "pixel_stride", "nearest_valid_sizes", "check_sizes",
@@ -192,7 +193,7 @@ def sample_tokens(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], labe
                   cfg_interval: tuple[float, float] = (0.0, 1.0), seed: int = 0,
                   image_ids: Optional[Sequence[int]] = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
                   per_resolution: bool = False, progress: bool = True, stats: Optional[dict] = None,
-                  force: bool = False, precision: str = "fp32") -> list[torch.Tensor]:
+                  force: bool = False, precision: str = "fp32", rope=None) -> list[torch.Tensor]:
     """Sample images given in tokens; returns one float32 CPU tensor [h*w, C, p, p] per image.
 
     model: a NiT (or a module with its ``config`` and ``forward(x, t, y, packed)``).
@@ -204,6 +205,8 @@ def sample_tokens(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], labe
     force: sample even when the memory estimate (`nit_model.memory`) exceeds the available memory;
         otherwise that raises MemoryRefusal before anything is allocated.
     precision: "fp32", or "bf16" (the forwards under bf16 autocast; the solver state stays fp32).
+    rope: a `nit_model.rope_scaling.RoPEScaling` (each image rotated with the table its size gets)
+        or None (the model's own table for every image).
     """
     from .precision import autocast, check_precision
     cfg = model.config
@@ -279,7 +282,8 @@ def sample_tokens(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], labe
             step_bar.update(1)
             return velocity(xx, t)
 
-        x = solve(counted, x, steps=steps, solver=solver, noise=noise if solver == "sde" else None)
+        with use_rope_scaling(model, rope):
+            x = solve(counted, x, steps=steps, solver=solver, noise=noise if solver == "sde" else None)
         step_bar.close()
         for i, part in zip(members, torch.split(x, [counts[i] for i in members])):
             out[i] = part.reshape(-1, c, p, p).cpu()
@@ -470,7 +474,9 @@ def sample(model, sizes, labels=None, *, num: int = 1, steps: int = 32, solver: 
            cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0), seed: int = 0,
            token_budget: int = DEFAULT_TOKEN_BUDGET, output: str = "images", vae=None,
            vae_factor: Optional[int] = None, ema: bool = True, progress: bool = True,
-           per_resolution: bool = False, force: bool = False, precision: str = "fp32") -> SampleResult:
+           per_resolution: bool = False, force: bool = False, precision: str = "fp32",
+           rope_method: Optional[str] = None, rope_ori_max_pe_len: Optional[int] = None,
+           rope_decouple: bool = False) -> SampleResult:
     """Sample `num` images at every size of `sizes`, all packed together.
 
     model: a NiT, a SamplingModel, or a checkpoint (see `load_sampling_model`; EMA weights by default).
@@ -487,9 +493,15 @@ def sample(model, sizes, labels=None, *, num: int = 1, steps: int = 32, solver: 
     force: go on when the peak-memory estimate exceeds the available memory (otherwise
         MemoryRefusal is raised, naming the estimate, the memory available and what to change).
     precision: "fp32" or "bf16" (forwards under bf16 autocast; see nit_model.precision).
+    rope_method: RoPE scaling per image for sizes beyond the training range (`nit_model.rope_scaling`):
+        one of nit_kernels.ROPE_METHODS or "auto"; None: "auto" when the checkpoint records its
+        training max side, else the model's own table. rope_ori_max_pe_len: that max side in
+        tokens (default: from the checkpoint); rope_decouple: scale each axis by its own side.
     """
     sm = load_sampling_model(model, vae=vae, vae_factor=vae_factor, ema=ema)
     cfg = sm.model.config
+    rope = resolve_rope_scaling(rope_method, cfg, sm.train_config, ori_max_pe_len=rope_ori_max_pe_len,
+                                decouple=rope_decouple)
     if output not in ("images", "latents"):
         raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
     num = integer("num", num, 1)
@@ -516,7 +528,7 @@ def sample(model, sizes, labels=None, *, num: int = 1, steps: int = 32, solver: 
     tokens = sample_tokens(sm.model, tok_sizes, req_labels, steps=steps, solver=solver, cfg_scale=cfg_scale,
                            cfg_interval=tuple(cfg_interval), seed=seed, token_budget=token_budget,
                            per_resolution=per_resolution, progress=progress, stats=stats, force=force,
-                           precision=precision)
+                           precision=precision, rope=rope)
     if output == "latents":
         tensors, images = [unpatchify(t, hw) for t, hw in zip(tokens, tok_sizes)], None
     else:
@@ -525,7 +537,8 @@ def sample(model, sizes, labels=None, *, num: int = 1, steps: int = 32, solver: 
     stats["total_seconds"] = time.perf_counter() - t0
     stats["images_per_s"] = len(req_sizes) / max(stats["total_seconds"], 1e-9)
     settings = dict(steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=list(cfg_interval), seed=seed,
-                    token_budget=token_budget, space=sm.space, stride=s, source=sm.source, precision=precision)
+                    token_budget=token_budget, space=sm.space, stride=s, source=sm.source, precision=precision,
+                    rope=dataclasses.asdict(rope) if rope else {"method": "normal"})
     return SampleResult(images, tensors, req_sizes, req_labels, [image_seed(seed, i) for i in range(len(req_sizes))],
                         stats, settings)
 

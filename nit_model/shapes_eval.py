@@ -25,7 +25,7 @@ from .data.shapes import SHAPE_CLASSES, render_shape
 from .frechet import frechet_distance_features
 
 __all__ = ["ShapesClassifier", "ClassifierConfig", "real_shapes", "train_classifier", "load_or_train_classifier",
-           "evaluate_resolution"]
+           "evaluate_resolution", "quadrant_correlation"]
 
 
 class ShapesClassifier(nn.Module):
@@ -152,3 +152,22 @@ def evaluate_resolution(classifier: ShapesClassifier, images: torch.Tensor, labe
     fd = frechet_distance_features(f_gen.numpy(), f_real.numpy()) if images.shape[0] >= 2 else float("nan")
     return {"height": int(h), "width": int(w), "n": int(images.shape[0]), "accuracy": acc,
             "real_accuracy": real_acc, "frechet": fd}
+
+
+def quadrant_correlation(images: torch.Tensor) -> float:
+    """How much an image repeats itself in a 2x2 grid: images [n, 3, H, W] -> the mean, over images
+    and the 6 pairs of its quadrants (each H//2 x W//2, grey levels), of the Pearson correlation
+    between the two quadrants. About 0 for one shape on a background; near 1 when every quadrant
+    holds the same drawing (the periodic repetition of RoPE angles beyond the trained range).
+    A constant quadrant correlates 0 with anything."""
+    if images.dim() != 4 or images.shape[1] != 3 or min(images.shape[-2:]) < 2:
+        raise ValueError(f"images must be [n, 3, H, W] with H, W >= 2, got {tuple(images.shape)}")
+    h, w = images.shape[-2] // 2, images.shape[-1] // 2
+    g = images.float().mean(1)
+    quads = torch.stack([g[:, :h, :w], g[:, :h, w:2 * w], g[:, h:2 * h, :w], g[:, h:2 * h, w:2 * w]], 1).flatten(2)
+    z = quads - quads.mean(-1, keepdim=True)
+    norm = z.norm(dim=-1, keepdim=True)
+    z = torch.where(norm > 1e-8, z / norm.clamp_min(1e-8), torch.zeros_like(z))
+    corr = z @ z.transpose(1, 2)  # [n, 4, 4]
+    i, j = torch.triu_indices(4, 4, 1)
+    return float(corr[:, i, j].mean())

@@ -32,9 +32,19 @@ def test_demo_quick_writes_the_report(demo_dir, capsys):
     assert len(r["bench"]) == 2 and all(b["speedup"] > 0 for b in r["bench"].values())
     assert all(b["max_abs_diff"] < 1e-4 for b in r["bench"].values())  # packing changes no image
     rows = r["eval"]["rows"]
-    assert [(row["height"], row["width"]) for row in rows] == [(32, 32), (16, 48), (64, 64)]
-    assert [row["native"]["seen"] for row in rows] == [True, True, True]
-    assert [row["fixed"]["seen"] for row in rows] == [True, False, False]
+    assert [(row["height"], row["width"]) for row in rows] == [(32, 32), (16, 48), (64, 64), (96, 96)]
+    assert [row["native"]["seen"] for row in rows] == [True, True, True, False]
+    assert [row["fixed"]["seen"] for row in rows] == [True, False, False, False]
+    assert [row["category"] for row in rows] == ["seen", "seen by native only", "seen by native only",
+                                                 "unseen larger"]
+    # the RoPE methods: the native model with each, the baseline with the first (the same sampler)
+    assert r["eval"]["methods"] == ["auto", "normal", "yarn"]
+    assert set(rows[3]["by_method"]["native"]) == {"auto", "normal", "yarn"}
+    assert set(rows[3]["by_method"]["fixed"]) == {"auto"}
+    assert "## RoPE scaling at the unseen sizes" in report and "| native: auto | native: normal |" in report
+    for row in r["rope"]["rows"]:  # one contact-sheet row per method (auto repeats yarn)
+        assert os.path.isfile(os.path.join(demo_dir, row["contact_sheet"])), row
+    assert [row["method"] for row in r["rope"]["rows"]] == ["normal", "yarn"]
 
 
 def test_sample_cli_on_the_demo_checkpoint(demo_dir, tmp_path, capsys):
@@ -68,6 +78,51 @@ def test_sample_cli_on_the_demo_checkpoint(demo_dir, tmp_path, capsys):
             main(["sample", "--ckpt", ckpt, "--out", out, "--no-progress", *argv])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("nit sample: error: ") and re.search(match, err), err
+
+
+def test_sample_cli_rope_options_reach_the_sampler(demo_dir, tmp_path, capsys):
+    ckpt = os.path.join(demo_dir, "native")
+    base = ["sample", "--ckpt", ckpt, "--sizes", "16x16,96x32", "--num", "1", "--steps", "1", "--no-progress",
+            "--no-png"]
+    out = str(tmp_path / "default")
+    assert main(base + ["--out", out]) == 0
+    # default: auto, with the training max side of the checkpoint (64 px at patch 4)
+    meta = json.load(open(os.path.join(out, "samples.json")))
+    assert meta["settings"]["rope"] == {"method": "auto", "ori_max_pe_len": 16, "decouple": False}
+    out = str(tmp_path / "yarn")
+    assert main(base + ["--out", out, "--rope-method", "yarn", "--rope-ori-max-pe-len", "6", "--rope-decouple"]) == 0
+    meta = json.load(open(os.path.join(out, "samples.json")))
+    assert meta["settings"]["rope"] == {"method": "yarn", "ori_max_pe_len": 6, "decouple": True}
+    out = str(tmp_path / "normal")
+    assert main(base + ["--out", out, "--rope-method", "normal"]) == 0
+    assert json.load(open(os.path.join(out, "samples.json")))["settings"]["rope"] == {"method": "normal"}
+    capsys.readouterr()
+    for argv, match in ((["--rope-method", "ntk"], "unknown RoPE method 'ntk'; choose one of normal, linear"),
+                        (["--rope-method", "yarn", "--rope-ori-max-pe-len", "0"], "positive number of tokens")):
+        with pytest.raises(SystemExit) as e:
+            main(base + ["--out", out, *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("nit sample: error: ") and len(err.splitlines()) == 1, err
+        assert re.search(match, err), err
+
+
+def test_eval_cli_rope_methods_table(demo_dir, tmp_path, capsys):
+    out = str(tmp_path / "e")
+    assert main(["eval", "--ckpt", f"native={os.path.join(demo_dir, 'native')}", "--sizes", "32x32,96x96",
+                 "--num", "2", "--steps", "1", "--num-real", "4", "--classifier-steps", "8", "--cache-dir",
+                 os.path.join(demo_dir, "cache"), "--out", out, "--no-progress",
+                 "--rope-methods", "normal,yarn,ntk-aware"]) == 0
+    text = capsys.readouterr().out
+    assert "| size (HxW) | category | normal | yarn | ntk-aware | real acc / FD floor / tiling |" in text
+    assert "| 96x96 | unseen larger |" in text and "## Per RoPE method" in open(os.path.join(out, "EVAL.md")).read()
+    rep = json.load(open(os.path.join(out, "eval.json")))
+    assert rep["methods"] == ["normal", "yarn", "ntk-aware"]
+    cells = rep["rows"][0]["by_method"]["native"]
+    assert cells["normal"] == cells["yarn"] == cells["ntk-aware"]  # 32x32 is within range: sampled once
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--ckpt", os.path.join(demo_dir, "native"), "--rope-methods", "yarn,bogus", "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "nit eval: error: unknown RoPE method 'bogus'" in err and len(err.splitlines()) == 1
 
 
 def test_eval_cli_with_a_baseline(demo_dir, tmp_path, capsys):

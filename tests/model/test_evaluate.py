@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nit_model.model_config import NiTConfig
-from nit_model.evaluate import (EvalReport, evaluate_models, markdown_table, parse_named_checkpoints,
-                                seen_in_training, training_palette)
+from nit_model.evaluate import (EvalReport, evaluate_models, markdown_table, method_summary, method_table,
+                                parse_named_checkpoints, seen_in_training, size_category, training_palette)
 from nit_model.model import NiT
 from nit_model.shapes_eval import ClassifierConfig, train_classifier
 from nit_model.train import TrainConfig
@@ -67,6 +67,47 @@ def test_summary_and_table():
     assert "| 128x128 | 1:1 | 1024 |" in md and "**6.00**" in md
 
 
+def _cell(acc, fd, tiling, seen):
+    return {"accuracy": acc, "frechet": fd, "tiling": tiling, "seen": seen}
+
+
+def test_method_table_marks_the_best_cell_of_each_row_and_the_best_method():
+    rows = [{"height": 32, "width": 32, "floor": 1.0, "real_accuracy": 1.0, "real_tiling": 0.01, "category": "seen",
+             "by_method": {"n": {"normal": _cell(0.9, 2.0, 0.0, True), "yarn": _cell(0.9, 2.0, 0.0, True)}}},
+            {"height": 128, "width": 128, "floor": 1.2, "real_accuracy": 1.0, "real_tiling": 0.02,
+             "category": "unseen larger",
+             "by_method": {"n": {"normal": _cell(0.3, 9.0, 0.8, False), "yarn": _cell(0.7, 5.0, 0.05, False)}}},
+            {"height": 16, "width": 64, "floor": 1.1, "real_accuracy": 1.0, "real_tiling": 0.0,
+             "category": "unseen aspect",
+             "by_method": {"n": {"normal": _cell(0.6, 4.0, 0.1, False), "yarn": _cell(0.6, 4.5, 0.1, False)}}}]
+    for r in rows:
+        r["n"] = r["by_method"]["n"]["normal"]
+    rep = EvalReport(rows, {"n": {}}, dict(num=8), ["normal", "yarn"])
+    s = method_summary(rep)
+    assert s["best"] == {"n": "yarn"}
+    assert s["n"]["yarn"]["unseen_accuracy"] == pytest.approx(0.65) and s["n"]["normal"]["unseen_tiling"] == 0.45
+    md = method_table(rep)
+    assert md.splitlines()[0] == "| size (HxW) | category | normal | yarn | real acc / FD floor / tiling |"
+    assert "| 128x128 | unseen larger | 30% / 9.0 / 0.80 | **70% / 5.0 / 0.05** | 100% / 1.2 / 0.02 |" in md
+    assert "| 16x64 | unseen aspect | **60% / 4.0 / 0.10** | 60% / 4.5 / 0.10 |" in md  # a tie: lower FD
+    assert "**yarn** (best at unseen sizes)" in md
+
+
+def test_size_categories():
+    def row(h, w, **seen):
+        return {"height": h, "width": w, **{n: {"seen": v} for n, v in seen.items()}}
+
+    native = TrainConfig.from_yaml("tiny-shapes")
+    models = {"native": types.SimpleNamespace(train_config=native),
+              "fixed": types.SimpleNamespace(train_config=native.apply_overrides(["data.max_side=32"]))}
+    names = ["native", "fixed"]
+    assert size_category(row(32, 32, native=True, fixed=True), names, models) == "seen"
+    assert size_category(row(64, 64, native=True, fixed=False), names, models) == "seen by native only"
+    assert size_category(row(128, 128, native=False, fixed=False), names, models) == "unseen larger"
+    assert size_category(row(16, 64, native=False, fixed=False), names, models) == "unseen aspect"
+    assert size_category(row(16, 64, native=None), ["native"]) == "unseen"
+
+
 def test_parse_named_checkpoints():
     assert parse_named_checkpoints(["native=runs/a", "runs/b/"]) == {"native": "runs/a", "b": "runs/b/"}
     with pytest.raises(ValueError, match="two checkpoints are named"):
@@ -93,6 +134,30 @@ def test_evaluate_models_end_to_end_on_random_models():
     assert mono.settings["classifier"]["palette"] == "mono" and "(mono palette)" in markdown_table(mono)
     with pytest.raises(ValueError, match="unknown palette 'sepia'"):
         evaluate_models(models, "16x16", num=2, classifier=judge, palette="sepia", progress=False)
+    # several RoPE methods: sizes within the trained range are sampled once and shared
+    cfg16 = NiTConfig.from_name("tiny", depth=1, encoder_depth=1, hidden_size=32, num_heads=2, num_classes=6,
+                                rope_ori_max_pe_len=4)  # the training max side, as a checkpoint records it
+    m = NiT(cfg16).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    multi = evaluate_models({"m": m}, "16x16,32x32", num=2, steps=1, num_real=4, classifier=judge, progress=False,
+                            rope_methods="normal,yarn,auto")
+    assert multi.methods == ["normal", "yarn", "auto"]
+    small, large = (r["by_method"]["m"] for r in multi.rows)
+    assert small["normal"] == small["yarn"] == small["auto"] and large["yarn"] == large["auto"]
+    assert large["normal"] != large["yarn"]
+    assert multi.models["m"]["images"] == 6  # 16x16 once, 32x32 with normal and with yarn
+    assert all(math.isfinite(c["tiling"]) for c in large.values())
+    assert "| 32x32 |" in method_table(multi)
+    # methods per model: the baseline sampled with one, the other with two; the table leaves no hole
+    per = evaluate_models({"m": m, "base": m}, "32x32", num=2, steps=1, num_real=4, classifier=judge,
+                          progress=False, rope_methods={"m": "normal,yarn", "base": ["auto"]})
+    assert per.methods == ["normal", "yarn", "auto"] and set(per.rows[0]["by_method"]["base"]) == {"auto"}
+    assert per.rows[0]["by_method"]["base"]["auto"] == per.rows[0]["by_method"]["m"]["yarn"]  # same model, seeds
+    assert "m: normal | m: yarn | base: auto |" in method_table(per)
+    with pytest.raises(ValueError, match="names model.s. nobody that are not evaluated"):
+        evaluate_models({"m": m}, "32x32", num=2, classifier=judge, progress=False, rope_methods={"nobody": "yarn"})
     with pytest.raises(ValueError, match="num must be >= 2"):
         evaluate_models(models, "16x16", num=1, classifier=judge, progress=False)
     latent = NiT(NiTConfig.from_name("tiny", in_channels=4, patch_size=1, depth=1, encoder_depth=1, hidden_size=32, num_heads=2))

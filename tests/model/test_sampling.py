@@ -218,3 +218,127 @@ def test_npz_contact_sheet_and_pngs(tmp_path, tiny):
         save_npz([np.zeros((4, 4, 3), np.float32)], [0], str(tmp_path))
     with pytest.raises(ValueError, match="at least one"):
         contact_sheet([], str(tmp_path / "x.png"))
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE scaling at sampling time, one scale per image (nit_model.rope_scaling)
+
+from nit_kernels import ROPE_METHODS, rope_freqs  # noqa: E402
+from nit_model.rope_scaling import (RoPEScaling, parse_rope_methods, resolve_rope_scaling,  # noqa: E402
+                                    use_rope_scaling)
+
+
+@pytest.fixture(scope="module")
+def busy():
+    """A tiny NiT whose every weight is random (adaLN-Zero would make the output 0)."""
+    torch.manual_seed(1)
+    cfg = NiTConfig.from_name("tiny", depth=2, hidden_size=64, num_heads=2, num_classes=6)
+    m = NiT(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("method", ROPE_METHODS + ("auto",))
+def test_a_method_changes_the_angles_only_beyond_the_trained_range(method):
+    ori, base = 8, rope_freqs(32)
+    rule = RoPEScaling(method, ori)
+    for h, w in [(1, 1), (8, 8), (3, 8), (8, 2)]:  # within the trained sides (one of them 1:4)
+        freqs, mscale = rule.table(rule.image_key(h, w), 32, 10000.0)
+        assert torch.equal(freqs, base), (method, h, w)
+        if method in ("normal", "auto", "linear", "ntk-aware", "ntk-by-parts", "yarn"):
+            assert mscale == 1.0
+    for h, w in [(12, 12), (4, 16)]:  # beyond: every scaling method rescales its frequencies
+        freqs, mscale = rule.table(rule.image_key(h, w), 32, 10000.0)
+        if method in ("normal", "scale1", "scale2"):  # these keep the angles (scale1/2: magnitude only)
+            assert torch.equal(freqs, base)
+        else:
+            assert not torch.allclose(freqs, base) and torch.all(freqs <= base * (1 + 1e-6)), (method, h, w)
+    # auto: the trained table within the range, its chosen method beyond, as that method would
+    auto = RoPEScaling("auto", ori)
+    assert auto.image_key(8, 8) == ("trained",)
+    from nit_model.rope_scaling import AUTO_METHOD
+    assert auto.image_key(12, 12) == RoPEScaling(AUTO_METHOD, ori).image_key(12, 12)
+
+
+def test_decoupled_scales_follow_each_axis_extent():
+    rule = RoPEScaling("linear", 8, decouple=True)
+    # grid positions: axis 0 is the column (spans w), axis 1 the row (spans h)
+    assert rule.image_key(4, 16, "grid")[1:3] == (2.0, 1.0)
+    assert rule.image_key(16, 4, "grid")[1:3] == (1.0, 2.0)
+    assert RoPEScaling("linear", 8).image_key(4, 16)[1:3] == (2.0, 2.0)  # coupled: the longer side
+
+
+@pytest.mark.parametrize("method", ["yarn", "ntk-aware-pro1", "linear"])
+def test_mixed_pack_keeps_each_image_its_own_scale(busy, method):
+    """One forward over a pack of a trained-range image and two larger ones equals each image
+    alone through a model whose fixed table is the official one for that image's size."""
+    ori = 6
+    sizes = [(4, 6), (12, 12), (9, 3), (8, 16)]
+    packed = nk_pack(sizes)
+    x = torch.randn(packed.total_tokens, busy.config.patch_dim)
+    t = torch.tensor([0.3, 0.7, 0.5, 0.9])
+    y = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad(), use_rope_scaling(busy, RoPEScaling(method, ori)):
+        out = busy(x, t, y, packed)
+    with torch.no_grad():
+        plain = busy(x, t, y, packed)
+    for i, (part, (h, w)) in enumerate(zip(torch.split(out, [h * w for h, w in sizes]), sizes)):
+        if max(h, w) <= ori and method != "ntk-aware-pro1":
+            ref_model = busy
+        else:  # the official table for one size: the config's rope_method with max_pe_len = (h, w)
+            cfg = busy.config.replace(rope_method=method, rope_max_pe_len_h=h, rope_max_pe_len_w=w,
+                                      rope_ori_max_pe_len=ori)
+            ref_model = NiT(cfg).eval()
+            ref_model.load_state_dict(busy.state_dict())
+        xi = torch.split(x, [a * b for a, b in sizes])[i]
+        with torch.no_grad():
+            ref = ref_model(xi, t[i:i + 1], y[i:i + 1], nk_pack([(h, w)]))
+        torch.testing.assert_close(part, ref, atol=2e-5, rtol=1e-5)
+    # the rule is gone after the block; the larger images did change
+    assert busy.rope.scaling is None
+    assert float((out[24:] - plain[24:]).abs().max()) > 1e-3
+    if method != "ntk-aware-pro1":  # pro1's magnitude factor starts at half the trained side
+        torch.testing.assert_close(out[:24], plain[:24], atol=2e-5, rtol=1e-5)
+
+
+def nk_pack(sizes):
+    import nit_kernels as nk
+    return nk.PackedSeqs.from_sizes(sizes)
+
+
+def test_sampling_with_a_rope_method_packs_like_each_image_alone(busy):
+    rule = RoPEScaling("ntk-by-parts", 6)
+    sizes, labels = [(4, 4), (12, 8), (3, 9), (10, 10)], [0, 1, 2, 3]
+    kw = dict(steps=2, cfg_scale=2.0, cfg_interval=(0.3, 1.0), seed=5, progress=False, rope=rule)
+    st = {}
+    packed = sample_tokens(busy, sizes, labels, stats=st, **kw)
+    assert st["packs"] == 1
+    for i, (s, y) in enumerate(zip(sizes, labels)):
+        alone = sample_tokens(busy, [s], [y], image_ids=[i], **kw)[0]
+        torch.testing.assert_close(packed[i], alone, atol=2e-5, rtol=1e-5)
+    normal = sample_tokens(busy, sizes, labels, **{**kw, "rope": None})
+    torch.testing.assert_close(packed[0], normal[0], atol=2e-5, rtol=1e-5)  # within range: unchanged
+    assert float((packed[3] - normal[3]).abs().max()) > 1e-3
+
+
+def test_rope_method_defaults_and_errors(busy):
+    cfg = busy.config
+    assert resolve_rope_scaling(None, cfg) is None  # no training max side known: the model's own table
+    assert resolve_rope_scaling(None, cfg, ori_max_pe_len=8) == RoPEScaling("auto", 8)
+    assert resolve_rope_scaling("normal", cfg, ori_max_pe_len=8) is None
+    with pytest.raises(ValueError, match="training max side"):
+        resolve_rope_scaling("yarn", cfg)
+    with pytest.raises(ValueError, match="unknown RoPE method 'ntk'"):
+        resolve_rope_scaling("ntk", cfg, ori_max_pe_len=8)
+    with pytest.raises(ValueError, match="positive number of tokens"):
+        resolve_rope_scaling("yarn", cfg, ori_max_pe_len=0)
+    assert parse_rope_methods("normal, yarn,yarn") == ["normal", "yarn"]
+    with pytest.raises(ValueError, match="unknown RoPE method 'bogus'"):
+        parse_rope_methods("normal,bogus")
+    res = sample(busy, "16x16,48x48", num=1, steps=1, progress=False, rope_method="yarn", rope_ori_max_pe_len=8)
+    assert res.settings["rope"] == {"method": "yarn", "ori_max_pe_len": 8, "decouple": False}
+    fixed = NiT(cfg.replace(rope_method="yarn", rope_max_pe_len_h=8, rope_max_pe_len_w=8, rope_ori_max_pe_len=4))
+    with pytest.raises(ValueError, match="already fixes rope_method"):
+        sample(fixed, "16x16", steps=1, progress=False, rope_method="linear", rope_ori_max_pe_len=4)

@@ -45,3 +45,15 @@ def test_any_size_and_bad_input():
     assert m(torch.zeros(2, 3, 8, 40)).shape == (2, 6)
     with pytest.raises(ValueError, match="n = len"):
         evaluate_resolution(m, torch.zeros(3, 3, 16, 16), [0, 1])
+
+
+def test_quadrant_correlation_detects_a_2x2_repetition():
+    from nit_model.shapes_eval import quadrant_correlation
+    real = real_shapes([0, 1, 2, 3, 4, 5], 32, 32, seed=3, palette="mono")
+    tiled = real.repeat(1, 1, 2, 2)  # every quadrant the same 32x32 drawing
+    assert quadrant_correlation(tiled) == pytest.approx(1.0, abs=1e-5)
+    single = real_shapes([0, 1, 2, 3, 4, 5] * 2, 64, 64, seed=4, palette="mono")
+    assert abs(quadrant_correlation(single)) < 0.3
+    assert quadrant_correlation(torch.zeros(2, 3, 8, 8)) == 0.0  # flat images: no repetition, no NaN
+    with pytest.raises(ValueError, match=r"\[n, 3, H, W\]"):
+        quadrant_correlation(torch.zeros(3, 8, 8))
