@@ -11,7 +11,7 @@ kinds of pack at a few hundred tokens.
 
 Providers shared by every op: ``reference`` (eager), ``reference_compiled`` (torch.compile of the
 reference function itself, dynamic shapes), and this package's backends ``cpu``, ``cuda``,
-``triton``; each asks ``nit_kernels.backends`` whether it serves the op and reports its reason
+``triton``; each asks ``nit_kernels.dispatch`` whether it serves the op and reports its reason
 when it does not.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 // Every op schema of the `nit` library, defined once. Backends add implementations with
 // TORCH_LIBRARY_IMPL(nit, CPU|CUDA, m) in csrc/cpu/<family>.cpp and csrc/cuda/<family>_glue.cpp;
-// Python adds register_fake and register_autograd (nit_kernels/cpp.py).
+// Python registers the checking fakes and the autograd once per op (nit_kernels/_autograd.py).
 //
 // Shared conventions: tokens of image i are rows cu_seqlens[i] .. cu_seqlens[i+1]-1 of every
 // [N, ...] tensor; cu_seqlens and sizes are int32; per-image rows (shift, scale, gate) are

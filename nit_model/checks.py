@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["finite", "integer", "at_least"]
+__all__ = ["finite", "integer", "at_least", "error_line"]
 
 
 def finite(name: str, value) -> float:
@@ -45,3 +45,12 @@ def at_least(name: str, value, minimum: float) -> float:
     if v < minimum:
         raise ValueError(f"{name} must be >= {minimum:g}, got {v:g}")
     return v
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an exception: an OSError names its path; newlines become spaces."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())

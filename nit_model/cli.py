@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from .checks import error_line
+
 
 def _source_root() -> str:
     """The checkout this package was imported from (benchmarks/ sits beside nit_model/ there)."""
@@ -317,15 +319,6 @@ def user_error_types() -> tuple:
     """Exceptions that mean bad input or an unusable file, not a bug: reported in one line."""
     from .memory import MemoryRefusal
     return (ValueError, OSError, MemoryRefusal)
-
-
-def error_line(e: BaseException) -> str:
-    """One line for an exception: an OSError names its path; newlines become spaces."""
-    if isinstance(e, OSError) and e.filename and e.strerror:
-        msg = f"{e.filename}: {e.strerror}"
-    else:
-        msg = str(e) or type(e).__name__
-    return " ".join(msg.split())
 
 
 def main(argv=None) -> int:

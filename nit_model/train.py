@@ -1,6 +1,6 @@
 """Native-resolution NiT training: ``nit train --config <yaml>`` and ``train(config, out_dir=...)``.
 
-Flow matching on token-budget packs of images at their own sizes (DESIGN section 5): v-prediction
+Flow matching on token-budget packs of images at their own sizes (docs/ARCHITECTURE.md, layers): v-prediction
 on x_t = (1 - t) x + t eps with logit-normal t, label dropout for classifier-free guidance,
 optional direction and REPA projection losses; AdamW (official NiT defaults: lr 5e-5 at 4 packs
 per step, scaled linearly; betas (0.9, 0.95); weight decay 1e-2; eps 1e-6; constant schedule;
@@ -167,7 +167,7 @@ def main_train(args) -> int:
         result = train(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite,
                        force=args.force)
     except (ValueError, OSError, MemoryRefusal) as e:  # ConfigError, CheckpointNotFound, ... included
-        from .cli import error_line
+        from .checks import error_line
         print(f"nit train: error: {error_line(e)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

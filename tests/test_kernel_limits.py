@@ -4,16 +4,17 @@ qk_norm_rope_max_head_dim)`` in the ``nit`` library (the compiled extension, CPU
 included) and in the ``nit_sim`` library (the cuda_sim build of the same sources).
 
 These tests hold the reported values to the limits the Python dispatch enforces for the cuda
-backend today (nit_kernels.cpp), and to the glue's own argument checks (through cuda_sim).
+backend (nit_kernels.backends.cuda), and to the glue's own argument checks (through cuda_sim).
 """
 import pytest
 import torch
 
-from nit_kernels import backends, cpp
-from nit_kernels.backends import Call
+from nit_kernels import dispatch
+from nit_kernels.backends import _extension, cuda
+from nit_kernels.backends.cuda import LIMIT_OPS
+from nit_kernels.dispatch import Call
 
-LIMIT_OPS = ("varlen_attention", "qk_norm_rope")  # the order of limits()' results
-_SIM_WHY = backends.get("cuda_sim").load_error()
+_SIM_WHY = dispatch.get("cuda_sim").load_error()
 
 
 def _limits(ns: str) -> dict:
@@ -23,13 +24,14 @@ def _limits(ns: str) -> dict:
 
 
 def _python_refuses(op: str, head_dim: int):
-    return cpp._refuse_cuda(Call(op, torch.device("cuda"), torch.float32, head_dim=head_dim))
+    return cuda.refuse_kernel(Call(op, torch.device("cuda"), torch.float32, head_dim=head_dim))
 
 
-@pytest.mark.skipif(cpp.load_error() is not None, reason=f"nit_kernels._C unavailable: {cpp.load_error()}")
+@pytest.mark.skipif(_extension.IMPORT_ERROR is not None, reason=f"nit_kernels._C unavailable: {_extension.IMPORT_ERROR}")
 def test_extension_reports_the_limits_python_enforces():
     limits = _limits("nit")
     assert limits == {"varlen_attention": 128, "qk_norm_rope": 256}
+    assert cuda.head_dim_limits() == limits
     for op, limit in limits.items():
         assert _python_refuses(op, limit) is None, f"{op}: head_dim {limit} is within the kernel's limit"
         why = _python_refuses(op, limit + 1)
@@ -38,11 +40,11 @@ def test_extension_reports_the_limits_python_enforces():
 
 @pytest.mark.skipif(_SIM_WHY is not None, reason=f"cuda_sim unavailable: {_SIM_WHY}")
 def test_cuda_sim_reports_the_limits_its_glue_checks():
-    from nit_kernels import cuda_sim
+    from nit_kernels.backends import cuda_sim
 
     cuda_sim.build()
     limits = _limits("nit_sim")
-    if cpp.load_error() is None:
+    if _extension.IMPORT_ERROR is None:
         assert limits == _limits("nit")
     ops = torch.ops.nit_sim
     cu, sizes = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([[1, 1]], dtype=torch.int32)

@@ -1,4 +1,4 @@
-// Axial 2D RoPE math shared by the CPU and CUDA kernels (DESIGN.md section 4, rope_2d): the
+// Axial 2D RoPE math shared by the CPU and CUDA kernels (docs/ARCHITECTURE.md, the ops): the
 // positions of a token, and the angle, cosine and sine of one interleaved pair.
 //
 // Token t (index inside its h x w image) has positions

@@ -5,6 +5,7 @@ The attention kernels read token and head strides and need only a contiguous las
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -13,8 +14,17 @@ from ..dispatch import FLOAT_DTYPES, Call
 from . import _extension
 from ._extension import BUILT_OPS  # noqa: F401  (cuda_sim builds the same ops)
 
-# head_dim limits of the CUDA kernels (csrc/cuda/launchers.h); cuda_sim runs the same kernels
-HEAD_DIM_LIMITS = {"varlen_attention": 128, "qk_norm_rope": 256}
+LIMIT_OPS = ("varlen_attention", "qk_norm_rope")  # the order of the results of op limits()
+
+
+@functools.cache
+def head_dim_limits() -> dict:
+    """head_dim limits of the CUDA kernels, stated once in csrc/cuda/launchers.h and reported by
+    the extension's op ``nit::limits`` (CPU-only builds included); cuda_sim runs the same kernels
+    and its glue checks the same values. Empty when the extension is not loaded."""
+    if _extension.IMPORT_ERROR is not None:
+        return {}
+    return dict(zip(LIMIT_OPS, torch.ops.nit.limits()))
 
 
 def operand(op: str, t: torch.Tensor) -> torch.Tensor:
@@ -43,7 +53,7 @@ def refuse_kernel(call: Call) -> Optional[str]:
     if call.dtype not in FLOAT_DTYPES:
         return f"dtype {call.dtype} is not supported (float32, float16, bfloat16)"
     # grouped-query attention is supported
-    limit = HEAD_DIM_LIMITS.get(call.op)
+    limit = head_dim_limits().get(call.op)
     if limit is not None and call.head_dim is not None and call.head_dim > limit:
         return f"the CUDA {call.op} kernel supports head_dim <= {limit}, got {call.head_dim}"
     return None

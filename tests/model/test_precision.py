@@ -127,7 +127,7 @@ def test_bf16_training_reaches_the_fp32_loss(tmp_path):
 
 
 def test_sampling_in_bf16_is_close_to_fp32(tmp_path):
-    from nit_model.config import NiTConfig
+    from nit_model.model_config import NiTConfig
     from nit_model.model import NiT
     from nit_model.sampling import sample_tokens
 
