@@ -103,7 +103,12 @@ class NiTConfig:
         if m == "normal":
             return rope_freqs(self.head_dim, theta=self.rope_theta), 1.0
         h, w, ori = self.rope_max_pe_len_h, self.rope_max_pe_len_w, self.rope_ori_max_pe_len
-        scale = (h / ori, w / ori) if self.rope_decouple else max(h, w) / ori
+        if self.rope_decouple:
+            # each axis by the side its positions span: under "grid" axis 0 is the column
+            # (p0 = t % w), under "official" p0 = t % h spans h and p1 = t // h spans w
+            scale = (w / ori, h / ori) if self.rope_positions == "grid" else (h / ori, w / ori)
+        else:
+            scale = max(h, w) / ori
         freqs = rope_freqs(self.head_dim, theta=self.rope_theta, method=m, scale=scale, ori_max_pe_len=ori)
         return freqs, rope_mscale(m, max_pe_len=(h, w), ori_max_pe_len=ori)
 

@@ -342,3 +342,21 @@ def test_rope_method_defaults_and_errors(busy):
     fixed = NiT(cfg.replace(rope_method="yarn", rope_max_pe_len_h=8, rope_max_pe_len_w=8, rope_ori_max_pe_len=4))
     with pytest.raises(ValueError, match="already fixes rope_method"):
         sample(fixed, "16x16", steps=1, progress=False, rope_method="linear", rope_ori_max_pe_len=4)
+
+
+@pytest.mark.parametrize("positions", ["grid", "official"])
+def test_config_decoupled_table_scales_only_the_axis_beyond_training(positions):
+    """A 4 x 16-token image (trained sides up to 4): with decouple, only the axis that spans the
+    16 columns is rescaled, whichever order the positions take; the same table as the per-image
+    rule's."""
+    cfg = NiTConfig.from_name("tiny", rope_method="linear", rope_decouple=True, rope_positions=positions,
+                              rope_max_pe_len_h=4, rope_max_pe_len_w=16, rope_ori_max_pe_len=4)
+    freqs, mscale = cfg.rope_table()
+    base = rope_freqs(cfg.head_dim, theta=cfg.rope_theta)
+    col = 0 if positions == "grid" else 1  # grid: p0 = t % w; official: p1 = t // h spans w
+    torch.testing.assert_close(freqs[col], base[col] / 4)
+    torch.testing.assert_close(freqs[1 - col], base[1 - col])
+    rule = RoPEScaling("linear", 4, decouple=True)
+    ref, ref_mscale = rule.table(rule.image_key(4, 16, positions), cfg.head_dim, cfg.rope_theta)
+    torch.testing.assert_close(freqs, ref)
+    assert mscale == ref_mscale
