@@ -66,7 +66,8 @@ class DemoSettings:
     classifier_steps: int = 300
     # RoPE methods compared at the unseen sizes (nit_model.rope_scaling); the first one fills the main table
     rope_methods: tuple = ("auto", "normal", "linear", "ntk-aware", "yarn")
-    # train.precision of both runs ("auto": fp32 on CPU); bf16 on AMX CPUs is this one value
+    # precision of both training runs and of all sampling: "auto" is bf16 autocast where the CPU has
+    # AMX-BF16 (measured faster per step for the tiny model there), else fp32; see demo_precision
     precision: str = "auto"
     threads: Optional[int] = None
     seed: int = 0
@@ -110,12 +111,27 @@ def auto_threads() -> int:
     return max(1, min(torch.get_num_threads(), int(round(cores - _busy_cores()))))
 
 
-def _train(name: str, settings: DemoSettings, extra: list, threads: int):
+def demo_precision(setting: str = "auto") -> tuple[str, str]:
+    """(precision, reason) of the demo's training and sampling on the CPU. "auto": "bf16" where the
+    CPU has AMX-BF16 tiles (there a tiny-shapes step under bf16 autocast is faster than in fp32),
+    else "fp32" (AVX512-BF16 alone or emulated bf16 does not pay off for a model this small);
+    "fp32" / "bf16" as given (bf16 checked to run on this CPU)."""
+    from .precision import bf16_support, check_precision, cpu_bf16_flags
+    if setting != "auto":
+        return check_precision(setting, "cpu", where="--precision"), "chosen with --precision"
+    _, _, why = bf16_support("cpu")
+    if "amx_bf16" in cpu_bf16_flags():
+        return "bf16", (f"{why}: bf16 autocast (fp32 weights, optimizer and EMA) makes a training step and a "
+                        "sampling forward of the tiny model faster than fp32 there")
+    return "fp32", f"{why}; without AMX tiles bf16 does not speed up a model this small, so fp32"
+
+
+def _train(name: str, settings: DemoSettings, extra: list, threads: int, precision: str = "fp32"):
     from .train import TrainConfig, train
     s = settings
     overrides = [f"train.steps={s.train_steps}", f"train.ckpt_every={s.train_steps}", "train.keep_last=1",
                  f"train.num_threads={threads}", f"train.seed={s.seed}", f"data.token_budget={s.token_budget}",
-                 f"train.log_every={1 if s.quick else 10}", f"train.precision={s.precision}"] + extra
+                 f"train.log_every={1 if s.quick else 10}", f"train.precision={precision}"] + extra
     if s.palette:
         overrides.append(f"data.shapes_palette={s.palette}")
     cfg = TrainConfig.from_yaml("tiny-shapes", overrides=overrides)
@@ -147,14 +163,17 @@ def run_demo(settings: DemoSettings) -> dict:
     threads = s.threads or auto_threads()
     torch.set_num_threads(threads)
     os.makedirs(s.out, exist_ok=True)
+    precision, precision_why = demo_precision(s.precision)
+    if s.progress:
+        print(f"[demo] precision {precision}: {precision_why}", flush=True)
     timings = {}
 
     # 1. training
-    runs = {"native": _train("native", s, [], threads)}
+    runs = {"native": _train("native", s, [], threads, precision)}
     if s.baseline:
         b = s.baseline_size
         runs["fixed"] = _train("fixed", s, [f"data.min_side={b}", f"data.max_side={b}", "data.max_aspect=1.0"],
-                               threads)
+                               threads, precision)
     timings["train_s"] = time.perf_counter() - t_start
     models = {name: load_sampling_model(r.checkpoint) for name, r in runs.items()}
     seen = {n: (lambda size, tc=sm.train_config: bool(seen_in_training(size, tc))) for n, sm in models.items()}
@@ -179,7 +198,7 @@ def run_demo(settings: DemoSettings) -> dict:
             print(f"[demo] sampling {name}: {s.sample_num} images at each of {len(show_sizes)} sizes in shared packs",
                   flush=True)
         res = sample(sm, show_sizes, num=s.sample_num, steps=s.sample_steps, cfg_scale=s.cfg_scale,
-                     cfg_interval=s.cfg_interval, seed=s.seed, progress=s.progress)
+                     cfg_interval=s.cfg_interval, seed=s.seed, progress=s.progress, precision=precision)
         files = save_samples(res, os.path.join(s.out, "samples", name), class_names=sm.class_names)
         samples[name] = {"stats": res.stats, "contact_sheet": os.path.relpath(files["contact_sheet"], s.out),
                          "npz": [os.path.relpath(p, s.out) for p in files["npz"]], "npz_note": files["note"]}
@@ -194,13 +213,14 @@ def run_demo(settings: DemoSettings) -> dict:
                              num_real=s.num_real, classifier=judge, classifier_config=ccfg, progress=s.progress,
                              # the baseline: the same sampler as the native model's main column
                              rope_methods={n: list(s.rope_methods) if n == "native" else [s.rope_methods[0]]
-                                           for n in models})
+                                           for n in models},
+                             precision=precision, keep_images=s.sample_num)
     table = markdown_table(report)
     timings["eval_s"] = time.perf_counter() - t0
 
-    # 4b. the unseen sizes once per RoPE method: one contact-sheet row each
+    # 4b. the evaluation's first samples at its unseen sizes, one contact-sheet row per RoPE method
     t0 = time.perf_counter()
-    rope_rows = _rope_rows(s, models["native"], [hw for hw in SHOWCASE_SIZES if not seen["native"](hw)])
+    rope_rows = _rope_rows(s, report, [(r["height"], r["width"]) for r in report.rows if not r["native"]["seen"]])
     timings["rope_rows_s"] = time.perf_counter() - t0
 
     # 5. packed vs one resolution per batch, on the native model
@@ -216,7 +236,7 @@ def run_demo(settings: DemoSettings) -> dict:
 
     results = {
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()},
-        "threads": threads, "machine": _machine(threads),
+        "threads": threads, "machine": _machine(threads), "precision": precision, "precision_reason": precision_why,
         "train": {n: {"steps": r.step, "tokens": r.tokens, "tokens_per_s": r.tokens_per_s, "wall_s": r.wall_time,
                       "loss_first": _mean(r.losses[:10]), "loss_last": _mean(r.losses[-10:]),
                       "checkpoint": os.path.relpath(r.checkpoint, s.out)} for n, r in runs.items()},
@@ -230,20 +250,19 @@ def run_demo(settings: DemoSettings) -> dict:
     return results
 
 
-def _rope_rows(s: DemoSettings, sm, sizes) -> list:
-    """One contact sheet (a single row) per RoPE method of the native model's samples at the
-    showcase sizes it did not train on, same seeds for every method: [{method, contact_sheet}]."""
+def _rope_rows(s: DemoSettings, report, sizes) -> list:
+    """One contact sheet (a single row) per RoPE method of the native model's evaluation samples at
+    the sizes it did not train on (the first `sample_num` of each size, kept by the evaluation: same
+    seeds for every method, nothing sampled again): [{method, contact_sheet}]."""
     from .report import contact_sheet
-    from .sampling import sample
+    from .sampling import to_uint8
     out = []
     for method in dict.fromkeys(m for m in s.rope_methods if m != "auto"):  # auto repeats one of the others
-        if not sizes:
-            break
-        res = sample(sm, sizes, num=s.sample_num, steps=s.sample_steps, cfg_scale=s.cfg_scale,
-                     cfg_interval=s.cfg_interval, seed=s.seed, progress=False, rope_method=method)
-        width = sum(im.shape[1] + 4 for im in res.images) + 4
-        path = contact_sheet(res.images, os.path.join(s.out, "samples", "rope", f"{method}.png"), max_width=width,
-                             scale=2)
+        imgs = [to_uint8(im) for hw in sizes for im in report.images.get(("native", method, hw), [])]
+        if not imgs:
+            continue
+        width = sum(im.shape[1] + 4 for im in imgs) + 4
+        path = contact_sheet(imgs, os.path.join(s.out, "samples", "rope", f"{method}.png"), max_width=width, scale=2)
         out.append({"method": method, "contact_sheet": os.path.relpath(path, s.out)})
     return out
 
@@ -297,11 +316,14 @@ def _report_md(r: dict, table: str, runs: dict, show_sizes, seen_native, rope_ta
         lines.append(f"| {name} | {data} | {tr['steps']} | {tr['tokens']:,} | {tr['loss_first']:.3f} -> "
                      f"{tr['loss_last']:.3f} | {tr['tokens_per_s']:,.0f} | {tr['wall_s']:.0f} s |")
     c = next(iter(runs.values())).config
-    lines += ["", f"Both runs: the `tiny` preset (4 blocks, width 128, 4x4 RGB patches), shapes in the "
+    nc = c.nit_config()
+    lines += ["", f"Both runs: the `{c.model.preset}` preset ({nc.depth} blocks, width {nc.hidden_size}, "
+                  f"{nc.patch_size}x{nc.patch_size} RGB patches), shapes in the "
                   f"{c.data.shapes_palette} palette, packs of {s['token_budget']} tokens, the same number of steps, so "
                   f"the same compute; AdamW at lr {c.optim.lr:g} ({c.optim.schedule} schedule after "
                   f"{c.optim.warmup_steps} warm-up steps), t = sigmoid({c.flow.mu:g} + {c.flow.sigma:g} N(0, 1)), "
                   f"EMA {c.ema.decay:g}; samples come from the EMA weights.", "",
+              f"Precision of training and sampling: **{r['precision']}** ({r['precision_reason']}).", "",
               "![loss curves](loss.png)", "", "## Samples: one mixed pack of seen and unseen sizes", "",
               f"Sizes (H x W px; * = not seen by the native run): {_fmt_sizes(show_sizes, seen_native)}. "
               f"{s['sample_num']} image(s) per size, Euler, {s['sample_steps']} steps, CFG {s['cfg_scale']:g} on t in "
@@ -373,7 +395,10 @@ def _rope_md(r: dict, rope_table: str) -> list:
     if best:
         lines += ["Best method at the unseen sizes: " + ", ".join(f"{n}: `{m}`" for n, m in best.items()) + ".", ""]
     if r["rope"]["rows"]:
-        lines += ["Unseen sizes of the showcase, native model, one row per method (same seeds; shown at 2x):", ""]
+        s = r["settings"]
+        lines += [f"The native model's first {min(s['sample_num'], s['eval_num'])} evaluation samples at each unseen "
+                  f"size, one row per method (the same seeds for every method, {s['eval_steps']} steps, CFG "
+                  f"{s['eval_cfg_scale']:g}; shown at 2x):", ""]
         for row in r["rope"]["rows"]:
             lines += [f"**{row['method']}**", "", f"![{row['method']}]({row['contact_sheet']})", ""]
     return lines
@@ -403,6 +428,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bench-reps", type=int, default=d.bench_reps, help="repetitions of the packing measurement")
     p.add_argument("--rope-methods", default=",".join(d.rope_methods), metavar="M1,M2,...",
                    help="RoPE methods compared at the unseen sizes (the first fills the main table)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
+                   help="training and sampling precision (auto: bf16 autocast where the CPU has AMX-BF16, else fp32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the cores not kept busy by other processes, at least 1)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -419,7 +446,8 @@ def settings_from_args(args) -> DemoSettings:
                      sample_num=args.sample_num, cfg_scale=args.cfg_scale, eval_num=args.eval_num,
                      eval_steps=args.eval_steps, eval_cfg_scale=args.eval_cfg_scale, num_real=args.num_real,
                      bench_reps=args.bench_reps, threads=args.threads, seed=args.seed, progress=not args.no_progress,
-                     quick=args.quick, rope_methods=tuple(parse_rope_methods(args.rope_methods)))
+                     quick=args.quick, rope_methods=tuple(parse_rope_methods(args.rope_methods)),
+                     precision=args.precision)
     from .checks import finite, integer
     for flag in ("train_steps", "baseline_size", "token_budget", "sample_steps", "sample_num", "eval_num",
                  "eval_steps", "num_real", "bench_reps"):

@@ -90,7 +90,8 @@ class EvalReport:
     (real-vs-real FD), real_accuracy, real_tiling, category, and per model name a dict {accuracy,
     frechet, tiling, seen} for its first RoPE method; with several methods, ``by_method`` holds
     model -> method -> that dict. models: name -> {source, sampling seconds, images/s};
-    methods: the RoPE methods evaluated ("default" when none was named); settings: what was run."""
+    methods: the RoPE methods evaluated ("default" when none was named); settings: what was run.
+    ``images`` (an attribute, not serialised): the samples `evaluate_models(keep_images=k)` kept."""
 
     rows: list
     models: dict
@@ -121,7 +122,8 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
                     num_real: int = 256, classifier=None, classifier_config: ClassifierConfig = ClassifierConfig(),
                     cache_dir: Optional[str] = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
                     palette: Optional[str] = None, progress: bool = True, rope_methods=None,
-                    rope_ori_max_pe_len: Optional[int] = None, rope_decouple: bool = False) -> EvalReport:
+                    rope_ori_max_pe_len: Optional[int] = None, rope_decouple: bool = False,
+                    precision: str = "fp32", keep_images: int = 0) -> EvalReport:
     """Sample `num` images per size from every model (same seeds for all) and judge them.
 
     models: name -> a checkpoint path, NiT or SamplingModel (pixel models of the shapes classes).
@@ -133,6 +135,10 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
         the first list); None: the default rule of `nit_model.sample`. A size whose images get
         the same table under two methods is sampled once (same seeds, same images).
     tiling: `quadrant_correlation` of the samples (real_tiling: of real images).
+    precision: of the sampling forwards ("fp32" or "bf16", see `nit_model.precision`).
+    keep_images: the first `keep_images` samples of every (model, method, size) are kept in
+        ``report.images[(name, method, (h, w))]`` (a tensor [k, 3, H, W] in [-1, 1]; not in
+        the JSON), so a caller can show them without sampling again.
     """
     sizes = parse_sizes(sizes)
     if isinstance(rope_methods, Mapping):
@@ -148,6 +154,8 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
     methods = list(dict.fromkeys(m for ms in per_model.values() for m in ms))
     check_sampling_args(steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=cfg_interval, seed=seed,
                         token_budget=token_budget)
+    if isinstance(keep_images, bool) or not isinstance(keep_images, int) or keep_images < 0:
+        raise ValueError(f"keep_images must be a number of images >= 0, got {keep_images!r}")
     if num < 2:
         raise ValueError(f"num must be >= 2 images per size (a Fréchet distance needs a covariance), got {num}")
     if not models:
@@ -174,9 +182,10 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
         fl = real_floor(classifier, size, labels_per_size, num_real=num_real, seed=seed + 12345, palette=palette)
         r.update(floor=fl["frechet"], real_accuracy=fl["accuracy"],
                  real_tiling=quadrant_correlation(real_shapes(labels_per_size, *size, seed=seed + 1, palette=palette)))
-    info = {}
+    info, images = {}, {}
     kw = dict(steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=tuple(cfg_interval), seed=seed,
-              token_budget=token_budget, progress=progress)
+              token_budget=token_budget, progress=progress, precision=precision)
+    kept: dict = {}
     for name, sm in loaded.items():
         stride = sm.stride
         tok = [(h // stride, w // stride) for h, w in sizes]
@@ -206,18 +215,24 @@ def evaluate_models(models: Mapping[str, object], sizes=DEFAULT_EVAL_SIZES, *, n
                     done[(k, keys[k])] = {"accuracy": res["accuracy"], "frechet": res["frechet"],
                                           "tiling": quadrant_correlation(imgs),
                                           "seen": seen_in_training(sizes[k], sm.train_config)}
+                    if keep_images:
+                        kept[(k, keys[k])] = imgs[:keep_images]
             for k, r in enumerate(rows):
                 cell = dict(done[(k, keys[k])])
                 r.setdefault("by_method", {}).setdefault(name, {})[method or "default"] = cell
                 r.setdefault(name, cell)
                 r["tokens"] = tok[k][0] * tok[k][1]
+                if keep_images:
+                    images[(name, method or "default", sizes[k])] = kept[(k, keys[k])]
         info[name]["images_per_s"] = info[name]["images"] / max(info[name]["sampling_seconds"], 1e-9)
     for r in rows:
         r["category"] = size_category(r, list(loaded), loaded)
     settings = dict(num=num, steps=steps, solver=solver, cfg_scale=cfg_scale, cfg_interval=list(cfg_interval),
                     seed=seed, num_real=num_real, classifier=dataclasses.asdict(classifier_config),
-                    rope_ori_max_pe_len=rope_ori_max_pe_len, rope_decouple=rope_decouple)
-    return EvalReport(rows, info, settings, [m or "default" for m in methods])
+                    rope_ori_max_pe_len=rope_ori_max_pe_len, rope_decouple=rope_decouple, precision=precision)
+    report = EvalReport(rows, info, settings, [m or "default" for m in methods])
+    report.images = images
+    return report
 
 
 def size_category(row: dict, names: Sequence[str], models: Optional[Mapping] = None) -> str:

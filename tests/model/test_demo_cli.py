@@ -47,6 +47,26 @@ def test_demo_quick_writes_the_report(demo_dir, capsys):
     assert [row["method"] for row in r["rope"]["rows"]] == ["normal", "yarn"]
 
 
+def test_demo_records_its_precision_and_why(demo_dir):
+    r = json.load(open(os.path.join(demo_dir, "results.json")))
+    assert r["precision"] in ("fp32", "bf16") and r["precision_reason"]
+    assert f"Precision of training and sampling: **{r['precision']}**" in open(os.path.join(demo_dir, "REPORT.md")).read()
+    assert r["eval"]["settings"]["precision"] == r["precision"]
+
+
+@pytest.mark.parametrize("flags, want", [({"amx_bf16", "avx512_bf16"}, "bf16"), ({"avx512_bf16"}, "fp32"),
+                                         (set(), "fp32")])
+def test_demo_precision_is_bf16_only_with_amx(monkeypatch, flags, want):
+    import nit_model.precision as precision
+    from nit_model.demo import demo_precision
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: frozenset(flags))
+    got, why = demo_precision("auto")
+    assert got == want and ("AMX" in why if want == "bf16" else "fp32" in why)
+    assert demo_precision("fp32") == ("fp32", "chosen with --precision")
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16; got 'fp8'"):
+        demo_precision("fp8")
+
+
 def test_sample_cli_on_the_demo_checkpoint(demo_dir, tmp_path, capsys):
     out = str(tmp_path / "s")
     ckpt = os.path.join(demo_dir, "native")

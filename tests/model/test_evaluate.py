@@ -1,5 +1,6 @@
 """Per-resolution evaluation: which sizes a run saw, the table, and the whole pipeline on random
 models (the Fréchet distance itself is tested on Gaussians in test_frechet.py)."""
+import json
 import math
 import types
 
@@ -156,6 +157,21 @@ def test_evaluate_models_end_to_end_on_random_models():
     assert per.methods == ["normal", "yarn", "auto"] and set(per.rows[0]["by_method"]["base"]) == {"auto"}
     assert per.rows[0]["by_method"]["base"]["auto"] == per.rows[0]["by_method"]["m"]["yarn"]  # same model, seeds
     assert "m: normal | m: yarn | base: auto |" in method_table(per)
+    # the first samples of every (model, method, size) kept for the caller; sizes a method leaves
+    # alone show the same images under every method
+    kept = evaluate_models({"m": m}, "16x16,32x32", num=3, steps=1, num_real=4, classifier=judge, progress=False,
+                           rope_methods="normal,yarn", keep_images=2)
+    assert set(kept.images) == {("m", meth, hw) for meth in ("normal", "yarn") for hw in ((16, 16), (32, 32))}
+    assert kept.images[("m", "yarn", (32, 32))].shape == (2, 3, 32, 32)
+    assert torch.equal(kept.images[("m", "normal", (16, 16))], kept.images[("m", "yarn", (16, 16))])
+    assert not torch.equal(kept.images[("m", "normal", (32, 32))], kept.images[("m", "yarn", (32, 32))])
+    assert multi.images == {} and "images" not in json.loads(kept.to_json())
+    with pytest.raises(ValueError, match="keep_images must be a number of images >= 0, got -1"):
+        evaluate_models({"m": m}, "16x16", num=2, classifier=judge, progress=False, keep_images=-1)
+    # bf16 sampling runs where the CPU can (autocast); the same cells' structure
+    bf = evaluate_models({"m": m}, "16x16", num=2, steps=1, num_real=4, classifier=judge, progress=False,
+                         precision="bf16")
+    assert bf.settings["precision"] == "bf16" and math.isfinite(bf.rows[0]["m"]["frechet"])
     with pytest.raises(ValueError, match="names model.s. nobody that are not evaluated"):
         evaluate_models({"m": m}, "32x32", num=2, classifier=judge, progress=False, rope_methods={"nobody": "yarn"})
     with pytest.raises(ValueError, match="num must be >= 2"):
