@@ -186,3 +186,16 @@ def test_busy_cores_is_a_core_count():
 
     busy = demo._busy_cores(window=0.05)
     assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
+
+
+def test_demo_settings_take_the_guidance_interval_and_precision():
+    from nit_model.demo import DemoSettings, settings_from_args
+    args = build_parser().parse_args(["demo", "--cfg-interval", "0.2,0.9", "--precision", "fp32"])
+    s = settings_from_args(args)
+    assert s.cfg_interval == (0.2, 0.9) and s.precision == "fp32"
+    d = settings_from_args(build_parser().parse_args(["demo"]))
+    assert d.cfg_interval == DemoSettings().cfg_interval and d.precision == "auto"
+    for bad, needle in (("0.5", "--cfg-interval is LOW,HIGH"), ("0.9,0.2", "0 <= LOW <= HIGH <= 1"),
+                        ("a,b", "--cfg-interval is LOW,HIGH")):
+        with pytest.raises(ValueError, match=needle):
+            settings_from_args(build_parser().parse_args(["demo", "--cfg-interval", bad]))
