@@ -58,7 +58,7 @@ class DemoSettings:
     # guidance only for t >= 0.3 (t = 1 is noise): the class is decided early; on the demo's native
     # model guidance below 0.3 changed neither accuracy nor FD, and skipping it halves those forwards
     cfg_interval: tuple = (0.3, 1.0)
-    eval_num: int = 16
+    eval_num: int = 12
     eval_steps: int = 16
     eval_cfg_scale: float = 3.0
     num_real: int = 256
@@ -258,15 +258,19 @@ def _rope_rows(s: DemoSettings, report, sizes) -> list:
     the sizes it did not train on (the first `sample_num` of each size, kept by the evaluation: same
     seeds for every method, nothing sampled again): [{method, contact_sheet}]."""
     from .report import contact_sheet
+    from .rope_scaling import AUTO_METHOD
     from .sampling import to_uint8
     out = []
-    for method in dict.fromkeys(m for m in s.rope_methods if m != "auto"):  # auto repeats one of the others
+    for method in s.rope_methods:
+        if method == "auto" and AUTO_METHOD in s.rope_methods:
+            continue  # auto repeats its method's images at the unseen sizes
         imgs = [to_uint8(im) for hw in sizes for im in report.images.get(("native", method, hw), [])]
         if not imgs:
             continue
         width = sum(im.shape[1] + 4 for im in imgs) + 4
         path = contact_sheet(imgs, os.path.join(s.out, "samples", "rope", f"{method}.png"), max_width=width, scale=2)
-        out.append({"method": method, "contact_sheet": os.path.relpath(path, s.out)})
+        label = f"auto ({AUTO_METHOD} beyond the trained sides)" if method == "auto" else method
+        out.append({"method": label, "contact_sheet": os.path.relpath(path, s.out)})
     return out
 
 

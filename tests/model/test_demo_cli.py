@@ -199,3 +199,19 @@ def test_demo_settings_take_the_guidance_interval_and_precision():
                         ("a,b", "--cfg-interval is LOW,HIGH")):
         with pytest.raises(ValueError, match=needle):
             settings_from_args(build_parser().parse_args(["demo", "--cfg-interval", bad]))
+
+
+def test_rope_rows_show_auto_when_its_method_is_not_listed(tmp_path):
+    import types
+
+    import torch
+
+    from nit_model.demo import DemoSettings, _rope_rows
+    from nit_model.rope_scaling import AUTO_METHOD
+    imgs = {("native", m, (96, 96)): torch.zeros(2, 3, 96, 96) for m in ("auto", "normal", AUTO_METHOD)}
+    report = types.SimpleNamespace(images=imgs)
+    rows = _rope_rows(DemoSettings(out=str(tmp_path), rope_methods=("auto", "normal")), report, [(96, 96)])
+    assert [r["method"] for r in rows] == [f"auto ({AUTO_METHOD} beyond the trained sides)", "normal"]
+    assert all(os.path.isfile(os.path.join(str(tmp_path), r["contact_sheet"])) for r in rows)
+    rows = _rope_rows(DemoSettings(out=str(tmp_path), rope_methods=("auto", AUTO_METHOD)), report, [(96, 96)])
+    assert [r["method"] for r in rows] == [AUTO_METHOD]
