@@ -116,6 +116,8 @@ def _eval(args):
     integer("--num-real", args.num_real, 2)
     integer("--classifier-steps", args.classifier_steps, 1)
     low, high = _cfg_interval(args.cfg_interval)
+    from .precision import check_precision
+    precision = check_precision(args.precision, "cpu", where="--precision")  # the shapes models sample on the CPU
     models = parse_named_checkpoints(specs)
     if args.out:
         _writable_folder(args.out)
@@ -125,7 +127,8 @@ def _eval(args):
                           classifier_config=ClassifierConfig(steps=args.classifier_steps),
                           palette=args.palette, progress=not args.no_progress,
                           rope_methods=args.rope_methods or (args.rope_method and [args.rope_method]),
-                          rope_ori_max_pe_len=args.rope_ori_max_pe_len, rope_decouple=args.rope_decouple)
+                          rope_ori_max_pe_len=args.rope_ori_max_pe_len, rope_decouple=args.rope_decouple,
+                          precision=precision)
     table = markdown_table(rep)
     if args.rope_methods:
         from .evaluate import method_table
@@ -194,6 +197,12 @@ def _ckpt(args):
 def _rope_kwargs(args) -> dict:
     return dict(rope_method=args.rope_method, rope_ori_max_pe_len=args.rope_ori_max_pe_len,
                 rope_decouple=args.rope_decouple)
+
+
+def _add_precision_knob(p) -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="fp32, or bf16 autocast of the sampling forwards (weights stay fp32); auto: bf16 on CPUs "
+                        "with AMX-BF16 and on CUDA devices with bf16, else fp32 (default fp32)")
 
 
 def _add_rope_knobs(p) -> None:
@@ -265,9 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-png", action="store_true", help="write only the contact sheet and .npz files")
     s.add_argument("--force", action="store_true",
                    help="sample even when the memory estimate exceeds the available memory")
-    s.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
-                   help="fp32, or bf16 autocast (weights stay fp32); auto: bf16 on CPUs with AMX-BF16 and on "
-                        "CUDA devices with bf16, else fp32 (default fp32)")
+    _add_precision_knob(s)
     s.set_defaults(func=_sample)
     e = sub.add_parser("eval", help="per-resolution accuracy and Fréchet distance on the shapes data",
                        description="Sample every model at seen and unseen sizes (same seeds), judge the samples "
@@ -278,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sizes", default=None, help="HEIGHTxWIDTH list (default: seen and unseen sizes of tiny-shapes)")
     _add_sampling_knobs(e, steps=16, num=32)
     _add_rope_knobs(e)
+    _add_precision_knob(e)
     e.add_argument("--rope-methods", default=None, metavar="M1,M2,...",
                    help="evaluate every model with each of these RoPE methods and write one table (sizes x methods: "
                         "judge accuracy, FD, tiling), e.g. normal,ntk-aware,yarn")

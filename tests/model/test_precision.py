@@ -158,3 +158,19 @@ def test_nit_sample_precision_flag(tmp_path):
     cli_main(["sample", "--ckpt", str(run), "--sizes", "16x16", "--num", "1", "--steps", "1", "--precision", "bf16",
               "--out", str(out), "--no-progress", "--no-png"])
     assert json.loads((out / "samples.json").read_text())["settings"]["precision"] == "bf16"
+
+
+def test_nit_eval_precision_flag(tmp_path):
+    import json
+
+    from nit_model.cli import main as cli_main
+
+    run = tmp_path / "run"
+    train(small(model={"depth": 1, "encoder_depth": 1}, train={"steps": 1}), out_dir=run, progress=False)
+    args = ["eval", "--ckpt", f"m={run}", "--sizes", "16x16", "--num", "2", "--steps", "1", "--num-real", "4",
+            "--classifier-steps", "2", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    if prec.bf16_support("cpu")[0]:
+        cli_main(args + ["--precision", "bf16", "--out", str(tmp_path / "e")])
+        assert json.loads((tmp_path / "e" / "eval.json").read_text())["settings"]["precision"] == "bf16"
+    cli_main(args + ["--precision", "auto", "--out", str(tmp_path / "a")])
+    assert json.loads((tmp_path / "a" / "eval.json").read_text())["settings"]["precision"] == prec.default_precision("cpu")
