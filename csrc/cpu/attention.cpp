@@ -165,17 +165,19 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
   const Geometry g = check_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
   auto out = at::empty({g.Nq, g.H, g.Dv}, q.options());
   auto lse = at::empty({g.H, g.Nq}, q.options().dtype(at::kFloat));
+  const bool tiles_bf16 = q.scalar_type() == at::kBFloat16 && attention_bf16_selected();
+  // The bf16 tiles pack K and V once per task: longer tasks pack them fewer times per image.
+  const int64_t chunk = tiles_bf16 ? kFwdChunkBf16 : kFwdChunk;
   std::vector<Task> tasks;
   for (int64_t b = 0; b < g.B; ++b) {
     const int64_t sq = g.cq[b + 1] - g.cq[b], sk = g.ck[b + 1] - g.ck[b];
-    for (int64_t r0 = 0; r0 < sq; r0 += kFwdChunk) {
-      const int64_t r1 = std::min(sq, r0 + kFwdChunk);
+    for (int64_t r0 = 0; r0 < sq; r0 += chunk) {
+      const int64_t r1 = std::min(sq, r0 + chunk);
       const double cost = double(r1 - r0) * (visible_keys(causal, r1, sq, sk) + 16);
       for (int64_t h = 0; h < g.H; ++h) tasks.push_back({b, h, r0, r1, -1, 0, cost});
     }
   }
   const bool wide = use_avx512();
-  const bool tiles_bf16 = q.scalar_type() == at::kBFloat16 && attention_bf16_selected();
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* qp = q.data_ptr<T>();

@@ -233,7 +233,8 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
       mm(rows, std::min(kBk, nvis - j0), D, qa, D2, kt + (j0 / kBk) * kt_size, S + j0, Np, false);
     }
     // Scaled before the mask (scale may be 0 or < 0). Without causality only the padding keys
-    // [kend, Np) are masked, all in the last vector: scale, mask and max then take one pass.
+    // [kend, Np) are masked, all in the last vectors: the scores stay unscaled in S, and both
+    // passes below (max, then exp) scale them on the fly, the same rounded product each time.
     const bool plain = !g.causal;
     if (!plain) {
       for (int64_t r = 0; r < rows; ++r) {
@@ -241,26 +242,32 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
       }
       mask_tile(S, Np, rows, Np, kend, g.causal, i0, 0, off, -INFINITY);
     }
+    const int64_t full = plain ? kend / kVec * kVec : Np;  // vectors before `full` need no mask
     vi lane;
     for (int i = 0; i < kVec; ++i) lane[i] = i;
+    const vf ninf = vsplat(-INFINITY);
     for (int64_t r = 0; r < rows && Np > 0; ++r) {
-      float* s = S + r * Np;
+      const float* s = S + r * Np;
       bf* p = pa + r * Np;
-      vf vmax = vsplat(-INFINITY);
+      const auto score = [&](int64_t cc) {  // the scaled, masked score vector at key cc
+        const vf x = vload(s + cc);
+        if (!plain) return x;
+        const vf t = vround(x * vq);
+        return cc < full ? t : lane < static_cast<int32_t>(kend - cc) ? t : ninf;
+      };
+      vf vmax = ninf;
       for (int64_t cc = 0; cc < Np; cc += kVec) {
-        vf x = vload(s + cc);
-        if (plain) {
-          x *= vq;
-          if (cc + kVec > kend) x = lane < static_cast<int32_t>(kend - cc) ? x : vsplat(-INFINITY);
-          vstore(s + cc, x);
-        }
+        const vf x = score(cc);
         vmax = x > vmax ? x : vmax;
       }
       // NaN scores are skipped by the max and reach l and O through exp2 (vexp2(NaN) = NaN)
       m[r] = hmax(vmax);
       if (m[r] == -INFINITY) {  // every visible score -inf or NaN: weights 0 ...
-        for (int64_t cc = 0; cc < Np; ++cc) {
-          if (std::isnan(s[cc])) l[r] = NAN;  // ... but a NaN score makes the row NaN
+        for (int64_t cc = 0; cc < Np; cc += kVec) {
+          const vf x = score(cc);
+          for (int i = 0; i < kVec; ++i) {
+            if (std::isnan(x[i])) l[r] = NAN;  // ... but a NaN score makes the row NaN
+          }
         }
         memset(static_cast<void*>(p), 0, sizeof(bf) * Np);
         continue;
@@ -268,7 +275,7 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
       const vf vm = vsplat(m[r]);
       vf vsum = vsplat(0.f);
       for (int64_t cc = 0; cc < Np; cc += kVec) {
-        const vf e = vexp2(vload(s + cc) - vm);
+        const vf e = vexp2(score(cc) - vm);
         vsum += e;
         const __m512 x = (__m512)e;
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + cc), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));

@@ -15,7 +15,8 @@ namespace nit {
 
 constexpr int64_t kBq = 64;          // query rows per tile
 constexpr int64_t kBk = 64;          // keys per tile (a multiple of every vector width)
-constexpr int64_t kFwdChunk = 256;   // query rows per forward task
+constexpr int64_t kFwdChunk = 256;   // query rows per forward task (fp32 tiles) ...
+constexpr int64_t kFwdChunkBf16 = 1024;  // ... and on the bf16 tiles, which pack K, V per task
 constexpr int64_t kBwdChunk = 512;   // query rows per backward task ...
 constexpr int64_t kBwdMaxSplit = 4;  // ... unless that splits an image into more chunks
 constexpr float kLog2e = 1.4426950408889634f;
