@@ -7,11 +7,13 @@
 //   - scores s = (q . k) * scale * log2(e), the product in fp32 after the bf16 GEMM (the fp32
 //     tiles scale q before it);
 //   - the forward rounds P to bf16 once for P V (as bf16 flash attention kernels do; l sums the
-//     fp32 weights); in the backward, P and dS enter their GEMMs (P^T dO, dS K, dS^T Q) as two
-//     bf16 terms, hi = bf16(x) and lo = bf16(x - hi), two GEMMs into one fp32 accumulator, so x
-//     keeps about 16 significant bits: rounding them once gave dK errors 3.4x those of the
-//     fp32-math reference rounded to bf16, beyond the accuracy rule. q, k, v and dO are bf16
-//     already, so every other operand is exact;
+//     fp32 weights, from a degree-5 exp2); the backward rounds P once for dV = P^T dO and dS once
+//     for dQ = dS K, but gives dK = dS^T Q its dS as two bf16 terms, hi = bf16(x) and
+//     lo = bf16(x - hi), two GEMMs into one fp32 accumulator (x keeps about 16 significant bits):
+//     dK sums dS over every query row of the image, and rounding dS once there took its error
+//     to 0.9 of the accuracy rule's bound on the tests' shapes (0.7 split; dQ and dV stay at
+//     the margins they had with all three products split). q, k, v and dO are bf16 already, so
+//     every other operand is exact;
 //   - the backward clamps s ln2 - lse at 0, so P <= 1 even if a GEMM rounded differently from the
 //     forward (a NaN stays NaN).
 // brgemm reads its B operand in the VNNI layout: column blocks of at most 64 columns (16 padded),
@@ -21,6 +23,13 @@
 // Chosen at run time: AMX-BF16 where cpublas::could_pack says oneDNN can use it, else the fp32
 // tiles; NIT_CPU_ATTENTION_ISA=amx|fp32 forces one. Results are
 // deterministic for any thread count, as on the fp32 path.
+//
+// fp16 stays on the fp32 tiles: on a CPU with AVX512-FP16 but no AMX-FP16 (Sapphire Rapids),
+// cpublas::could_pack(kHalf) is false and ATen's fp16 brgemm ran at 55-70 GFLOP/s on the tile
+// shapes used here (64 x 64 x 64 to 64 x 64 x 1024, one thread), against 280-490 for bf16; the
+// whole fp32 attention, softmax included, runs at about 65 GFLOP/s (NiT-S, 4 x 1,024 tokens). Where
+// could_pack(kHalf) holds (AMX-FP16), this code could take fp16 through a template on the
+// element type.
 #include "cpu/attention_bf16.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -200,6 +209,12 @@ __attribute__((always_inline)) inline vf vexp2_5(const vf& x) {
   return x < vsplat(-126.f) ? vsplat(0.f) : p * two_n;
 }
 
+// x[0..16) rounded to bf16 (AVX512-BF16: round to nearest even, a NaN stays a NaN)
+__attribute__((always_inline)) inline void cvt16(const float* src, bf* dst) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      reinterpret_cast<__m256i>(_mm512_cvtneps_pbh((__m512)vload(src))));
+}
+
 // bf16 scratch carved from the worker's float buffer
 inline bf* take_bf(Carver& c, int64_t n) { return reinterpret_cast<bf*>(c.take((n + 1) / 2)); }
 inline int64_t pad_bf(int64_t n) { return pad((n + 1) / 2); }
@@ -361,20 +376,20 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
   // query rows padded to 32 (zero rows, lse -inf): a few GEMM shapes over a pack of images
   const int64_t R = G * rows, Rp = round_up(R, 32);
   const float qmul = g.scale * kLog2e;
-  Carver c = carve(buf, pad_bf(Rp * D2) + pad_bf(Rp * Dv2) + pad_bf(2 * Rp * D16) + pad_bf(2 * Rp * Dv16) +
-                            pad_bf(D2 * kBk) + pad_bf(Dv2 * kBk) + pad_bf(2 * kBk * D16) +
-                            2 * pad_bf(kBk * 2 * Rp) + pad_bf(Rp * 2 * kBk) + pad(Rp * D16) + 2 * pad(Rp) +
+  Carver c = carve(buf, pad_bf(Rp * D2) + pad_bf(Rp * Dv2) + pad_bf(2 * Rp * D16) + pad_bf(Rp * Dv16) +
+                            pad_bf(D2 * kBk) + pad_bf(Dv2 * kBk) + pad_bf(kBk * D16) +
+                            pad_bf(kBk * Rp) + pad_bf(kBk * 2 * Rp) + pad_bf(Rp * kBk) + pad(Rp * D16) + 2 * pad(Rp) +
                             pad(kBk * D16) + pad(kBk * Dv16) + 3 * pad(Rp * kBk));
   bf* Qa = take_bf(c, Rp * D2);                 // A operands: q and dO rows, row e = gi * rows + r
   bf* dOa = take_bf(c, Rp * Dv2);
-  bf* Qs = take_bf(c, 2 * Rp * D16);            // B operands [Q; Q], [dO; dO]
-  bf* dOs = take_bf(c, 2 * Rp * Dv16);
-  bf* Ktp = take_bf(c, D2 * kBk);               // B operands of the key tile: K^T, V^T, [K; K]
+  bf* Qs = take_bf(c, 2 * Rp * D16);            // B operands [Q; Q], dO
+  bf* dOs = take_bf(c, Rp * Dv16);
+  bf* Ktp = take_bf(c, D2 * kBk);               // B operands of the key tile: K^T, V^T, K
   bf* Vtp = take_bf(c, Dv2 * kBk);
-  bf* Ks = take_bf(c, 2 * kBk * D16);
-  bf* Pta = take_bf(c, kBk * 2 * Rp);           // A operands [P^T_hi | P^T_lo], [dS^T...], [dS...]
+  bf* Kp = take_bf(c, kBk * D16);
+  bf* Pta = take_bf(c, kBk * Rp);               // A operands P^T, [dS^T_hi | dS^T_lo], dS
   bf* dSta = take_bf(c, kBk * 2 * Rp);
-  bf* dSa = take_bf(c, Rp * 2 * kBk);
+  bf* dSa = take_bf(c, Rp * kBk);
   float* dQ = c.take(Rp * D16);
   float* lse_r = c.take(Rp);
   float* delta = c.take(Rp);
@@ -405,7 +420,7 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
   std::fill(lse_r + R, lse_r + Rp, -INFINITY);  // padding rows: P = 0, dS = 0
   std::fill(delta + R, delta + Rp, 0.f);
   pack_rows(Qa, D2, R, D, Qs, Rp);
-  pack_rows(dOa, Dv2, R, Dv, dOs, Rp);
+  pack_rows(dOa, Dv2, R, Dv, dOs, 0, Rp);
   std::fill(dQ, dQ + Rp * D16, 0.f);
 
   const vf vln2 = vsplat(kLn2), vlog2e = vsplat(kLog2e), vq = vsplat(qmul), vsc = vsplat(g.scale);
@@ -416,7 +431,7 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
       const bf* vr = v + ((k0 + j0) * Hk + hk) * Dv;
       pack_cols(kr, Hk * D, D, nk, Ktp);
       pack_cols(vr, Hk * Dv, Dv, nk, Vtp);
-      pack_rows(kr, Hk * D, nk, D, Ks, N);
+      pack_rows(kr, Hk * D, nk, D, Kp, 0, N);
       mm(Rp, nk, D, Qa, D2, Ktp, P, kBk, false);
       for (int64_t e = 0; e < Rp; ++e) {
         float* p = P + e * kBk;
@@ -443,19 +458,22 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
         const float* p = P + e * kBk;
         for (int64_t cc = 0; cc < N; cc += kVec) vstore(ds + cc, vload(p + cc) * (vload(ds + cc) - vd) * vsc);
         for (int64_t cc = nk; cc < N; ++cc) ds[cc] = 0.f;  // also where a NaN delta met P = 0
-        bf* a = dSa + e * 2 * N;
-        for (int64_t cc = 0; cc < N; cc += kVec) split16(ds + cc, a + cc, a + N + cc);
+        for (int64_t cc = 0; cc < N; cc += kVec) cvt16(ds + cc, dSa + e * N + cc);
       }
-      // transposes as [hi | lo] rows over the Rp query rows (padding rows are 0)
-      for (const auto& [src, dst] : {std::pair{P, Pta}, std::pair{dS, dSta}}) {
-        transpose(src, kBk, Rp, N, T, Rp);
-        for (int64_t cc = 0; cc < nk; ++cc) {
-          for (int64_t r = 0; r < Rp; r += kVec) split16(T + cc * Rp + r, dst + cc * 2 * Rp + r, dst + cc * 2 * Rp + Rp + r);
-        }
+      // the transposes over the Rp query rows (padding rows are 0): P^T rounded to bf16 once,
+      // dS^T as [hi | lo] rows
+      transpose(P, kBk, Rp, N, T, Rp);
+      for (int64_t cc = 0; cc < nk; ++cc) {
+        for (int64_t r = 0; r < Rp; r += kVec) cvt16(T + cc * Rp + r, Pta + cc * Rp + r);
       }
-      mm(nk, Dv, 2 * Rp, Pta, 2 * Rp, dOs, dVa, Dv16, false);
+      transpose(dS, kBk, Rp, N, T, Rp);
+      for (int64_t cc = 0; cc < nk; ++cc) {
+        bf* a = dSta + cc * 2 * Rp;
+        for (int64_t r = 0; r < Rp; r += kVec) split16(T + cc * Rp + r, a + r, a + Rp + r);
+      }
+      mm(nk, Dv, Rp, Pta, Rp, dOs, dVa, Dv16, false);
       mm(nk, D, 2 * Rp, dSta, 2 * Rp, Qs, dKa, D16, false);
-      mm(Rp, D, 2 * N, dSa, 2 * N, Ks, dQ, D16, true);
+      mm(Rp, D, N, dSa, N, Kp, dQ, D16, true);
     } else {
       std::fill(dKa, dKa + nk * D16, 0.f);
       std::fill(dVa, dVa + nk * Dv16, 0.f);
