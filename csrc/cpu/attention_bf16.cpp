@@ -124,7 +124,8 @@ void pack_rows(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out, int64_t 
   }
 }
 
-// B[k, n] = x[n * ldx + k] for k < K, n < N <= 64: the rows of x (e.g. K tokens) are B's columns.
+// B[k, n] = x[n * ldx + k] for k < K, n < N: the rows of x (e.g. K tokens) are B's columns, one
+// column block of pad16(N) (mm takes N <= 64; the forward's S products up to 128).
 // A VNNI row of B holds the pairs (x[n][k], x[n][k + 1]), adjacent in x: with K and ldx even
 // this is a transpose of 32-bit words, done 16 x 16 in registers.
 void pack_cols(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out) {
@@ -226,6 +227,11 @@ struct TileRelease {
 
 }  // namespace
 
+// Forward tiles: query rows per tile and keys per S product. K^T is packed as one VNNI column
+// block per key tile (pack_cols, up to 128 columns), so that each S product is one brgemm of
+// 128 x 128 x D.
+constexpr int64_t kFq = 128, kFk = 128;
+
 // One task = query rows [r0, r1) of image b, head h. Each query tile takes its scores against
 // every visible key at once (S [rows, Np] in fp32), so its softmax is exact rather than online,
 // and the GEMMs run back to back with one shape each: S by key tiles of 64, O = P V in one
@@ -240,30 +246,30 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
   const int64_t D2 = even(D), Dv16 = pad16(Dv);
   // keys padded to 32 (an AMX bf16 tile row): fewer distinct GEMM shapes over a pack of images
   const int64_t nvis = visible_keys(g.causal, t.r1, sq, sk), Np = round_up(nvis, 32);
-  const int64_t nkb = (nvis + kBk - 1) / kBk;
-  const int64_t kt_size = D2 * kBk;  // one packed key tile of K^T
-  Carver c = carve(buf, pad_bf(nkb * kt_size) + pad_bf(Np * Dv16) + pad_bf(kBq * D2) +
-                            pad_bf(kBq * Np) + pad(kBq * Np) + pad(kBq * Dv16) + 2 * pad(kBq));
+  const int64_t nkb = (nvis + kFk - 1) / kFk;
+  const int64_t kt_size = D2 * kFk;  // one packed key tile of K^T
+  Carver c = carve(buf, pad_bf(nkb * kt_size) + pad_bf(Np * Dv16) + pad_bf(kFq * D2) +
+                            pad_bf(kFq * Np) + pad(kFq * Np) + pad(kFq * Dv16) + 2 * pad(kFq));
   bf* kt = take_bf(c, nkb * kt_size);
   bf* vp = take_bf(c, Np * Dv16);  // V over the visible keys
-  bf* qa = take_bf(c, kBq * D2);
-  bf* pa = take_bf(c, kBq * Np);   // P in bf16
-  float* S = c.take(kBq * Np);
-  float* O = c.take(kBq * Dv16);
-  float* m = c.take(kBq);
-  float* l = c.take(kBq);
-  vf rmax[kBq];  // per query row: the running max of its score vectors
+  bf* qa = take_bf(c, kFq * D2);
+  bf* pa = take_bf(c, kFq * Np);   // P in bf16
+  float* S = c.take(kFq * Np);
+  float* O = c.take(kFq * Dv16);
+  float* m = c.take(kFq);
+  float* l = c.take(kFq);
+  vf rmax[kFq];  // per query row: the running max of its score vectors
 
   for (int64_t jb = 0; jb < nkb; ++jb) {
-    const int64_t j0 = jb * kBk, nk = std::min(kBk, nvis - j0);
+    const int64_t j0 = jb * kFk, nk = std::min(kFk, nvis - j0);
     pack_cols(k + ((k0 + j0) * Hk + hk) * D, Hk * D, D, nk, kt + jb * kt_size);
   }
   if (Np > 0) pack_rows(v + (k0 * Hk + hk) * Dv, Hk * Dv, nvis, Dv, vp, 0, Np);
 
   const float qmul = g.scale * kLog2e;  // scores in base 2: exp(s) = 2^(s log2 e)
   const vf vq = vsplat(qmul);
-  for (int64_t i0 = t.r0; i0 < t.r1; i0 += kBq) {
-    const int64_t rows = std::min(kBq, t.r1 - i0);
+  for (int64_t i0 = t.r0; i0 < t.r1; i0 += kFq) {
+    const int64_t rows = std::min(kFq, t.r1 - i0);
     const int64_t kend = visible_keys(g.causal, i0 + rows, sq, sk);
     for (int64_t r = 0; r < rows; ++r) {
       copy_row(qa + r * D2, q + ((q0 + i0 + r) * H + h) * D, D, D2);
@@ -286,10 +292,12 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
       return cc < full ? t : lane < static_cast<int32_t>(kend - cc) ? t : ninf;
     };
     for (int64_t r = 0; r < rows; ++r) rmax[r] = ninf;
-    for (int64_t j0 = 0; j0 < kend; j0 += kBk) {  // N as packed (the tile's B layout depends on it)
-      mm(rows, std::min(kBk, nvis - j0), D, qa, D2, kt + (j0 / kBk) * kt_size, S + j0, Np, false);
+    for (int64_t j0 = 0; j0 < kend; j0 += kFk) {  // N as packed (the tile's B layout depends on it)
+      const int64_t n16 = pad16(std::min(kFk, nvis - j0));  // one column block of n16 <= kFk
+      at::native::cpublas::brgemm(rows, n16, D2, D2, n16, Np, false, qa, kt + (j0 / kFk) * kt_size,
+                                  S + j0, true);
       if (!plain) continue;
-      const int64_t j1 = std::min(j0 + kBk, Np);
+      const int64_t j1 = std::min(j0 + kFk, Np);
       for (int64_t r = 0; r < rows; ++r) {
         vf vmax = rmax[r];
         for (int64_t cc = j0; cc < j1; cc += kVec) {
