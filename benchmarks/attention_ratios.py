@@ -1,6 +1,6 @@
 """Side-by-side speed ratios of CPU varlen attention: bf16 tiles vs our fp32 attention vs SDPA per image.
 
-    python -m benchmarks.attention_ratios [--threads 1] [--rounds 7] [--pressure-limit 50] [--quick]
+    python -m benchmarks.attention_ratios [--threads 1] [--rounds 7] [--pressure-limit 5] [--quick]
 
 Implementations are timed in interleaved rounds (A, B, C, D, A, B, C, D, ...): in each round every
 implementation runs `--calls` times and keeps its median, and the round's ratios (time of the first
@@ -134,7 +134,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=3, help="calls per implementation per round (median kept)")
-    ap.add_argument("--pressure-limit", type=float, default=50.0)
+    ap.add_argument("--pressure-limit", type=float, default=5.0)
     ap.add_argument("--quick", action="store_true", help="one tiny workload, 2 rounds (a smoke test)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -152,6 +152,9 @@ def main(argv=None):
     print(f"ratio = time(other) / time({first}) per round, median over rounds (> 1: {first} is faster)")
     header = "workload | model | pass | " + " | ".join(f"{n} ms" for n in IMPLS) + " | " + \
         " | ".join(f"{n} / {first}" for n in IMPLS if n != first) + " | rounds kept | psi avg10 (min-max)"
+    for wname, sizes in workloads:
+        lens = [h * w for h, w in sizes]
+        print(f"workload {wname}: {len(lens)} images, {sum(lens)} tokens, {min(lens)}-{max(lens)} per image")
     print(header)
     for wname, sizes in workloads:
         for mname, (h, dh) in models.items():
