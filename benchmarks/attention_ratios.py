@@ -10,6 +10,11 @@ during which /proc/pressure/cpu reported 'some avg10' above --pressure-limit is 
 is printed; when every round is above it, all are kept and the output says so). Nothing is
 written to benchmarks/results: this prints a table with the conditions of the run.
 
+--clock wall (default) times wall-clock seconds; --clock cpu times the CPU seconds of the process
+(all its threads, time.process_time): on a machine shared with other work it does not count the
+time the process waited for a core, but it does count threads that spin while waiting for others,
+so use it with --threads 1.
+
 Implementations (q, k, v [N, H, Dh], non-causal, scale Dh^-0.5):
   bf16        nit_kernels.varlen_attention on bf16 inputs, default path (AMX tiles where present)
   bf16/fp32   the same on the fp32 tiles (NIT_CPU_ATTENTION_ISA=fp32): what bf16 cost before
@@ -92,18 +97,22 @@ def _prepare(sizes, heads, head_dim, seed=0):
     return calls
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
 def _time(fn, leaves, grad, pass_, calls):
     times = []
     for _ in range(calls):
         for t in leaves:
             t.grad = None
-        t0 = time.perf_counter()
+        t0 = _clock()
         if pass_ == "fwd":
             with torch.no_grad():
                 fn()
         else:
             fn().backward(grad)
-        times.append(time.perf_counter() - t0)
+        times.append(_clock() - t0)
     return statistics.median(times)
 
 
@@ -135,8 +144,12 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=3, help="calls per implementation per round (median kept)")
     ap.add_argument("--pressure-limit", type=float, default=5.0)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: elapsed seconds; cpu: CPU seconds of the process (use with --threads 1)")
     ap.add_argument("--quick", action="store_true", help="one tiny workload, 2 rounds (a smoke test)")
     args = ap.parse_args(argv)
+    global _clock
+    _clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     if args.quick:
         workloads = [("2 x 8x8", [(8, 8)] * 2)]
@@ -147,7 +160,7 @@ def main(argv=None):
         workloads = [("4 x 1024", [(32, 32)] * 4), ("imagenet-like 4k", imagenet_like_pack(4096))]
         models = MODELS
     first = next(iter(IMPLS))
-    print(f"threads={args.threads} rounds={args.rounds} calls/round={args.calls} pressure limit={args.pressure_limit} "
+    print(f"clock={args.clock} threads={args.threads} rounds={args.rounds} calls/round={args.calls} pressure limit={args.pressure_limit} "
           f"torch={torch.__version__} cpu capability={torch.backends.cpu.get_cpu_capability()}")
     print(f"ratio = time(other) / time({first}) per round, median over rounds (> 1: {first} is faster)")
     header = "workload | model | pass | " + " | ".join(f"{n} ms" for n in IMPLS) + " | " + \
