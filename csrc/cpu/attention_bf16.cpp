@@ -228,6 +228,7 @@ struct TileRelease {
 // Forward tiles: query rows per tile and keys per S product (one packed block of K^T, kFk <= kNb):
 // on one core, S products of 128 x 128 x D ran about 1.3x faster than the 64 x 64 x D ones.
 constexpr int64_t kFq = 128, kFk = 128;
+static_assert(kFk <= kNb, "a key tile of K^T must be one packed column block");
 
 // One task = query rows [r0, r1) of image b, head h. Each query tile takes its scores against
 // every visible key at once (S [rows, Np] in fp32), so its softmax is exact rather than online,
