@@ -1,6 +1,6 @@
 """Side-by-side speed ratios of CPU varlen attention: bf16 tiles vs our fp32 attention vs SDPA per image.
 
-    python -m benchmarks.attention_ratios [--threads 1] [--rounds 7] [--pressure-limit 50] [--quick]
+    python -m benchmarks.attention_ratios [--threads 1] [--rounds 7] [--pressure-limit 5] [--quick]
 
 Implementations are timed in interleaved rounds (A, B, C, D, A, B, C, D, ...): in each round every
 implementation runs `--calls` times and keeps its median, and the round's ratios (time of the first
@@ -9,6 +9,11 @@ are the medians of the per-round ratios, so load that drifts between rounds canc
 during which /proc/pressure/cpu reported 'some avg10' above --pressure-limit is dropped (the count
 is printed; when every round is above it, all are kept and the output says so). Nothing is
 written to benchmarks/results: this prints a table with the conditions of the run.
+
+--clock wall (default) times wall-clock seconds; --clock cpu times the CPU seconds of the process
+(all its threads, time.process_time): on a machine shared with other work it does not count the
+time the process waited for a core, but it does count threads that spin while waiting for others,
+so use it with --threads 1.
 
 Implementations (q, k, v [N, H, Dh], non-causal, scale Dh^-0.5):
   bf16        nit_kernels.varlen_attention on bf16 inputs, default path (AMX tiles where present)
@@ -92,18 +97,22 @@ def _prepare(sizes, heads, head_dim, seed=0):
     return calls
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
 def _time(fn, leaves, grad, pass_, calls):
     times = []
     for _ in range(calls):
         for t in leaves:
             t.grad = None
-        t0 = time.perf_counter()
+        t0 = _clock()
         if pass_ == "fwd":
             with torch.no_grad():
                 fn()
         else:
             fn().backward(grad)
-        times.append(time.perf_counter() - t0)
+        times.append(_clock() - t0)
     return statistics.median(times)
 
 
@@ -134,9 +143,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=3, help="calls per implementation per round (median kept)")
-    ap.add_argument("--pressure-limit", type=float, default=50.0)
+    ap.add_argument("--pressure-limit", type=float, default=5.0)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: elapsed seconds; cpu: CPU seconds of the process (use with --threads 1)")
     ap.add_argument("--quick", action="store_true", help="one tiny workload, 2 rounds (a smoke test)")
     args = ap.parse_args(argv)
+    global _clock
+    _clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     if args.quick:
         workloads = [("2 x 8x8", [(8, 8)] * 2)]
@@ -147,11 +160,14 @@ def main(argv=None):
         workloads = [("4 x 1024", [(32, 32)] * 4), ("imagenet-like 4k", imagenet_like_pack(4096))]
         models = MODELS
     first = next(iter(IMPLS))
-    print(f"threads={args.threads} rounds={args.rounds} calls/round={args.calls} pressure limit={args.pressure_limit} "
+    print(f"clock={args.clock} threads={args.threads} rounds={args.rounds} calls/round={args.calls} pressure limit={args.pressure_limit} "
           f"torch={torch.__version__} cpu capability={torch.backends.cpu.get_cpu_capability()}")
     print(f"ratio = time(other) / time({first}) per round, median over rounds (> 1: {first} is faster)")
     header = "workload | model | pass | " + " | ".join(f"{n} ms" for n in IMPLS) + " | " + \
         " | ".join(f"{n} / {first}" for n in IMPLS if n != first) + " | rounds kept | psi avg10 (min-max)"
+    for wname, sizes in workloads:
+        lens = [h * w for h, w in sizes]
+        print(f"workload {wname}: {len(lens)} images, {sum(lens)} tokens, {min(lens)}-{max(lens)} per image")
     print(header)
     for wname, sizes in workloads:
         for mname, (h, dh) in models.items():

@@ -257,6 +257,29 @@ def test_thread_count_does_not_change_results(causal):
         assert torch.equal(a, b), f"{name} differs between 1 and 2 threads: {(a - b).abs().max()}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scratch_left_by_an_earlier_call_does_not_leak(dtype):
+    # each thread keeps its scratch across calls: a large call full of NaN and inf must leave no
+    # trace in the bits of a later, smaller one
+    def run(lq, lk, poison):
+        q, k, v, do = (t.to(dtype) for t in _inputs(lq, lk, 4, 2, 72, 72, 9))
+        if poison:
+            for t in (q, k, v, do):
+                t[::3] = float("nan")
+                t[1::3] = float("inf")
+        cu_q, cu_k = _cu(lq), _cu(lk)
+        out, lse = _fwd(q, k, v, cu_q, cu_k, 0.2, False)
+        return (out, lse) + tuple(_bwd(do, q, k, v, out, lse, cu_q, cu_k, 0.2, False))
+
+    small = ([37, 5], [41, 3])
+    with _one_thread():
+        first = run(*small, poison=False)
+        run([1100, 300], [1100, 290], poison=True)
+        again = run(*small, poison=False)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, again):
+        assert torch.isfinite(a).all() and torch.equal(a, b), f"{name} changed after a poisoned call"
+
+
 def _has_avx512():
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 

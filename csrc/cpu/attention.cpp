@@ -165,17 +165,19 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
   const Geometry g = check_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
   auto out = at::empty({g.Nq, g.H, g.Dv}, q.options());
   auto lse = at::empty({g.H, g.Nq}, q.options().dtype(at::kFloat));
+  const bool tiles_bf16 = q.scalar_type() == at::kBFloat16 && attention_bf16_selected();
+  // The bf16 tiles pack K and V once per task: longer tasks pack them fewer times per image.
+  const int64_t chunk = tiles_bf16 ? kFwdChunkBf16 : kFwdChunk;
   std::vector<Task> tasks;
   for (int64_t b = 0; b < g.B; ++b) {
     const int64_t sq = g.cq[b + 1] - g.cq[b], sk = g.ck[b + 1] - g.ck[b];
-    for (int64_t r0 = 0; r0 < sq; r0 += kFwdChunk) {
-      const int64_t r1 = std::min(sq, r0 + kFwdChunk);
+    for (int64_t r0 = 0; r0 < sq; r0 += chunk) {
+      const int64_t r1 = std::min(sq, r0 + chunk);
       const double cost = double(r1 - r0) * (visible_keys(causal, r1, sq, sk) + 16);
       for (int64_t h = 0; h < g.H; ++h) tasks.push_back({b, h, r0, r1, -1, 0, cost});
     }
   }
   const bool wide = use_avx512();
-  const bool tiles_bf16 = q.scalar_type() == at::kBFloat16 && attention_bf16_selected();
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* qp = q.data_ptr<T>();
@@ -210,14 +212,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   auto dv = at::empty_like(v);
   // Images longer than kBwdChunk queries are split into nc <= kBwdMaxSplit chunks (a rule of
   // the shape alone, so results do not depend on the thread count); their dK/dV partials are
-  // summed in chunk order afterwards.
+  // summed in chunk order afterwards. The bf16 tiles take longer chunks (fewer partials to
+  // write and sum, longer GEMMs).
+  const bool tiles_bf16 = q.scalar_type() == at::kBFloat16 && attention_bf16_selected();
+  const int64_t chunk = tiles_bf16 ? kBwdChunkBf16 : kBwdChunk;
   std::vector<Task> tasks;
   std::vector<int64_t> split;  // images with more than one chunk
   int64_t part_rows = 0;
   for (int64_t b = 0; b < g.B; ++b) {
     const int64_t sq = g.cq[b + 1] - g.cq[b], sk = g.ck[b + 1] - g.ck[b];
     if (sq == 0 && sk == 0) continue;
-    const int64_t nc = std::clamp<int64_t>((sq + kBwdChunk - 1) / kBwdChunk, 1, kBwdMaxSplit);
+    const int64_t nc = std::clamp<int64_t>((sq + chunk - 1) / chunk, 1, kBwdMaxSplit);
     const int64_t rows = (sq + nc - 1) / nc;
     for (int64_t c = 0; c < nc; ++c) {
       const int64_t r0 = std::min(sq, c * rows), r1 = std::min(sq, r0 + rows);
@@ -234,7 +239,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   auto dk_part = at::empty({part_rows, g.Hk, g.D}, q.options().dtype(at::kFloat));
   auto dv_part = at::empty({part_rows, g.Hk, g.Dv}, q.options().dtype(at::kFloat));
   const bool wide = use_avx512();
-  const bool tiles_bf16 = q.scalar_type() == at::kBFloat16 && attention_bf16_selected();
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* dop = dout.data_ptr<T>();
@@ -263,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     int64_t part = 0;
     for (const int64_t b : split) {
       const int64_t sq = g.cq[b + 1] - g.cq[b], k0 = g.ck[b], sk = g.ck[b + 1] - k0;
-      const int64_t nc = std::clamp<int64_t>((sq + kBwdChunk - 1) / kBwdChunk, 1, kBwdMaxSplit);
+      const int64_t nc = std::clamp<int64_t>((sq + chunk - 1) / chunk, 1, kBwdMaxSplit);
       at::parallel_for(0, sk * g.Hk, 8, [&](int64_t begin, int64_t end) {
         std::vector<float> acc(std::max(g.D, g.Dv));
         for (int64_t jh = begin; jh < end; ++jh) {

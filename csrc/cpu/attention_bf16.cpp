@@ -7,20 +7,30 @@
 //   - scores s = (q . k) * scale * log2(e), the product in fp32 after the bf16 GEMM (the fp32
 //     tiles scale q before it);
 //   - the forward rounds P to bf16 once for P V (as bf16 flash attention kernels do; l sums the
-//     fp32 weights); in the backward, P and dS enter their GEMMs (P^T dO, dS K, dS^T Q) as two
-//     bf16 terms, hi = bf16(x) and lo = bf16(x - hi), two GEMMs into one fp32 accumulator, so x
-//     keeps about 16 significant bits: rounding them once gave dK errors 3.4x those of the
-//     fp32-math reference rounded to bf16, beyond the accuracy rule. q, k, v and dO are bf16
+//     fp32 weights, from a degree-5 exp2); the backward rounds P once for dV = P^T dO and dS once
+//     for dQ = dS K, but gives dK = dS^T Q its dS as two bf16 terms, hi = bf16(x) and
+//     lo = bf16(x - hi), two GEMMs into one fp32 accumulator (x keeps about 16 significant bits):
+//     dK sums dS over every query row of the image. Worst error over the bound of the accuracy
+//     rule on the tests' shapes, seeds 0-3: dK 0.71 split, 0.91 rounded once; dV 0.43 split,
+//     0.70 rounded once; dQ 1.00 either way (its worst case, NiT-XL shapes with seed 3, is set
+//     elsewhere: it was 1.00 with all three products split too). q, k, v and dO are bf16
 //     already, so every other operand is exact;
 //   - the backward clamps s ln2 - lse at 0, so P <= 1 even if a GEMM rounded differently from the
 //     forward (a NaN stays NaN).
-// brgemm reads its B operand in the VNNI layout: column blocks of at most 64 columns (16 padded),
+// brgemm reads its B operand in the VNNI layout: column blocks of at most 128 columns (16 padded),
 // each [K/2][width][2] (pairs of consecutive k interleaved); pack_rows / pack_cols write it
 // straight from the strided [tokens, heads, dim] rows, with zeros in the padding.
 //
 // Chosen at run time: AMX-BF16 where cpublas::could_pack says oneDNN can use it, else the fp32
 // tiles; NIT_CPU_ATTENTION_ISA=amx|fp32 forces one. Results are
 // deterministic for any thread count, as on the fp32 path.
+//
+// fp16 stays on the fp32 tiles: on a CPU with AVX512-FP16 but no AMX-FP16 (Sapphire Rapids),
+// cpublas::could_pack(kHalf) is false and ATen's fp16 brgemm ran at 55-70 GFLOP/s on the tile
+// shapes used here (64 x 64 x 64 to 64 x 64 x 1024, one thread), against 280-490 for bf16; the
+// whole fp32 attention, softmax included, runs at about 65 GFLOP/s (NiT-S, 4 x 1,024 tokens). Where
+// could_pack(kHalf) holds (AMX-FP16), this code could take fp16 through a template on the
+// element type.
 #include "cpu/attention_bf16.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -64,6 +74,10 @@ using bf = at::BFloat16;
 inline int64_t even(int64_t n) { return (n + 1) & ~int64_t(1); }
 inline int64_t pad16(int64_t n) { return round_up(n, 16); }
 
+// Columns per VNNI block of a packed B (one brgemm call each): a head_dim of 72 or 80 (16
+// padded) is one block, not 64 + a 16-wide remainder.
+constexpr int64_t kNb = 128;
+
 typedef uint16_t vh32 __attribute__((vector_size(64)));
 struct Interleave {  // lanes of (a, b) for the low and high halves of a 16-bit pair interleave
   int16_t lo[32], hi[32];
@@ -87,8 +101,8 @@ void pack_rows(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out, int64_t 
   vh32 ilo, ihi;
   memcpy(&ilo, kInter.lo, sizeof(ilo));
   memcpy(&ihi, kInter.hi, sizeof(ihi));
-  for (int64_t n0 = 0; n0 < N; n0 += 64) {
-    const int64_t w = std::min<int64_t>(64, N16 - n0), nn = std::min<int64_t>(64, N - n0);
+  for (int64_t n0 = 0; n0 < N; n0 += kNb) {
+    const int64_t w = std::min<int64_t>(kNb, N16 - n0), nn = std::min<int64_t>(kNb, N - n0);
     bf* o = out + n0 * Kb;
     for (int64_t half = 0; half < (stack > 0 ? 2 : 1); ++half) {
       for (int64_t k = 0; k < K; k += 2) {  // rows k, k + 1 -> one VNNI row of pairs
@@ -115,7 +129,8 @@ void pack_rows(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out, int64_t 
   }
 }
 
-// B[k, n] = x[n * ldx + k] for k < K, n < N <= 64: the rows of x (e.g. K tokens) are B's columns.
+// B[k, n] = x[n * ldx + k] for k < K, n < N: the rows of x (e.g. K tokens) are B's columns, one
+// column block of pad16(N) <= kNb.
 // A VNNI row of B holds the pairs (x[n][k], x[n][k + 1]), adjacent in x: with K and ldx even
 // this is a transpose of 32-bit words, done 16 x 16 in registers.
 void pack_cols(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out) {
@@ -147,8 +162,8 @@ void mm(int64_t M, int64_t N, int64_t K, const bf* A, int64_t lda, const bf* B, 
     for (int64_t m = 0; m < M && !acc; ++m) std::fill(C + m * ldc, C + m * ldc + N16, 0.f);
     return;
   }
-  for (int64_t n0 = 0; n0 < N16; n0 += 64) {
-    const int64_t w = std::min<int64_t>(64, N16 - n0);
+  for (int64_t n0 = 0; n0 < N16; n0 += kNb) {
+    const int64_t w = std::min<int64_t>(kNb, N16 - n0);
     at::native::cpublas::brgemm(M, w, K2, lda, w, ldc, acc, A, B + n0 * K2, C + n0, true);
   }
 }
@@ -175,6 +190,35 @@ __attribute__((always_inline)) inline void split16(const float* src, bf* hi, bf*
   split16(vload(src), hi, lo);
 }
 
+// 2^x for x <= 0 (-inf gives 0, NaN stays NaN, 2^0 = 1 exactly): n = round(x), f = x - n in
+// [-1/2, 1/2], 2^f by a degree-5 polynomial fitted for the least maximum relative error
+// (2.4e-7, measured on a fine grid, in fp32), times 2^n by AVX-512's scalef. x is raised to -125
+// first (vmaxps returns its second operand, x, when x is NaN) and results for x < -125 are set
+// to 0 afterwards: scalef never makes a subnormal or underflows, each of which costs a microcode
+// assist (padding keys, at -inf, would take one per vector; that made small images 1.5x slower).
+// The forward rounds the weights to bf16 (relative error 2^-9) before P V and sums them for l,
+// where 2.4e-7 is far below bf16's rounding of the output; the backward keeps vexp2.
+__attribute__((always_inline)) inline vf vexp2_5(const vf& xv) {
+  const __m512 lim = _mm512_set1_ps(-125.f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask((__m512)xv, lim, _CMP_LT_OQ);
+  const __m512 x = _mm512_max_ps(lim, (__m512)xv);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf f = (vf)_mm512_sub_ps(x, n);
+  vf p = vsplat(1.327647129073739e-03f);
+  p = p * f + vsplat(9.675540961325169e-03f);
+  p = p * f + vsplat(5.550713092088699e-02f);
+  p = p * f + vsplat(2.402212023735046e-01f);
+  p = p * f + vsplat(6.931469440460205e-01f);
+  p = p * f + vsplat(1.f);
+  return (vf)_mm512_mask_mov_ps(_mm512_scalef_ps((__m512)p, n), tiny, _mm512_setzero_ps());
+}
+
+// x[0..16) rounded to bf16 (AVX512-BF16: round to nearest even, a NaN stays a NaN)
+__attribute__((always_inline)) inline void cvt16(const float* src, bf* dst) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      reinterpret_cast<__m256i>(_mm512_cvtneps_pbh((__m512)vload(src))));
+}
+
 // bf16 scratch carved from the worker's float buffer
 inline bf* take_bf(Carver& c, int64_t n) { return reinterpret_cast<bf*>(c.take((n + 1) / 2)); }
 inline int64_t pad_bf(int64_t n) { return pad((n + 1) / 2); }
@@ -186,9 +230,14 @@ struct TileRelease {
 
 }  // namespace
 
+// Forward tiles: query rows per tile and keys per S product (one packed block of K^T, kFk <= kNb):
+// on one core, S products of 128 x 128 x D ran about 1.3x faster than the 64 x 64 x D ones.
+constexpr int64_t kFq = 128, kFk = 128;
+static_assert(kFk <= kNb, "a key tile of K^T must be one packed column block");
+
 // One task = query rows [r0, r1) of image b, head h. Each query tile takes its scores against
 // every visible key at once (S [rows, Np] in fp32), so its softmax is exact rather than online,
-// and the GEMMs run back to back with one shape each: S by key tiles of 64, O = P V in one
+// and the GEMMs run back to back with one shape each: S by key tiles of kFk, O = P V in one
 // product over all keys (switching brgemm shapes costs about a GEMM each time).
 void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const bf* v, bf* out,
                              float* lse, const Task& t, std::vector<float>& buf) {
@@ -200,67 +249,91 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
   const int64_t D2 = even(D), Dv16 = pad16(Dv);
   // keys padded to 32 (an AMX bf16 tile row): fewer distinct GEMM shapes over a pack of images
   const int64_t nvis = visible_keys(g.causal, t.r1, sq, sk), Np = round_up(nvis, 32);
-  const int64_t nkb = (nvis + kBk - 1) / kBk;
-  const int64_t kt_size = D2 * kBk;  // one packed key tile of K^T
-  Carver c = carve(buf, pad_bf(nkb * kt_size) + pad_bf(Np * Dv16) + pad_bf(kBq * D2) +
-                            pad_bf(kBq * Np) + pad(kBq * Np) + pad(kBq * Dv16) + 2 * pad(kBq));
+  const int64_t nkb = (nvis + kFk - 1) / kFk;
+  const int64_t kt_size = D2 * kFk;  // one packed key tile of K^T
+  Carver c = carve(buf, pad_bf(nkb * kt_size) + pad_bf(Np * Dv16) + pad_bf(kFq * D2) +
+                            pad_bf(kFq * Np) + pad(kFq * Np) + pad(kFq * Dv16) + 2 * pad(kFq));
   bf* kt = take_bf(c, nkb * kt_size);
   bf* vp = take_bf(c, Np * Dv16);  // V over the visible keys
-  bf* qa = take_bf(c, kBq * D2);
-  bf* pa = take_bf(c, kBq * Np);   // P in bf16
-  float* S = c.take(kBq * Np);
-  float* O = c.take(kBq * Dv16);
-  float* m = c.take(kBq);
-  float* l = c.take(kBq);
+  bf* qa = take_bf(c, kFq * D2);
+  bf* pa = take_bf(c, kFq * Np);   // P in bf16
+  float* S = c.take(kFq * Np);
+  float* O = c.take(kFq * Dv16);
+  float* m = c.take(kFq);
+  float* l = c.take(kFq);
+  vf rmax[kFq];  // per query row: the running max of its score vectors
 
   for (int64_t jb = 0; jb < nkb; ++jb) {
-    const int64_t j0 = jb * kBk, nk = std::min(kBk, nvis - j0);
+    const int64_t j0 = jb * kFk, nk = std::min(kFk, nvis - j0);
     pack_cols(k + ((k0 + j0) * Hk + hk) * D, Hk * D, D, nk, kt + jb * kt_size);
   }
   if (Np > 0) pack_rows(v + (k0 * Hk + hk) * Dv, Hk * Dv, nvis, Dv, vp, 0, Np);
 
   const float qmul = g.scale * kLog2e;  // scores in base 2: exp(s) = 2^(s log2 e)
   const vf vq = vsplat(qmul);
-  for (int64_t i0 = t.r0; i0 < t.r1; i0 += kBq) {
-    const int64_t rows = std::min(kBq, t.r1 - i0);
+  for (int64_t i0 = t.r0; i0 < t.r1; i0 += kFq) {
+    const int64_t rows = std::min(kFq, t.r1 - i0);
     const int64_t kend = visible_keys(g.causal, i0 + rows, sq, sk);
     for (int64_t r = 0; r < rows; ++r) {
       copy_row(qa + r * D2, q + ((q0 + i0 + r) * H + h) * D, D, D2);
       m[r] = -INFINITY;
       l[r] = 0.f;
     }
-    for (int64_t j0 = 0; j0 < kend; j0 += kBk) {  // N as packed (the tile's B layout depends on it)
-      mm(rows, std::min(kBk, nvis - j0), D, qa, D2, kt + (j0 / kBk) * kt_size, S + j0, Np, false);
-    }
-    // Scaled before the mask (scale may be 0 or < 0). Without causality only the padding keys
-    // [kend, Np) are masked, all in the last vector: scale, mask and max then take one pass.
+    // Without causality only the padding keys [kend, Np) are masked, all in the last vectors:
+    // the scores stay unscaled in S, and the max (taken on each key tile right after its GEMM,
+    // while the tile is in L1) and the exp pass scale them on the fly, the same rounded product
+    // each time. Scaled before the mask (scale may be 0 or < 0).
     const bool plain = !g.causal;
+    const int64_t full = plain ? kend / kVec * kVec : Np;  // vectors before `full` need no mask
+    vi lane;
+    for (int i = 0; i < kVec; ++i) lane[i] = i;
+    const vf ninf = vsplat(-INFINITY);
+    const auto score = [&](const float* s, int64_t cc) {  // the scaled, masked scores at key cc
+      const vf x = vload(s + cc);
+      if (!plain) return x;
+      const vf t = vround(x * vq);
+      return cc < full ? t : lane < static_cast<int32_t>(kend - cc) ? t : ninf;
+    };
+    for (int64_t r = 0; r < rows; ++r) rmax[r] = ninf;
+    for (int64_t j0 = 0; j0 < kend; j0 += kFk) {  // N as packed (the tile's B layout depends on it)
+      mm(rows, std::min(kFk, nvis - j0), D, qa, D2, kt + (j0 / kFk) * kt_size, S + j0, Np, false);
+      if (!plain) continue;
+      const int64_t j1 = std::min(j0 + kFk, Np);
+      for (int64_t r = 0; r < rows; ++r) {
+        vf vmax = rmax[r];
+        for (int64_t cc = j0; cc < j1; cc += kVec) {
+          const vf x = score(S + r * Np, cc);
+          vmax = x > vmax ? x : vmax;
+        }
+        rmax[r] = vmax;
+      }
+    }
     if (!plain) {
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t cc = 0; cc < Np; cc += kVec) vstore(S + r * Np + cc, vload(S + r * Np + cc) * vq);
       }
       mask_tile(S, Np, rows, Np, kend, g.causal, i0, 0, off, -INFINITY);
-    }
-    vi lane;
-    for (int i = 0; i < kVec; ++i) lane[i] = i;
-    for (int64_t r = 0; r < rows && Np > 0; ++r) {
-      float* s = S + r * Np;
-      bf* p = pa + r * Np;
-      vf vmax = vsplat(-INFINITY);
-      for (int64_t cc = 0; cc < Np; cc += kVec) {
-        vf x = vload(s + cc);
-        if (plain) {
-          x *= vq;
-          if (cc + kVec > kend) x = lane < static_cast<int32_t>(kend - cc) ? x : vsplat(-INFINITY);
-          vstore(s + cc, x);
+      for (int64_t r = 0; r < rows; ++r) {
+        vf vmax = ninf;
+        for (int64_t cc = 0; cc < Np; cc += kVec) {
+          const vf x = vload(S + r * Np + cc);
+          vmax = x > vmax ? x : vmax;
         }
-        vmax = x > vmax ? x : vmax;
+        rmax[r] = vmax;
       }
+    }
+    for (int64_t r = 0; r < rows && Np > 0; ++r) {
+      const float* s = S + r * Np;
+      bf* p = pa + r * Np;
+      const vf vmax = rmax[r];
       // NaN scores are skipped by the max and reach l and O through exp2 (vexp2(NaN) = NaN)
       m[r] = hmax(vmax);
       if (m[r] == -INFINITY) {  // every visible score -inf or NaN: weights 0 ...
-        for (int64_t cc = 0; cc < Np; ++cc) {
-          if (std::isnan(s[cc])) l[r] = NAN;  // ... but a NaN score makes the row NaN
+        for (int64_t cc = 0; cc < Np; cc += kVec) {
+          const vf x = score(s, cc);
+          for (int i = 0; i < kVec; ++i) {
+            if (std::isnan(x[i])) l[r] = NAN;  // ... but a NaN score makes the row NaN
+          }
         }
         memset(static_cast<void*>(p), 0, sizeof(bf) * Np);
         continue;
@@ -268,7 +341,7 @@ void attention_bf16_fwd_task(const Geometry& g, const bf* q, const bf* k, const 
       const vf vm = vsplat(m[r]);
       vf vsum = vsplat(0.f);
       for (int64_t cc = 0; cc < Np; cc += kVec) {
-        const vf e = vexp2(vload(s + cc) - vm);
+        const vf e = vexp2_5(score(s, cc) - vm);
         vsum += e;
         const __m512 x = (__m512)e;
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + cc), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
@@ -312,20 +385,20 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
   // query rows padded to 32 (zero rows, lse -inf): a few GEMM shapes over a pack of images
   const int64_t R = G * rows, Rp = round_up(R, 32);
   const float qmul = g.scale * kLog2e;
-  Carver c = carve(buf, pad_bf(Rp * D2) + pad_bf(Rp * Dv2) + pad_bf(2 * Rp * D16) + pad_bf(2 * Rp * Dv16) +
-                            pad_bf(D2 * kBk) + pad_bf(Dv2 * kBk) + pad_bf(2 * kBk * D16) +
-                            2 * pad_bf(kBk * 2 * Rp) + pad_bf(Rp * 2 * kBk) + pad(Rp * D16) + 2 * pad(Rp) +
+  Carver c = carve(buf, pad_bf(Rp * D2) + pad_bf(Rp * Dv2) + pad_bf(2 * Rp * D16) + pad_bf(Rp * Dv16) +
+                            pad_bf(D2 * kBk) + pad_bf(Dv2 * kBk) + pad_bf(kBk * D16) +
+                            pad_bf(kBk * Rp) + pad_bf(kBk * 2 * Rp) + pad_bf(Rp * kBk) + pad(Rp * D16) + 2 * pad(Rp) +
                             pad(kBk * D16) + pad(kBk * Dv16) + 3 * pad(Rp * kBk));
   bf* Qa = take_bf(c, Rp * D2);                 // A operands: q and dO rows, row e = gi * rows + r
   bf* dOa = take_bf(c, Rp * Dv2);
-  bf* Qs = take_bf(c, 2 * Rp * D16);            // B operands [Q; Q], [dO; dO]
-  bf* dOs = take_bf(c, 2 * Rp * Dv16);
-  bf* Ktp = take_bf(c, D2 * kBk);               // B operands of the key tile: K^T, V^T, [K; K]
+  bf* Qs = take_bf(c, 2 * Rp * D16);            // B operands [Q; Q], dO
+  bf* dOs = take_bf(c, Rp * Dv16);
+  bf* Ktp = take_bf(c, D2 * kBk);               // B operands of the key tile: K^T, V^T, K
   bf* Vtp = take_bf(c, Dv2 * kBk);
-  bf* Ks = take_bf(c, 2 * kBk * D16);
-  bf* Pta = take_bf(c, kBk * 2 * Rp);           // A operands [P^T_hi | P^T_lo], [dS^T...], [dS...]
+  bf* Kp = take_bf(c, kBk * D16);
+  bf* Pta = take_bf(c, kBk * Rp);               // A operands P^T, [dS^T_hi | dS^T_lo], dS
   bf* dSta = take_bf(c, kBk * 2 * Rp);
-  bf* dSa = take_bf(c, Rp * 2 * kBk);
+  bf* dSa = take_bf(c, Rp * kBk);
   float* dQ = c.take(Rp * D16);
   float* lse_r = c.take(Rp);
   float* delta = c.take(Rp);
@@ -356,7 +429,7 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
   std::fill(lse_r + R, lse_r + Rp, -INFINITY);  // padding rows: P = 0, dS = 0
   std::fill(delta + R, delta + Rp, 0.f);
   pack_rows(Qa, D2, R, D, Qs, Rp);
-  pack_rows(dOa, Dv2, R, Dv, dOs, Rp);
+  pack_rows(dOa, Dv2, R, Dv, dOs, 0, Rp);
   std::fill(dQ, dQ + Rp * D16, 0.f);
 
   const vf vln2 = vsplat(kLn2), vlog2e = vsplat(kLog2e), vq = vsplat(qmul), vsc = vsplat(g.scale);
@@ -367,7 +440,7 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
       const bf* vr = v + ((k0 + j0) * Hk + hk) * Dv;
       pack_cols(kr, Hk * D, D, nk, Ktp);
       pack_cols(vr, Hk * Dv, Dv, nk, Vtp);
-      pack_rows(kr, Hk * D, nk, D, Ks, N);
+      pack_rows(kr, Hk * D, nk, D, Kp, 0, N);
       mm(Rp, nk, D, Qa, D2, Ktp, P, kBk, false);
       for (int64_t e = 0; e < Rp; ++e) {
         float* p = P + e * kBk;
@@ -394,19 +467,22 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
         const float* p = P + e * kBk;
         for (int64_t cc = 0; cc < N; cc += kVec) vstore(ds + cc, vload(p + cc) * (vload(ds + cc) - vd) * vsc);
         for (int64_t cc = nk; cc < N; ++cc) ds[cc] = 0.f;  // also where a NaN delta met P = 0
-        bf* a = dSa + e * 2 * N;
-        for (int64_t cc = 0; cc < N; cc += kVec) split16(ds + cc, a + cc, a + N + cc);
+        for (int64_t cc = 0; cc < N; cc += kVec) cvt16(ds + cc, dSa + e * N + cc);
       }
-      // transposes as [hi | lo] rows over the Rp query rows (padding rows are 0)
-      for (const auto& [src, dst] : {std::pair{P, Pta}, std::pair{dS, dSta}}) {
-        transpose(src, kBk, Rp, N, T, Rp);
-        for (int64_t cc = 0; cc < nk; ++cc) {
-          for (int64_t r = 0; r < Rp; r += kVec) split16(T + cc * Rp + r, dst + cc * 2 * Rp + r, dst + cc * 2 * Rp + Rp + r);
-        }
+      // the transposes over the Rp query rows (padding rows are 0): P^T rounded to bf16 once,
+      // dS^T as [hi | lo] rows
+      transpose(P, kBk, Rp, N, T, Rp);
+      for (int64_t cc = 0; cc < nk; ++cc) {
+        for (int64_t r = 0; r < Rp; r += kVec) cvt16(T + cc * Rp + r, Pta + cc * Rp + r);
       }
-      mm(nk, Dv, 2 * Rp, Pta, 2 * Rp, dOs, dVa, Dv16, false);
+      transpose(dS, kBk, Rp, N, T, Rp);
+      for (int64_t cc = 0; cc < nk; ++cc) {
+        bf* a = dSta + cc * 2 * Rp;
+        for (int64_t r = 0; r < Rp; r += kVec) split16(T + cc * Rp + r, a + r, a + Rp + r);
+      }
+      mm(nk, Dv, Rp, Pta, Rp, dOs, dVa, Dv16, false);
       mm(nk, D, 2 * Rp, dSta, 2 * Rp, Qs, dKa, D16, false);
-      mm(Rp, D, 2 * N, dSa, 2 * N, Ks, dQ, D16, true);
+      mm(Rp, D, N, dSa, N, Kp, dQ, D16, true);
     } else {
       std::fill(dKa, dKa + nk * D16, 0.f);
       std::fill(dVa, dVa + nk * Dv16, 0.f);

@@ -15,8 +15,10 @@ namespace nit {
 
 constexpr int64_t kBq = 64;          // query rows per tile
 constexpr int64_t kBk = 64;          // keys per tile (a multiple of every vector width)
-constexpr int64_t kFwdChunk = 256;   // query rows per forward task
-constexpr int64_t kBwdChunk = 512;   // query rows per backward task ...
+constexpr int64_t kFwdChunk = 256;   // query rows per forward task (fp32 tiles) ...
+constexpr int64_t kFwdChunkBf16 = 1024;  // ... and on the bf16 tiles, which pack K, V per task
+constexpr int64_t kBwdChunk = 512;   // query rows per backward task (fp32 tiles; bf16 tiles:
+constexpr int64_t kBwdChunkBf16 = 1024;  // these) ...
 constexpr int64_t kBwdMaxSplit = 4;  // ... unless that splits an image into more chunks
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -46,7 +48,7 @@ inline int64_t visible_keys(bool causal, int64_t r1, int64_t sq, int64_t sk) {
 }
 
 // The tasks run largest first, each worker pulling the next one; body(task, scratch) gets a
-// scratch vector owned by its worker.
+// scratch vector owned by its worker's thread.
 template <class Body>
 void run_tasks(std::vector<Task>& tasks, const Body& body) {
   std::stable_sort(tasks.begin(), tasks.end(),
@@ -57,7 +59,9 @@ void run_tasks(std::vector<Task>& tasks, const Body& body) {
   const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
   // Inside another parallel region at::parallel_for runs inline: one worker does every task.
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> scratch;
+    // Kept by the thread from call to call: a fresh buffer cost page faults and zero-filling on
+    // every call (several percent of a bf16 backward). It holds the largest task's scratch seen.
+    thread_local std::vector<float> scratch;
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) body(tasks[i], scratch);
   });
 }
