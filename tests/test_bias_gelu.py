@@ -181,3 +181,40 @@ def test_backends_without_a_kernel_run_the_reference():
         assert not dispatch.get(b).implements("bias_gelu"), b
     if _HAS_CPU:
         assert dispatch.select(dispatch.Call("bias_gelu", torch.device("cpu"), torch.bfloat16))[0] == "cpu"
+
+
+def _has_avx512() -> bool:
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    return all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+
+
+@cpu_only
+@pytest.mark.parametrize("bits", ["256", pytest.param("512", marks=pytest.mark.skipif(
+    not _has_avx512(), reason="the CPU has no AVX-512F/BW/VL/DQ"))])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_vector_width(monkeypatch, bits, dtype):
+    """Both row kernels (forced by NIT_CPU_GELU_VECTOR_BITS) against fp64, odd widths, NaN."""
+    monkeypatch.setenv("NIT_CPU_GELU_VECTOR_BITS", bits)
+    for n, h in ((3, 1), (5, 15), (4, 17), (40, 33), (33, 1536)):
+        x, bias, dy = _data(n, h, dtype, seed=h)
+        x[0, -1] = float("nan")
+        y, dx, db = _exact(x, bias, dy)
+        got_y = nk.bias_gelu(x, bias, backend="cpu")
+        got_dx, got_db, got_y2 = nk.bias_gelu_backward(dy, x, bias, backend="cpu")
+        for t in (got_y, got_y2, got_dx):
+            assert torch.isnan(t[0, -1]) and torch.isnan(t).sum() == 1
+        assert torch.isnan(got_db[-1]) and torch.isnan(got_db).sum() == 1
+        keep = (slice(None), slice(None, h - 1)) if h > 1 else (slice(1, None), slice(None))
+        _close(got_y[keep], y[keep], _TOL[dtype], "y")
+        _close(got_y2[keep], y[keep], _TOL[dtype], "y (backward)")
+        _close(got_dx[keep], dx[keep], _TOL[dtype] + 6e-6, "dx")
+        if h > 1:
+            _close(got_db[:-1], db[:-1], 1e-5 * max(1, n) ** 0.5 + 2e-6, "dbias")
+
+
+@cpu_only
+def test_bad_vector_width_is_refused(monkeypatch):
+    x, bias, _ = _data(2, 3, torch.float32)
+    monkeypatch.setenv("NIT_CPU_GELU_VECTOR_BITS", "128")
+    with pytest.raises(RuntimeError, match="NIT_CPU_GELU_VECTOR_BITS must be 256 or 512, got '128'"):
+        nk.bias_gelu(x, bias, backend="cpu")

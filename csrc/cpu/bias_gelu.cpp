@@ -10,11 +10,16 @@
 // and t clamped to [-126, 126] (exp(-2u) then saturates where s is 0 or 1 to fp32 precision
 // anyway). NaN propagates. Math is fp32 for every input dtype; each element is read and
 // written once; dbias sums fixed blocks of rows in block order (independent of the thread count).
+// Rows run on 512-bit vectors where the CPU has AVX-512F/BW (chosen at run time; the build's
+// baseline is AVX2), else on the 256-bit vectors of vec.h; NIT_CPU_GELU_VECTOR_BITS=256|512
+// forces one (tests run both).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "checks.h"
@@ -69,6 +74,127 @@ inline Vec8 gate_of(Vec8 z) {
   return recip(Vec8(1.f) + exp2v(two_u * Vec8(-kLog2e)));
 }
 
+// one row of the forward / backward on the 256-bit (or portable) vectors
+template <typename T>
+void fwd_row8(const T* xr, const float* b, T* yr, int64_t H) {
+  for_each_vec(H, [&](int64_t j, auto tag) {
+    const Vec8 z = load_v(xr, j, H, tag) + Vec8::loadu(b + j * kLanes);
+    store_v(yr, j, H, z * gate_of(z), tag);
+  });
+}
+
+template <typename T>
+void bwd_row8(const T* gr, const T* xr, const float* b, T* dxr, T* yr, float* acc, int64_t H) {
+  for_each_vec(H, [&](int64_t j, auto tag) {
+    const int64_t c = j * kLanes;
+    const Vec8 z = load_v(xr, j, H, tag) + Vec8::loadu(b + c);
+    const Vec8 s = gate_of(z);
+    const Vec8 d2u = fmadd(z * z, Vec8(3.f * kC2), Vec8(kC1));  // d(2u)/dz
+    const Vec8 zs = z * s;
+    const Vec8 d = load_v(gr, j, H, tag) * fmadd(zs * (Vec8(1.f) - s), d2u, s);  // gelu' = s + z s (1-s) d2u
+    store_v(yr, j, H, zs, tag);
+    store_v(dxr, j, H, d, tag);
+    (Vec8::loadu(acc + c) + d).storeu(acc + c);
+  });
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12 flags the deliberately undefined source of its own AVX-512 intrinsics (_mm512_undefined)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define NIT_GELU_AVX512 1
+#define NIT_T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inline
+#define NIT_F512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+// the same math on 16 lanes; tails by masked loads and stores (masked-off lanes load 0)
+namespace v512 {
+NIT_T512 __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+NIT_T512 __m512 load(const c10::BFloat16* p, __mmask16 m) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+NIT_T512 __m512 load(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+NIT_T512 void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+NIT_T512 void store(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  // round to nearest even; NaN -> the quiet NaN 0x7FC0
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+NIT_T512 void store(c10::Half* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+NIT_T512 __m512 gate_of(__m512 z) {
+  const __m512 two_u = _mm512_mul_ps(z, _mm512_fmadd_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(kC2), _mm512_set1_ps(kC1)));
+  const __m512 t = _mm512_mul_ps(two_u, _mm512_set1_ps(-kLog2e));
+  const __m512 c = _mm512_min_ps(_mm512_set1_ps(126.f), _mm512_max_ps(_mm512_set1_ps(-126.f), t));  // NaN kept
+  const __m512 n = _mm512_roundscale_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(c, n);
+  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __m512 a = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_scalef_ps(p, n));  // 1 + p * 2^n
+  // 1 / a: the 14-bit reciprocal and one Newton step (relative error ~2^-28; a division is
+  // several times slower on 512-bit vectors)
+  const __m512 r = _mm512_rcp14_ps(a);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(a, r, _mm512_set1_ps(2.f)));
+}
+NIT_T512 __mmask16 mask_at(int64_t c, int64_t H) {
+  const int64_t left = H - c;
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+}
+
+template <typename T>
+NIT_F512 void fwd_row(const T* xr, const float* b, T* yr, int64_t H) {
+  for (int64_t c = 0; c < H; c += 16) {
+    const __mmask16 m = mask_at(c, H);
+    const __m512 z = _mm512_add_ps(load(xr + c, m), _mm512_maskz_loadu_ps(m, b + c));
+    store(yr + c, _mm512_mul_ps(z, gate_of(z)), m);
+  }
+}
+
+template <typename T>
+NIT_F512 void bwd_row(const T* gr, const T* xr, const float* b, T* dxr, T* yr, float* acc, int64_t H) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t c = 0; c < H; c += 16) {
+    const __mmask16 m = mask_at(c, H);
+    const __m512 z = _mm512_add_ps(load(xr + c, m), _mm512_maskz_loadu_ps(m, b + c));
+    const __m512 s = gate_of(z);
+    const __m512 d2u = _mm512_fmadd_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(3.f * kC2), _mm512_set1_ps(kC1));
+    const __m512 zs = _mm512_mul_ps(z, s);
+    const __m512 dg = _mm512_fmadd_ps(_mm512_mul_ps(zs, _mm512_sub_ps(one, s)), d2u, s);
+    const __m512 d = _mm512_mul_ps(load(gr + c, m), dg);
+    store(yr + c, zs, m);
+    store(dxr + c, d, m);
+    _mm512_mask_storeu_ps(acc + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + c), d));
+  }
+}
+}  // namespace v512
+#else
+#define NIT_GELU_AVX512 0
+#endif
+
+bool use_avx512() {
+  const char* env = std::getenv("NIT_CPU_GELU_VECTOR_BITS");
+  const std::string want = env ? env : "";
+  TORCH_CHECK(want.empty() || want == "256" || want == "512",
+              "NIT_CPU_GELU_VECTOR_BITS must be 256 or 512, got '", want, "'");
+#if NIT_GELU_AVX512
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  TORCH_CHECK(want != "512" || has, "NIT_CPU_GELU_VECTOR_BITS=512 needs a CPU with AVX-512F/BW/VL/DQ, this one lacks them");
+  return want.empty() ? has : want == "512";
+#else
+  TORCH_CHECK(want != "512", "NIT_CPU_GELU_VECTOR_BITS=512: this build has no AVX-512 kernels");
+  return false;
+#endif
+}
+
 void check_args(const at::Tensor& x, const at::Tensor& bias, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
   check_float_input(x, "x");
@@ -91,18 +217,22 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const at::Tensor& bias) {
   auto y = at::empty_like(x);
   const int64_t N = x.size(0), H = x.size(1);
   const std::vector<float> b = widened_bias(bias);
+  const bool wide = use_avx512();
+  (void)wide;
   NIT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "bias_gelu_fwd", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, N, kRowBlock, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = xp + r * H;
-        scalar_t* yr = yp + r * H;
         prefetch_ahead(r, end, H, {xr});
-        for_each_vec(H, [&](int64_t j, auto tag) {
-          const Vec8 z = load_v(xr, j, H, tag) + Vec8::loadu(b.data() + j * kLanes);
-          store_v(yr, j, H, z * gate_of(z), tag);
-        });
+#if NIT_GELU_AVX512
+        if (wide) {
+          v512::fwd_row(xr, b.data(), yp + r * H, H);
+          continue;
+        }
+#endif
+        fwd_row8(xr, b.data(), yp + r * H, H);
       }
     });
   });
@@ -117,6 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tenso
   check_shape(dy, x.sizes(), "dy");
   const int64_t N = x.size(0), H = x.size(1), Hp = padded(H);
   const std::vector<float> b = widened_bias(bias);
+  const bool wide = use_avx512();
+  (void)wide;
   auto dx = at::empty_like(x);
   auto y = at::empty_like(x);
   const int64_t nblocks = (N + kRowBlock - 1) / kRowBlock;
@@ -135,27 +267,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tenso
           const scalar_t* xr = xp + r * H;
           const scalar_t* gr = gp + r * H;
           prefetch_ahead(r, r1, H, {xr, gr});
-          for_each_vec(H, [&](int64_t j, auto tag) {
-            const int64_t c = j * kLanes;
-            const Vec8 z = load_v(xr, j, H, tag) + Vec8::loadu(b.data() + c);
-            const Vec8 z2 = z * z;
-            const Vec8 s = gate_of(z);
-            const Vec8 d2u = fmadd(z2, Vec8(3.f * kC2), Vec8(kC1));  // d(2u)/dz
-            // gelu'(z) = s + z s (1 - s) d2u
-            const Vec8 zs = z * s;
-            const Vec8 dg = fmadd(zs * (Vec8(1.f) - s), d2u, s);
-            const Vec8 d = load_v(gr, j, H, tag) * dg;
-            store_v(yp + r * H, j, H, zs, tag);
-            store_v(dxp + r * H, j, H, d, tag);
-            (Vec8::loadu(acc + c) + d).storeu(acc + c);
-          });
+#if NIT_GELU_AVX512
+          if (wide) {
+            v512::bwd_row(gr, xr, b.data(), dxp + r * H, yp + r * H, acc, H);
+            continue;
+          }
+#endif
+          bwd_row8(gr, xr, b.data(), dxp + r * H, yp + r * H, acc, H);
         }
       }
     });
   });
-  // dbias: block sums added in block order (tails of the last vector are zero: the loads pad)
-  at::Tensor dbias = nblocks == 0 ? at::zeros({H}, bias.options()) : partial.sum(0).narrow(0, 0, H).to(bias.scalar_type());
-  return {dx, dbias, y};
+  // dbias: the block sums added in block order, whatever the thread count
+  auto db = at::zeros({H}, x.options().dtype(at::kFloat));
+  float* dbp = db.data_ptr<float>();
+  for (int64_t k = 0; k < nblocks; ++k) {
+    for (int64_t h = 0; h < H; ++h) dbp[h] += pp[k * Hp + h];
+  }
+  return {dx, db.to(bias.scalar_type()), y};
 }
 
 }  // namespace
