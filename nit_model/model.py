@@ -105,6 +105,38 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
+class _GeluFc2(torch.autograd.Function):
+    """``fc2(gelu_tanh(a))`` that keeps only ``a`` for backward and recomputes the GELU there.
+
+    The GELU output is the largest activation of a block ([N, 4D]); recomputing it costs one
+    element-wise pass and saves 4D floats per token per block (selective recomputation,
+    Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models", 2022).
+    Under autocast the weight is cast to a's dtype once, in forward, and that copy serves the
+    backward too (one cast per step, not one per use).
+    """
+
+    @staticmethod
+    def forward(ctx, a, weight, bias):
+        w = weight.to(a.dtype)  # a no-op in fp32; under autocast the same cast F.linear would make
+        b = None if bias is None else bias.to(a.dtype)
+        ctx.save_for_backward(a, w)
+        ctx.has_bias, ctx.w_dtype = bias is not None, weight.dtype
+        return F.linear(F.gelu(a, approximate="tanh"), w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, w = ctx.saved_tensors
+        g = g.to(a.dtype)
+        act = F.gelu(a, approximate="tanh")
+        da = None
+        if ctx.needs_input_grad[0]:
+            da = torch.ops.aten.gelu_backward(g @ w, a, approximate="tanh")
+        g2, act2 = g.reshape(-1, g.shape[-1]), act.reshape(-1, act.shape[-1])
+        dw = (g2.t() @ act2).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        db = g2.sum(0).to(ctx.w_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return da, dw, db
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype F.linear would multiply in: autocast's for this device type when enabled, else x's."""
     dev = x.device.type
@@ -159,9 +191,10 @@ class _FusedMlp(torch.autograd.Function):
 
 class Mlp(nn.Module):
     """fc1 -> tanh-GELU -> fc2 (timm's Mlp names). With ``recompute_gelu`` the GELU output is not
-    stored for backward but recomputed (same values and gradients, less memory). Outside
-    torch.compile the biases go through ``nk.bias_gelu`` (fc1's) and an in-place add (fc2's)
-    rather than the matmuls; under torch.compile the plain Linear formulation is traced."""
+    stored for backward but recomputed (same values and gradients, less memory). Where
+    ``nk.bias_gelu`` has a kernel (CPU), outside torch.compile, the biases go through it (fc1's)
+    and an in-place add (fc2's) rather than the matmuls (``_FusedMlp``); elsewhere the GELU is
+    PyTorch's (``_GeluFc2``); under torch.compile the plain Linear formulation is traced."""
 
     def __init__(self, dim: int, hidden: int, recompute_gelu: bool = True, backend: Optional[str] = None):
         super().__init__()
@@ -175,6 +208,12 @@ class Mlp(nn.Module):
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and not self.recompute_gelu):
             return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
         dt = _compute_dtype(x)
+        if not _has_bias_gelu_kernel(x.device, dt, self.backend):
+            # no bias_gelu kernel here (CUDA, float64, backend="reference"): its reference would
+            # only add passes over [N, 4D] to what PyTorch's Linear and GELU do
+            if torch.is_grad_enabled():
+                return _GeluFc2.apply(self.fc1(x), self.fc2.weight, self.fc2.bias)
+            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
         if torch.is_grad_enabled():
             return _FusedMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, dt,
                                    self.backend)
@@ -182,6 +221,14 @@ class Mlp(nn.Module):
         _, y = _mlp_forward(x2, self.fc1.weight.to(dt), self.fc1.bias, self.fc2.weight.to(dt), self.fc2.bias,
                             self.backend)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _has_bias_gelu_kernel(device: torch.device, dtype: torch.dtype, backend: Optional[str]) -> bool:
+    """Whether nk.bias_gelu runs a kernel (not its reference) for these tensors."""
+    try:
+        return nk.dispatch.select(nk.dispatch.Call("bias_gelu", device, dtype), backend)[0] != "reference"
+    except nk.BackendUnavailable:
+        return False
 
 
 def _adaln_linear(dim: int, out: int, lora_dim: Optional[int]) -> nn.Sequential:
