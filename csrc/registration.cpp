@@ -32,6 +32,10 @@ TORCH_LIBRARY(nit, m) {
   // max_seqlen_* are SymInt so that torch.compile does not specialise (and recompile) on them.
   m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
   m.def("varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // y = gelu_tanh(x + bias) on x [N, H], bias [H] (any float dtype; math fp32). The backward
+  // also returns the recomputed y, for callers that keep x instead of y.
+  m.def("bias_gelu_fwd(Tensor x, Tensor bias) -> Tensor");
+  m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor bias) -> (Tensor dx, Tensor dbias, Tensor y)");
   // largest head_dim of the CUDA kernels (csrc/cuda/launchers.h); the CPU kernels have no limit
   m.def("limits() -> (int varlen_attention_max_head_dim, int qk_norm_rope_max_head_dim)");
 }

@@ -12,7 +12,8 @@ Quick start::
 """
 from .dispatch import BackendUnavailable, available_backends, backends_report
 from .freqs import ROPE_METHODS, rope_freqs, rope_mscale
-from .ops import adaln_modulate, gated_residual, qk_norm_rope, residual_adaln, rope_2d, varlen_attention
+from .ops import (adaln_modulate, bias_gelu, bias_gelu_backward, gated_residual, qk_norm_rope, residual_adaln, rope_2d,
+                  varlen_attention)
 from .packed import PackedSeqs
 from . import reference  # noqa: F401,E402  (nk.reference: the spec of every op)
 
@@ -22,6 +23,8 @@ __all__ = [
     "PackedSeqs",
     "adaln_modulate",
     "gated_residual",
+    "bias_gelu",
+    "bias_gelu_backward",
     "residual_adaln",
     "rope_freqs",
     "rope_mscale",

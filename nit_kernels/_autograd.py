@@ -355,6 +355,49 @@ for _c in (
 CORE_OPS = tuple(CONTRACTS)
 
 
+# bias_gelu -----------------------------------------------------------------------------------
+# Not a packed op (no cu_seqlens) and not one of CORE_OPS: only the reference and the cpu
+# backend implement it (csrc/cpu/bias_gelu.cpp); dispatch sends every other call to the reference.
+def _bias_gelu_args(op: str, x, bias):
+    check_tensor(op, x, "x", (None, None))
+    check(op, x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+          lambda: f"x must be a floating-point tensor, got {x.dtype}")
+    check_tensor(op, bias, "bias", (x.shape[1],), None, x.device)
+    check(op, bias.is_floating_point(), lambda: f"bias must be a floating-point tensor, got {bias.dtype}")
+
+
+def _bias_gelu_fake(x, bias):
+    _bias_gelu_args("bias_gelu_fwd", x, bias)
+    return torch.empty_like(x)
+
+
+def _bias_gelu_bwd_fake(dy, x, bias):
+    _bias_gelu_args("bias_gelu_bwd", x, bias)
+    check_tensor("bias_gelu_bwd", dy, "dy", tuple(x.shape), x.dtype, x.device)
+    return torch.empty_like(x), torch.empty_like(bias), torch.empty_like(x)
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    x, bias = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _bias_gelu_backward(bwd, ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, dbias, _y = bwd(_zeros(dy, x), x, bias)
+    return dx, dbias
+
+
+add_contract(Contract(
+    "bias_gelu", "bias_gelu_fwd", "bias_gelu_bwd",
+    "(Tensor x, Tensor bias) -> Tensor",
+    "(Tensor dy, Tensor x, Tensor bias) -> (Tensor dx, Tensor dbias, Tensor y)",
+    1, _bias_gelu_fake, _bias_gelu_bwd_fake, _bias_gelu_setup, _bias_gelu_backward))
+
+# the ops of csrc/registration.cpp that are not CORE_OPS (served by the cpu backend only)
+EXTRA_BUILT_OPS = ("bias_gelu",)
+
+
 # ---------------------------------------------------------------------------------------------
 # registration
 # ---------------------------------------------------------------------------------------------

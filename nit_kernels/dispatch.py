@@ -21,6 +21,7 @@ nit_kernels/backends/reference.py for the math):
     rope_2d(q, k, cu_seqlens, sizes, freqs, positions, mscale) -> (q_rot, k_rot)
     qk_norm_rope(q, k, cu_seqlens, sizes, freqs, q_weight, q_bias, k_weight, k_bias, eps, positions, mscale)
     varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal) -> out
+    bias_gelu(x, bias) -> y                         (reference and cpu only)
 
 built from its raw fwd/bwd functions by nit_kernels/_autograd.py (one contract per op).
 """
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 OPS: tuple[str, ...] = ("adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope",
-                        "varlen_attention")
+                        "varlen_attention", "bias_gelu")
 BACKENDS = ("reference", "cpu", "cuda", "triton", "flash_attn", "cuda_sim")
 TEST_BACKENDS = ("cuda_sim",)  # for tests only: usable when asked for, never chosen automatically
 ENV_VAR = "NIT_KERNELS_BACKEND"

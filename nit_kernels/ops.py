@@ -16,7 +16,8 @@ import torch
 from . import dispatch
 from .packed import POSITIONS, PackedSeqs, validate_cu_seqlens
 
-__all__ = ["adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope", "varlen_attention"]
+__all__ = ["adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope", "varlen_attention",
+           "bias_gelu", "bias_gelu_backward"]
 
 
 def _fail(op: str, msg: str):
@@ -262,3 +263,48 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     gqa = operator.index(k.shape[1]) != operator.index(q.shape[1])
     fn = dispatch.kernel(op, q.device, q.dtype, backend, head_dim=q.shape[-1], gqa=gqa, causal=bool(causal))
     return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))
+
+
+def _check_bias_gelu(op: str, x, bias, dy=None):
+    _check_tensor(op, x, "x", 2, "[N, H]")
+    _check_tensor(op, bias, "bias", 1, f"[H] = [{x.shape[1]}]")
+    if bias.shape[0] != x.shape[1]:
+        _fail(op, f"bias must have shape [{x.shape[1]}] (the last dim of x {tuple(x.shape)}), got {tuple(bias.shape)}")
+    if bias.device != x.device:
+        _fail(op, f"bias is on {bias.device} but x is on {x.device}")
+    if dy is not None:
+        _check_tensor(op, dy, "dy", 2, f"[N, H] = {list(x.shape)}")
+        if dy.shape != x.shape or dy.dtype != x.dtype or dy.device != x.device:
+            _fail(op, f"dy must match x ({tuple(x.shape)}, {x.dtype}, {x.device}), "
+                      f"got ({tuple(dy.shape)}, {dy.dtype}, {dy.device})")
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``gelu_tanh(x + bias)``: x [N, H], bias [H] (any float dtype, e.g. fp32 weights with bf16 x).
+
+    The bias and tanh-approximated GELU (``F.gelu(..., approximate="tanh")``) that follow a Linear
+    computed without its bias. fp32 math; the output has x's dtype. Backends: cpu (csrc/cpu) and
+    reference; every other call runs on the reference.
+    """
+    op = "bias_gelu"
+    _check_bias_gelu(op, x, bias)
+    fn = dispatch.kernel(op, x.device, x.dtype, backend)
+    return fn(x, bias)
+
+
+def bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, *,
+                       backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`bias_gelu` in one pass: ``(dx, dbias, y)``.
+
+    ``dx = dy * gelu_tanh'(x + bias)`` (x's dtype), ``dbias = dx.sum(0)`` (fp32 sums, bias's
+    dtype) and ``y = bias_gelu(x, bias)`` recomputed, for callers that keep x rather than y for the
+    weight gradient of the Linear that follows (selective recomputation). Not differentiable.
+    """
+    from .backends import reference
+
+    op = "bias_gelu_backward"
+    _check_bias_gelu(op, x, bias, dy)
+    name, _ = dispatch.select(dispatch.Call("bias_gelu", x.device, x.dtype), backend)
+    if name == "cpu":
+        return tuple(torch.ops.nit.bias_gelu_bwd(dy.contiguous(), x.contiguous(), bias.contiguous()))
+    return reference.bias_gelu_bwd(dy, x, bias)

@@ -122,8 +122,9 @@ ACTIVATIONS = {
     "rope_2d": ("q", "k"),
     "qk_norm_rope": ("q", "k"),
     "varlen_attention": ("q", "k", "v"),
+    "bias_gelu": ("x",),
 }
-PARAMS_WITH_GRAD = {"qk_norm_rope": ("q_weight", "q_bias", "k_weight", "k_bias")}
+PARAMS_WITH_GRAD = {"qk_norm_rope": ("q_weight", "q_bias", "k_weight", "k_bias"), "bias_gelu": ("bias",)}
 
 
 def op_inputs(op: str, packed: PackedSeqs, *, dim: int = 64, heads: int = 2, kv_heads: Optional[int] = None,
@@ -150,6 +151,8 @@ def op_inputs(op: str, packed: PackedSeqs, *, dim: int = 64, heads: int = 2, kv_
         return inp
     if op == "varlen_attention":
         return {"q": r(n, heads, head_dim), "k": r(n, kvh, head_dim), "v": r(n, kvh, head_dim)}
+    if op == "bias_gelu":  # rows of the pack's tokens (the op itself ignores the packing)
+        return {"x": r(n, dim, s=2.0), "bias": r(dim)}
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -185,6 +188,8 @@ def call_op(op: str, packed: PackedSeqs, inp: dict, backend: Optional[str] = Non
     if op == "varlen_attention":
         cu, m = packed.cu_seqlens, packed.max_seqlen
         return ops.varlen_attention(inp["q"], inp["k"], inp["v"], cu, cu, m, m, backend=backend, **kw)
+    if op == "bias_gelu":
+        return ops.bias_gelu(inp["x"], inp["bias"], backend=backend, **kw)
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -23,8 +23,12 @@ except ImportError as e:
     IMPORT_ERROR = (f"the C++ extension nit_kernels._C is not built ({e}); "
                     "build it with `pip install --no-build-isolation -e .`")
 
-# the ops of csrc/registration.cpp (an op added to the contracts in Python only is not one of them)
+# the ops of csrc/registration.cpp that every compiled backend (cpu, cuda, cuda_sim) implements (an op
+# added to the contracts in Python only is not one of them)
 BUILT_OPS = _autograd.CORE_OPS
+# ops of csrc/registration.cpp with kernels for some dispatch keys only (bias_gelu: CPU)
+EXTRA_OPS = tuple(op for op in _autograd.EXTRA_BUILT_OPS
+                  if _C is not None and hasattr(torch.ops.nit, _autograd.contract(op).fwd))
 
 
 def has_kernel(name: str, dispatch_key: str) -> bool:
@@ -33,10 +37,10 @@ def has_kernel(name: str, dispatch_key: str) -> bool:
 
 def ops_with_kernel(dispatch_key: str, operand: Callable = None) -> dict:
     """Op name -> kernel-interface function, for the ops with a `dispatch_key` kernel."""
-    served = [op for op in BUILT_OPS if has_kernel(_autograd.contract(op).fwd, dispatch_key)]
+    served = [op for op in BUILT_OPS + EXTRA_OPS if has_kernel(_autograd.contract(op).fwd, dispatch_key)]
     kwargs = {} if operand is None else {"operand": operand}
     return _autograd.kernel_interface(NAMESPACE, served, **kwargs)
 
 
 if _C is not None:
-    _autograd.register(NAMESPACE, lambda t: "cuda" if t.is_cuda else "cpu", BUILT_OPS)
+    _autograd.register(NAMESPACE, lambda t: "cuda" if t.is_cuda else "cpu", BUILT_OPS + EXTRA_OPS)

@@ -1,7 +1,7 @@
 """The cpu backend: the OpenMP + vectorised kernels of csrc/cpu (``nit::`` ops, dispatch key CPU).
 
-Every op, every head_dim, causal or not, grouped-query heads; float32, float16 and bfloat16
-(math in fp32). The kernels take contiguous tensors.
+Every op (and bias_gelu, which has a CPU kernel only), every head_dim, causal or not, grouped-query
+heads; float32, float16 and bfloat16 (math in fp32). The kernels take contiguous tensors.
 """
 from __future__ import annotations
 

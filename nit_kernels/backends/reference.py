@@ -24,6 +24,8 @@ __all__ = [
     "rope_2d",
     "qk_norm_rope",
     "varlen_attention",
+    "bias_gelu",
+    "bias_gelu_bwd",
     "attention_math",
     "attention_math_backward",
 ]
@@ -225,9 +227,27 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
                                 float(softmax_scale), bool(causal))[0]
 
 
+def bias_gelu(x, bias):
+    """y = gelu_tanh(x + bias) = 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))), z = x + bias;
+    x [N, H], bias [H] (any float dtype); fp32 math, y in x's dtype."""
+    ct = _ct(x)
+    return torch.nn.functional.gelu(x.to(ct) + bias.to(ct), approximate="tanh").to(x.dtype)
+
+
+def bias_gelu_bwd(dy, x, bias):
+    """(dx, dbias, y) of bias_gelu: dx = dy * gelu_tanh'(z), dbias = sum over rows of dx (fp32
+    sums, in bias's dtype), y = bias_gelu(x, bias) recomputed."""
+    ct = _ct(x)
+    z = x.to(ct) + bias.to(ct)
+    dz = torch.ops.aten.gelu_backward(dy.to(ct), z, approximate="tanh")
+    y = torch.nn.functional.gelu(z, approximate="tanh")
+    return dz.to(x.dtype), dz.sum(0).to(bias.dtype), y.to(x.dtype)
+
+
 # the backend interface of nit_kernels/dispatch.py: every op, every call
 OPS = {op: globals()[op] for op in
-       ("adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope", "varlen_attention")}
+       ("adaln_modulate", "gated_residual", "residual_adaln", "rope_2d", "qk_norm_rope", "varlen_attention",
+        "bias_gelu")}
 
 
 def load_error():

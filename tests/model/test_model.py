@@ -217,9 +217,14 @@ def test_recomputation_gives_the_same_gradients(variant):
     x, t, y, packed = inputs(plain.config, NON_SQUARE)
     for m in (plain, other):
         m(x, t, y, packed).square().sum().backward()
+    # without selective recomputation the Mlp runs the plain Linear + F.gelu formulation, which
+    # rounds differently in fp32 from the fused one (biases outside the matmuls, bias_gelu); the
+    # LayerNorm backwards amplify that (measured: each is within 7e-6 of fp64, relative to the
+    # largest gradient of the tensor, and they differ by up to 1.4e-5)
+    tol = 1e-6 if other.config.selective_recompute else 3e-5
     for (n, a), (_, b) in zip(plain.named_parameters(), other.named_parameters()):
         if a.grad is not None:
-            assert_close(b.grad, a.grad, atol=1e-6 * (a.grad.abs().max().item() + 1e-3), rtol=1e-6, name=n)
+            assert_close(b.grad, a.grad, atol=tol * (a.grad.abs().max().item() + 1e-3), rtol=1e-6, name=n)
 
 
 def test_recomputed_gelu_gives_the_same_values_and_gradients():
@@ -234,9 +239,11 @@ def test_recomputed_gelu_gives_the_same_values_and_gradients():
         out = m(x)
         outs.append(out)
         grads.append(torch.autograd.grad(out, [x, *m.parameters()], g))
-    assert torch.equal(outs[0], outs[1])
+    # the recomputing path applies the biases outside the matmuls and evaluates the GELU with
+    # its own exp: the same values to fp32 rounding, not bit for bit
+    assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5, name="out")
     for name, a, b in zip(["x", "fc1.w", "fc1.b", "fc2.w", "fc2.b"], *grads):
-        assert_close(b, a, atol=1e-6, rtol=1e-6, name=name)
+        assert_close(b, a, atol=1e-6, rtol=1e-5, name=name)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
