@@ -47,7 +47,7 @@ class DemoSettings:
     """Knobs of the demo (the command-line options carry the same names)."""
 
     out: str = os.path.join("runs", "demo")
-    train_steps: int = 1500
+    train_steps: int = 2400
     palette: Optional[str] = None
     baseline: bool = True
     baseline_size: int = 32
