@@ -51,6 +51,7 @@
 #include "checks.h"
 #include "cpu/attention_bf16.h"
 #include "cpu/attention_common.h"
+#include "cpu/isa.h"
 
 
 // Vectors are passed only between inline functions of this file, so no ABI is crossed; GCC
@@ -131,18 +132,11 @@ Geometry check_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 
 bool use_avx512() {
-  const char* env = std::getenv("NIT_CPU_ATTENTION_VECTOR_BITS");
-  const std::string want = env ? env : "";
-  TORCH_CHECK(want.empty() || want == "256" || want == "512",
-              "NIT_CPU_ATTENTION_VECTOR_BITS must be 256 or 512, got '", want, "'");
 #if NIT_ATTENTION_AVX512
   static const bool has = __builtin_cpu_supports("avx512f");
-  TORCH_CHECK(want != "512" || has,
-              "NIT_CPU_ATTENTION_VECTOR_BITS=512 needs a CPU with AVX-512F, this one has none");
-  return want.empty() ? has : want == "512";
+  return cpu::choose_512_bits("NIT_CPU_ATTENTION_VECTOR_BITS", true, has, "AVX-512F");
 #else
-  TORCH_CHECK(want != "512", "NIT_CPU_ATTENTION_VECTOR_BITS=512: this build has no AVX-512 kernels");
-  return false;
+  return cpu::choose_512_bits("NIT_CPU_ATTENTION_VECTOR_BITS", false, false, "AVX-512F");
 #endif
 }
 

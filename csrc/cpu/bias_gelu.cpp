@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/isa.h"
 #include "cpu/rows.h"
 #include "cpu/vec.h"
 
@@ -180,18 +181,12 @@ NIT_F512 void bwd_row(const T* gr, const T* xr, const float* b, T* dxr, T* yr, f
 #endif
 
 bool use_avx512() {
-  const char* env = std::getenv("NIT_CPU_GELU_VECTOR_BITS");
-  const std::string want = env ? env : "";
-  TORCH_CHECK(want.empty() || want == "256" || want == "512",
-              "NIT_CPU_GELU_VECTOR_BITS must be 256 or 512, got '", want, "'");
 #if NIT_GELU_AVX512
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  TORCH_CHECK(want != "512" || has, "NIT_CPU_GELU_VECTOR_BITS=512 needs a CPU with AVX-512F/BW/VL/DQ, this one lacks them");
-  return want.empty() ? has : want == "512";
+  return cpu::choose_512_bits("NIT_CPU_GELU_VECTOR_BITS", true, has, "AVX-512F/BW/VL/DQ");
 #else
-  TORCH_CHECK(want != "512", "NIT_CPU_GELU_VECTOR_BITS=512: this build has no AVX-512 kernels");
-  return false;
+  return cpu::choose_512_bits("NIT_CPU_GELU_VECTOR_BITS", false, false, "AVX-512F/BW/VL/DQ");
 #endif
 }
 
