@@ -16,6 +16,10 @@ Peers of this package's kernels:
   flex          FlexAttention (torch.compile'd, dynamic=True) with a document mask built once per
                 pack in set-up (not timed), as a model shares it across its layers
   torch_varlen  torch.nn.attention.varlen.varlen_attn, where the installed torch has it
+
+Precision: fp32, and bf16 too where the device multiplies bf16 natively (harness.BothPrecisions);
+every provider of a row runs in the row's precision, and its speed-ups are over the reference of
+that precision. ``--dtype`` runs one precision only.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .harness import Prepared, ProviderSpec, Skip, describe_error, register
+from .harness import BothPrecisions, Prepared, ProviderSpec, Skip, describe_error, register
 from .opsuite import KernelSuite, OpCase, backend_provider
 
 # The padded baseline is skipped on CPU when one forward+backward would cost more than this many
@@ -188,7 +192,7 @@ def attention_in_dtype(q, k, v, lens, scale):
     return torch.cat(outs)
 
 
-class VarlenAttention(KernelSuite):
+class VarlenAttention(BothPrecisions, KernelSuite):
     op = "varlen_attention"
     description = "softmax(q k^T / sqrt(Dh)) v inside each image only; q, k, v [N, H, Dh], non-causal"
 

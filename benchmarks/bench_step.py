@@ -65,7 +65,7 @@ from nit_kernels import PackedSeqs, dispatch as backends
 from nit_kernels.dispatch import Call
 from nit_kernels.testing import _ATOL, assert_accuracy
 
-from .harness import Mismatch, Prepared, ProviderSpec, ProviderSuite, RunOptions, Skip, Workload, register
+from .harness import BothPrecisions, Mismatch, Prepared, ProviderSpec, ProviderSuite, RunOptions, Skip, Workload, register
 from .opsuite import pack_stats
 
 MODELS = ("tiny", "NiT-S", "NiT-XL")
@@ -285,7 +285,7 @@ def _provider(make: Callable, backend: Optional[str], auto: bool = False) -> Cal
 # ---------------------------------------------------------------------------------------------
 # the suite
 # ---------------------------------------------------------------------------------------------
-class StepSuite(ProviderSuite):
+class StepSuite(BothPrecisions, ProviderSuite):
     name = "step"
     description = ("NiT training step (objective, backward, clipping, AdamW, EMA) and guided sampling step "
                    "(one forward of a cond+uncond CFG pack); tokens/s")
@@ -302,21 +302,6 @@ class StepSuite(ProviderSuite):
                                      doc="NiTOfficialFormulation: per-token conditioning and RoPE tables, "
                                          "SDPA per image (the official formulation)"),
         }
-
-    @staticmethod
-    def precisions(opts: RunOptions) -> list:
-        """fp32, and bf16 where the first device multiplies bf16 natively; ``--dtype`` picks one."""
-        from nit_model.precision import default_precision
-
-        if opts.dtype is not None:
-            return [opts.dtype]
-        return ["fp32"] + (["bf16"] if default_precision(opts.devices[0]) == "bf16" else [])
-
-    def run(self, ctx):
-        # one pass of the harness per precision: speed-ups compare providers under the same policy
-        for p in self.precisions(ctx.opts):
-            opts = dataclasses.replace(ctx.opts, dtype=p)
-            yield from super().run(dataclasses.replace(ctx, opts=opts))
 
     def workloads(self, opts: RunOptions) -> list[Workload]:
         from nit_model.model_config import NiTConfig

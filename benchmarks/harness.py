@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "COLUMNS", "PASSES", "Skip", "Mismatch", "RunOptions", "Workload", "Prepared", "ProviderSpec",
+    "BothPrecisions", "COLUMNS", "PASSES", "Skip", "Mismatch", "RunOptions", "Workload", "Prepared", "ProviderSpec",
     "Suite", "ProviderSuite", "register", "load_suites", "SUITES", "SUITE_MODULES",
     "time_calls", "peak_memory", "copy_bandwidth", "machine_info", "load_average", "describe_error",
 ]
@@ -517,3 +517,23 @@ def _fill_speedups(rows: list[dict], reference: str, ours: dict):
             if peers:
                 best_ms, best = min(peers)
                 r["speedup_vs_best_peer"], r["best_peer"] = best_ms / r["median_ms"], best
+
+
+class BothPrecisions:
+    """Mixin for a ProviderSuite measured in fp32 and, where the first device multiplies bf16 natively
+    (``nit_model.precision.default_precision``: CPUs with AMX-BF16, CUDA devices with bf16), in bf16
+    too: one pass of the harness per precision, so speed-ups compare providers in the same precision.
+    ``--dtype`` runs one precision only."""
+
+    @staticmethod
+    def precisions(opts: RunOptions) -> list:
+        from nit_model.precision import default_precision
+
+        if opts.dtype is not None:
+            return [opts.dtype]
+        return ["fp32"] + (["bf16"] if default_precision(opts.devices[0]) == "bf16" else [])
+
+    def run(self, ctx):
+        for p in self.precisions(ctx.opts):
+            opts = dataclasses.replace(ctx.opts, dtype=p)
+            yield from super().run(dataclasses.replace(ctx, opts=opts))

@@ -65,6 +65,14 @@ def _save(fig, rows: list[dict], path: str) -> str:
     return path
 
 
+def _by_precision(ok: list[dict]) -> list[dict]:
+    """Rows of a suite measured in more than one precision, with the precision in the provider's name
+    (one bar per provider and precision); rows of a one-precision suite unchanged."""
+    if len({r.get("dtype") for r in ok}) > 1:
+        return [dict(r, provider=f"{r['provider']} {r.get('dtype', '')}") for r in ok]
+    return ok
+
+
 def plot_speedups(rows: list[dict], out_dir: str) -> list[str]:
     """One PNG per suite: bars of speed-up over the reference, per workload and provider, per pass."""
     import matplotlib
@@ -74,11 +82,12 @@ def plot_speedups(rows: list[dict], out_dir: str) -> list[str]:
 
     written = []
     for suite, srows in _suites(rows).items():
-        ok = [r for r in srows if r["status"] == "ok" and _f(r.get("speedup_vs_reference")) is not None]
+        ok = _by_precision([r for r in srows if r["status"] == "ok" and r["provider"] != "reference"
+                            and _f(r.get("speedup_vs_reference")) is not None])
         if not ok:
             continue
         workloads = list(OrderedDict.fromkeys(r["workload"] for r in ok))
-        providers = [p for p in OrderedDict.fromkeys(r["provider"] for r in ok) if p != "reference"]
+        providers = list(OrderedDict.fromkeys(r["provider"] for r in ok))
         if not providers:
             continue
         passes = _passes(srows)
@@ -127,8 +136,7 @@ def plot_throughput(rows: list[dict], out_dir: str, unit: str = "tokens/s") -> l
         ok = [r for r in srows if r["status"] == "ok" and r.get("unit") == unit and _f(r.get("throughput"))]
         if not ok:
             continue
-        if len({r.get("dtype") for r in ok}) > 1:  # one bar per provider and precision
-            ok = [dict(r, provider=f"{r['provider']} {r.get('dtype', '')}") for r in ok]
+        ok = _by_precision(ok)
         def parts(w):
             return tuple(w.split("/", 1)) if "/" in w else (w, "")
 
@@ -203,18 +211,20 @@ def _measured_table(srows: list[dict]) -> list[str]:
         return ["Nothing in this suite was measured in this run (see below for why)."]
     unit = ok[0].get("unit", "")
     mem_bound = unit == "GB/s"
-    head = ["workload", "provider", "fwd ms", "bwd ms", "fwd+bwd ms", f"fwd+bwd {unit}"]
+    precisions = len({r.get("dtype", "") for r in ok}) > 1
+    head = ["workload"] + (["precision"] if precisions else []) + ["provider", "fwd ms", "bwd ms", "fwd+bwd ms",
+                                                                   f"fwd+bwd {unit}"]
     head += ["% of copy"] if mem_bound else []
     head += ["x reference", "x best peer (which)", "peak MB"]
     if any(r.get("padding_waste") for r in ok):
         head.append("padding waste")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    keys = list(OrderedDict.fromkeys((r["workload"], r["provider"]) for r in ok))
-    for w, prov in keys:
-        by = {r["pass"]: r for r in ok if r["workload"] == w and r["provider"] == prov}
+    keys = list(OrderedDict.fromkeys((r["workload"], r.get("dtype", ""), r["provider"]) for r in ok))
+    for w, dt, prov in keys:
+        by = {r["pass"]: r for r in ok if r["workload"] == w and r.get("dtype", "") == dt and r["provider"] == prov}
         main = by.get("fwd+bwd") or by.get("fwd")
         tag = "" if "fwd+bwd" in by else " (fwd)"
-        cells = [w, prov] + [fnum(by[p]["median_ms"]) if p in by else "-" for p in PASSES]
+        cells = [w] + ([dt] if precisions else []) + [prov] + [fnum(by[p]["median_ms"]) if p in by else "-" for p in PASSES]
         cells.append(fnum(main.get("throughput"), ".4g") + tag)
         if mem_bound:
             frac = _f(main.get("frac_of_copy"))

@@ -344,6 +344,26 @@ def test_step_suite_rows(quick):
         assert all(r["status"] == "skipped" and "GPU only" in r["reason"] for r in xl)
 
 
+def test_attention_suite_runs_each_precision_the_cpu_multiplies(quick, tmp_path):
+    path, _, rows = quick
+    from nit_model.precision import default_precision
+    att = [r for r in rows if r["suite"] == "varlen_attention" and r["device"] == "cpu"]
+    want = {"float32"} | ({"bfloat16"} if default_precision("cpu") == "bf16" else set())
+    assert {r["dtype"] for r in att} == want
+    for dt in want:  # each precision's speed-ups are over the reference of the same precision
+        ref = [r for r in att if r["dtype"] == dt and r["provider"] == "reference" and r["status"] == "ok"]
+        assert ref and all(float(r["speedup_vs_reference"]) == 1.0 for r in ref)
+    assert plot.main(["--csv", str(path), "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "SUMMARY.md").read_text()
+    section = text.split("## varlen_attention")[1].split("\n## ")[0]
+    if len(want) > 1:  # one row per workload, precision and provider
+        assert "| workload | precision | provider |" in section
+        for dt in want:
+            assert f"| {dt} | cpu |" in section and f"| {dt} | reference |" in section
+    else:
+        assert "| workload | provider |" in section
+
+
 def test_wrong_step_provider_is_caught_and_not_timed():
     from benchmarks import bench_step
     from nit_model.model import NiT
