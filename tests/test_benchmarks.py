@@ -469,3 +469,12 @@ def test_runs_write_under_runs_unless_recorded(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--record"):
         _run_cli(args + ["--record"])
     assert committed.read_bytes() == before
+
+
+def test_precision_loss_windows_and_bad_window():
+    from benchmarks import precision_loss
+    rows = precision_loss.windows({"fp32": [2.0, 2.0, 1.0, 1.0, 9.0], "bf16": [2.2, 2.2, 1.0, 0.9, 9.0]}, 2)
+    assert [r[:2] for r in rows] == [(1, 2), (3, 4)]  # whole windows only
+    assert rows[0][2:] == pytest.approx((2.0, 2.2, 0.1)) and rows[1][2:] == pytest.approx((1.0, 0.95, -0.05))
+    with pytest.raises(SystemExit, match="--window must be between 1 and --steps"):
+        precision_loss.main(["--steps", "10", "--window", "20"])
