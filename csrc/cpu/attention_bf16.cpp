@@ -41,8 +41,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <exception>
 #include <string>
 
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -512,7 +514,7 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
   }
 }
 
-#else  // no x86-64 GCC build: attention_bf16_selected() is false, these are never called
+#else  // no x86-64 GCC build: attention_bf16_isa() is none, these are never called
 
 void attention_bf16_fwd_task(const Geometry&, const at::BFloat16*, const at::BFloat16*,
                              const at::BFloat16*, at::BFloat16*, float*, const Task&,
@@ -536,20 +538,67 @@ void attention_bf16_bwd_task(const Geometry&, const at::BFloat16*, const at::BFl
 namespace nit {
 
 // Outside the AVX-512 region: this runs on every CPU.
-bool attention_bf16_selected() {
+namespace {
+
+#if NIT_ATTENTION_BF16
+// Whether oneDNN's brgemm computes a bf16 product with B in the VNNI layout (it raises where
+// it has no kernel for the ISA it sees): a 16 x 16 x 2 product of ones.
+bool brgemm_runs_bf16() {
+  try {
+    bf a[16 * 2], b[2 * 16];
+    float c[16 * 16];
+    std::fill(a, a + 32, bf(1.f));
+    std::fill(b, b + 32, bf(1.f));
+    at::native::cpublas::brgemm(16, 16, 2, 2, 16, 16, false, a, b, c, true);
+    at::native::cpublas::brgemm_release(true);
+    return std::all_of(c, c + 256, [](float x) { return x == 2.f; });
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+#endif
+
+// The ISA oneDNN runs the bf16 tiles' GEMMs on here (at most the one ONEDNN_MAX_CPU_ISA allows).
+Bf16Isa detect_bf16_isa() {
+#if NIT_ATTENTION_BF16
+  if (at::native::cpublas::could_pack(at::kBFloat16)) return Bf16Isa::amx;
+  // AVX512-BF16 for the GEMMs and the conversions of this file, AVX-512BW/VL/DQ for the rest
+  const bool cpu = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (cpu && brgemm_runs_bf16()) return Bf16Isa::avx512_bf16;
+#endif
+  return Bf16Isa::none;
+}
+
+const char* isa_name(Bf16Isa isa) {
+  return isa == Bf16Isa::amx ? "amx" : isa == Bf16Isa::avx512_bf16 ? "avx512_bf16" : "fp32";
+}
+
+}  // namespace
+
+Bf16Isa attention_bf16_isa() {
+  static const Bf16Isa isa = detect_bf16_isa();
+  return isa;
+}
+
+Bf16Choice attention_bf16_choice() {
   const char* env = std::getenv("NIT_CPU_ATTENTION_ISA");
   const std::string want = env ? env : "";
-  TORCH_CHECK(want.empty() || want == "amx" || want == "fp32",
-              "NIT_CPU_ATTENTION_ISA must be amx or fp32, got '", want, "'");
-#if NIT_ATTENTION_BF16
-  static const bool has = at::native::cpublas::could_pack(at::kBFloat16);
-#else
-  static const bool has = false;
-#endif
-  TORCH_CHECK(want != "amx" || has,
-              "NIT_CPU_ATTENTION_ISA=amx needs a CPU (and kernel) with AMX-BF16 tiles and an "
-              "x86-64 GCC build; this one has none");
-  return want.empty() ? has : want == "amx";
+  TORCH_CHECK(want.empty() || want == "amx" || want == "avx512_bf16" || want == "fp32",
+              "NIT_CPU_ATTENTION_ISA must be amx, avx512_bf16 or fp32, got '", want, "'");
+  const Bf16Isa has = attention_bf16_isa();
+  Bf16Choice c;
+  if (want.empty()) {
+    c.isa = has;
+  } else if (want != "fp32") {
+    TORCH_CHECK(want == isa_name(has), "NIT_CPU_ATTENTION_ISA=", want,
+                " needs oneDNN's brgemm to run bf16 on ", want == "amx" ? "AMX-BF16 tiles" : "AVX512-BF16 without AMX",
+                " (an x86-64 GCC build; ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 set before the first oneDNN call "
+                "keeps it off AMX); here it runs bf16 on: ", isa_name(has));
+    c.isa = has;
+    c.every_image = true;
+  }
+  return c;
 }
 
 }  // namespace nit
