@@ -21,8 +21,10 @@
 // each [K/2][width][2] (pairs of consecutive k interleaved); pack_rows / pack_cols write it
 // straight from the strided [tokens, heads, dim] rows, with zeros in the padding.
 //
-// Chosen at run time: AMX-BF16 where cpublas::could_pack says oneDNN can use it, else the fp32
-// tiles; NIT_CPU_ATTENTION_ISA=amx|fp32 forces one. Results are
+// Chosen at run time, image by image (attention_bf16.h): AMX-BF16 where cpublas::could_pack says
+// oneDNN can use it, for images of at least kBf16MinTokens*, else the fp32 tiles; where oneDNN
+// runs bf16 with AVX512-BF16 but not AMX these tiles run only when forced (slower than the fp32
+// tiles there); NIT_CPU_ATTENTION_ISA=amx|avx512_bf16|fp32 forces one path. Results are
 // deterministic for any thread count, as on the fp32 path.
 //
 // fp16 stays on the fp32 tiles: on a CPU with AVX512-FP16 but no AMX-FP16 (Sapphire Rapids),
@@ -589,7 +591,8 @@ Bf16Choice attention_bf16_choice() {
   const Bf16Isa has = attention_bf16_isa();
   Bf16Choice c;
   if (want.empty()) {
-    c.isa = has;
+    // AVX512-BF16 only when forced: slower than the fp32 tiles (attention_bf16.h)
+    c.isa = has == Bf16Isa::amx ? has : Bf16Isa::none;
   } else if (want != "fp32") {
     TORCH_CHECK(want == isa_name(has), "NIT_CPU_ATTENTION_ISA=", want,
                 " needs oneDNN's brgemm to run bf16 on ", want == "amx" ? "AMX-BF16 tiles" : "AVX512-BF16 without AMX",

@@ -16,23 +16,40 @@ namespace nit {
 // The ISA of the bf16 tiles' GEMMs: oneDNN's brgemm (through ATen) picks its kernels for the
 // ISA it sees, AMX-BF16 tiles or AVX512-BF16 (vdpbf16ps) where AMX is absent or hidden by
 // ONEDNN_MAX_CPU_ISA; none: no bf16 tiles (bf16 runs on the fp32 tiles).
+//
+// Without AMX: cpublas::could_pack(kBFloat16) asks for oneDNN's AMX ISA and is false, but
+// cpublas::brgemm still runs bf16 with B in the same VNNI layout ([K/2][N][2]) through oneDNN's
+// avx512_core_bf16 kernels (ATen only needs the ISA to be at least avx512_core), which is what
+// the probe of attention_bf16_isa() checks. Under ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on a Xeon
+// with AMX (oneDNN then reports "AVX-512 with Intel DL Boost and bfloat16 support") the bf16 tiles
+// pass the accuracy tests, but were slower than the fp32 tiles at every image length (one
+// thread, packs of about 2,048 tokens of 16 to 1,024-token images, NiT-S and NiT-XL heads):
+// forward 0.67-0.89x, backward 0.43-0.80x. The cause is the instruction, not the kernels: on that
+// core vdpbf16ps zmm (64 flops) issues at a quarter of the rate of vfmadd231ps zmm (32 flops), 113-118
+// against 224-238 GFLOP/s per core in a register-only loop, and torch's bf16 matmul under the same
+// ISA ran at 107-114 GFLOP/s against 170-230 for fp32 (2,048 x 64..2,048 x 2,048 shapes). A
+// hand-written vdpbf16ps kernel cannot beat the fp32 tiles there either, so avx512_bf16 runs only
+// when forced (for tests and for measuring CPUs whose vdpbf16ps is faster relative to FMA;
+// none was measured); unforced, bf16 stays on the fp32 tiles where AMX is absent.
 enum class Bf16Isa { none, avx512_bf16, amx };
 Bf16Isa attention_bf16_isa();  // detected once
 
 // Shortest image (query and key tokens) that the bf16 tiles take by default, forward and
 // backward, per ISA; shorter images run on the fp32 tiles, which were faster there (the bf16
 // tiles pay per task for packing K and V, for padding keys and query rows to 32 and for a
-// brgemm kernel per shape). Measured on a Xeon with AMX (bf16 tiles / fp32 tiles, time per
-// pack of about 2,048 tokens, one thread, NiT-S and NiT-XL heads): forward 0.67-0.70 at 16
-// tokens, 0.97-0.99 at 24, 1.11 at 28, 1.12-1.19 at 32; backward 0.83-0.96 at 24, 1.04-1.44
-// at 32, 0.94-1.16 at 40, 1.02-1.16 at 44, 1.07-1.43 at 48, 1.35-1.72 at 64.
+// brgemm kernel per shape). Measured on a Xeon with AMX (speed of the bf16 tiles over the fp32
+// tiles on packs of about 2,048 tokens of equal images, CPU time of one thread on a machine
+// shared with other work, NiT-S and NiT-XL heads; python -m benchmarks.attention_ratios --sweep):
+// forward 0.67-0.70x at 16 tokens, 0.97-0.99x at 24, 1.11x at 28, 1.12-1.19x at 32; backward
+// 0.83-0.96x at 24, 1.04-1.44x at 32, 0.94-1.16x at 40, 1.02x at 44 (NiT-XL), 1.07-1.43x at
+// 48, 1.35-1.72x at 64.
 constexpr int64_t kBf16MinTokensFwd = 32;
 constexpr int64_t kBf16MinTokensBwd = 48;
 
 // Which images of a bf16 call run on the bf16 tiles; the others on the fp32 tiles. The
 // environment variable NIT_CPU_ATTENTION_ISA (read at each call) forces a path for every image:
 // amx or avx512_bf16 (raises unless that is the ISA detected here) or fp32; unset, the images
-// with at least kBf16MinTokens* query and key tokens take the bf16 tiles where an ISA is found.
+// with at least kBf16MinTokens* query and key tokens take the bf16 tiles where the ISA is amx.
 // A rule of the shapes alone: results do not depend on the thread count.
 struct Bf16Choice {
   Bf16Isa isa = Bf16Isa::none;
