@@ -29,10 +29,15 @@ CPU = dispatch.get("cpu")
 pytestmark = pytest.mark.skipif(not CPU.implements("varlen_attention"),
                                 reason=f"cpu backend has no varlen_attention: {CPU.load_error()}")
 ENV_ISA = "NIT_CPU_ATTENTION_ISA"
-ISAS = ["amx", "avx512_bf16", "fp32"]
-# attention_bf16.h: unforced, an image takes the bf16 tiles when its query and key counts are both
-# at least this (forward, backward)
-MIN_TOKENS_FWD, MIN_TOKENS_BWD = 32, 48
+# "default": unforced, each image on the path its length gets (a pack mixes both paths, and an image
+# can run its forward on one and its backward on the other)
+ISAS = ["amx", "avx512_bf16", "fp32", "default"]
+
+
+def _min_tokens(backward, head_dim):
+    """attention_bf16.h: unforced, an image takes the bf16 tiles when its query and key counts are both
+    at least this."""
+    return (32 if head_dim <= 64 else 48) if backward else 32
 
 
 def _cpu_flags():
@@ -64,6 +69,9 @@ def _runs(isa):
 
 
 def _use(isa, monkeypatch):
+    if isa == "default":
+        monkeypatch.delenv(ENV_ISA, raising=False)
+        return
     if not _runs(isa):
         pytest.skip(f"oneDNN does not run bf16 on {isa} in this process")
     monkeypatch.setenv(ENV_ISA, isa)
@@ -225,13 +233,14 @@ def _per_image(outs, cu):
     return [[t[a:b] if t.shape[0] == n else t[:, a:b] for t in outs] for a, b in zip(cu[:-1], cu[1:])]
 
 
-def test_default_takes_the_bf16_tiles_for_long_images_only(monkeypatch):
-    """Unforced, an image of >= MIN_TOKENS_FWD (backward: MIN_TOKENS_BWD) tokens runs on the bf16 tiles
-    of the ISA found here and a shorter one on the fp32 tiles: the images of one pack give bit for bit
-    what the forced paths give them (each image is computed by its own tasks)."""
-    lq = [16, 64, 40, 31, 48, 1]
+@pytest.mark.parametrize("head_dim", [64, 72])
+def test_default_takes_the_bf16_tiles_for_long_images_only(head_dim, monkeypatch):
+    """Unforced, an image of at least _min_tokens tokens runs on the bf16 tiles (amx) and a shorter one
+    on the fp32 tiles: the images of one pack give bit for bit what the forced paths give them (each
+    image is computed by its own tasks)."""
+    lq = [16, 64, 40, 31, 48, 32, 47, 1]
     isa = _default_isa()
-    q, k, v, do = (t.bfloat16() for t in _inputs(lq, lq, 2, 2, 72, 72, 1))
+    q, k, v, do = (t.bfloat16() for t in _inputs(lq, lq, 2, 2, head_dim, head_dim, 1))
     cu = _cu(lq)
     fwd = {}
     for setting in (None, isa, "fp32"):
@@ -248,7 +257,8 @@ def test_default_takes_the_bf16_tiles_for_long_images_only(monkeypatch):
         else:
             monkeypatch.setenv(ENV_ISA, setting)
         bwd[setting] = torch.ops.nit.varlen_attention_bwd(do, q, k, v, out, lse, cu, cu, 64, 64, 0.125, False)
-    for pass_, res, least in (("forward", fwd, MIN_TOKENS_FWD), ("backward", bwd, MIN_TOKENS_BWD)):
+    for pass_, res, least in (("forward", fwd, _min_tokens(False, head_dim)),
+                              ("backward", bwd, _min_tokens(True, head_dim))):
         got, tiles, fp32 = (_per_image(res[s], cu) for s in (None, isa, "fp32"))
         for i, n in enumerate(lq):
             want = tiles[i] if n >= least and isa != "fp32" else fp32[i]

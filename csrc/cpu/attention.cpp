@@ -21,11 +21,12 @@
 // (AVX2 under the default -march=x86-64-v3) and, with GCC on x86-64, with 512-bit vectors
 // under `#pragma GCC target("avx512f")`; the wider one runs where the CPU has AVX-512F.
 // NIT_CPU_ATTENTION_VECTOR_BITS=256|512 overrides the choice (for tests and measurements).
-// bf16 inputs run on bf16 tiles instead where oneDNN's brgemm runs bf16 on AMX-BF16 or
-// AVX512-BF16 (attention_bf16.cpp: the same tasks, with bf16 GEMMs through ATen's brgemm), image
-// by image: images shorter than kBf16MinTokens* (attention_bf16.h) stay on these tiles, which
-// are faster there. NIT_CPU_ATTENTION_ISA=amx|avx512_bf16|fp32 forces one path for every image
-// (fp32: these tiles, as for fp16 and fp32 inputs).
+// bf16 inputs run on bf16 tiles instead where oneDNN's brgemm runs bf16 on AMX-BF16
+// (attention_bf16.cpp: the same tasks, with bf16 GEMMs through ATen's brgemm), image by image:
+// images shorter than kBf16MinTokens* (attention_bf16.h) stay on these tiles, which are faster
+// there. NIT_CPU_ATTENTION_ISA=amx|avx512_bf16|fp32 forces one path for every image (fp32: these
+// tiles, as for fp16 and fp32 inputs; avx512_bf16: the bf16 tiles where oneDNN runs bf16 with
+// AVX512-BF16 but not AMX, slower than these tiles, hence never chosen unforced).
 //
 // Non-finite input flows as through softmax(q k^T) v: a NaN score, or a row whose visible scores
 // are all -inf, makes the row NaN (out and lse), and the backward spreads it through the saved
@@ -166,7 +167,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
   std::vector<char> on_bf16(g.B, 0);
   if (q.scalar_type() == at::kBFloat16) {
     const Bf16Choice choice = attention_bf16_choice();
-    for (int64_t b = 0; b < g.B; ++b) on_bf16[b] = choice.takes(g.cq[b + 1] - g.cq[b], g.ck[b + 1] - g.ck[b], false);
+    for (int64_t b = 0; b < g.B; ++b) {
+      on_bf16[b] = choice.takes(g.cq[b + 1] - g.cq[b], g.ck[b + 1] - g.ck[b], g.D, g.Dv, false);
+    }
   }
   std::vector<Task> tasks;
   for (int64_t b = 0; b < g.B; ++b) {
@@ -219,7 +222,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   std::vector<char> on_bf16(g.B, 0);
   if (q.scalar_type() == at::kBFloat16) {
     const Bf16Choice choice = attention_bf16_choice();
-    for (int64_t b = 0; b < g.B; ++b) on_bf16[b] = choice.takes(g.cq[b + 1] - g.cq[b], g.ck[b + 1] - g.ck[b], true);
+    for (int64_t b = 0; b < g.B; ++b) {
+      on_bf16[b] = choice.takes(g.cq[b + 1] - g.cq[b], g.ck[b + 1] - g.ck[b], g.D, g.Dv, true);
+    }
   }
   std::vector<Task> tasks;
   std::vector<std::pair<int64_t, int64_t>> split;  // images with more than one chunk, and their count

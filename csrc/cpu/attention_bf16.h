@@ -34,16 +34,20 @@ namespace nit {
 enum class Bf16Isa { none, avx512_bf16, amx };
 Bf16Isa attention_bf16_isa();  // detected once
 
-// Shortest image (query and key tokens) that the bf16 tiles take by default, forward and
-// backward, per ISA; shorter images run on the fp32 tiles, which were faster there (the bf16
-// tiles pay per task for packing K and V, for padding keys and query rows to 32 and for a
-// brgemm kernel per shape). Measured on a Xeon with AMX (speed of the bf16 tiles over the fp32
-// tiles on packs of about 2,048 tokens of equal images, CPU time of one thread on a machine
-// shared with other work, NiT-S and NiT-XL heads; python -m benchmarks.attention_ratios --sweep):
-// forward 0.67-0.70x at 16 tokens, 0.97-0.99x at 24, 1.11x at 28, 1.12-1.19x at 32; backward
-// 0.83-0.96x at 24, 1.04-1.44x at 32, 0.94-1.16x at 40, 1.02x at 44 (NiT-XL), 1.07-1.43x at
-// 48, 1.35-1.72x at 64.
+// Shortest image (query and key tokens) that the bf16 tiles take by default: forward; backward
+// with head dims (of q and v) up to 64; backward with a larger head dim. Shorter images run on the
+// fp32 tiles, which were as fast or faster there (the bf16 tiles pay per task for packing K and
+// V, for padding keys and query rows to 32, and for a brgemm kernel per shape). Measured on a
+// Xeon with AMX: speed of the bf16 tiles over the fp32 tiles on packs of about 2,048 tokens of
+// equal images, CPU time of one thread, on a machine shared with other work (two runs, CPU
+// pressure 50-70% and 85-100%; python -m benchmarks.attention_ratios --sweep), NiT-S heads
+// (head dim 64) / NiT-XL heads (72):
+//   tokens    16         24         28         32         40         44      48         64
+//   forward   0.64/0.67  0.98/0.97  1.08/1.03  1.16/1.12  1.17/1.19  -       1.40/1.17  1.56/1.52
+//   backward  0.80/0.79  0.96/0.83  1.09/0.91  1.43/1.04  1.16/0.94  -/1.02  1.43/1.07  1.72/1.35
+// (the lower of the two runs where both measured a shape).
 constexpr int64_t kBf16MinTokensFwd = 32;
+constexpr int64_t kBf16MinTokensBwd64 = 32;
 constexpr int64_t kBf16MinTokensBwd = 48;
 
 // Which images of a bf16 call run on the bf16 tiles; the others on the fp32 tiles. The
@@ -54,9 +58,12 @@ constexpr int64_t kBf16MinTokensBwd = 48;
 struct Bf16Choice {
   Bf16Isa isa = Bf16Isa::none;
   bool every_image = false;  // forced
-  bool takes(int64_t sq, int64_t sk, bool backward) const {
+  // an image of sq queries and sk keys, head dims d (q, k) and dv (v)
+  bool takes(int64_t sq, int64_t sk, int64_t d, int64_t dv, bool backward) const {
     if (isa == Bf16Isa::none) return false;
-    return every_image || std::min(sq, sk) >= (backward ? kBf16MinTokensBwd : kBf16MinTokensFwd);
+    const int64_t least = !backward ? kBf16MinTokensFwd
+                          : std::max(d, dv) <= 64 ? kBf16MinTokensBwd64 : kBf16MinTokensBwd;
+    return every_image || std::min(sq, sk) >= least;
   }
 };
 Bf16Choice attention_bf16_choice();
