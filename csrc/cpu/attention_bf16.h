@@ -25,12 +25,15 @@ namespace nit {
 // pass the accuracy tests, but were slower than the fp32 tiles at every image length (one
 // thread, packs of about 2,048 tokens of 16 to 1,024-token images, NiT-S and NiT-XL heads):
 // forward 0.67-0.89x, backward 0.43-0.80x. The cause is the instruction, not the kernels: on that
-// core vdpbf16ps zmm (64 flops) issues at a quarter of the rate of vfmadd231ps zmm (32 flops), 113-118
-// against 224-238 GFLOP/s per core in a register-only loop, and torch's bf16 matmul under the same
-// ISA ran at 107-114 GFLOP/s against 170-230 for fp32 (2,048 x 64..2,048 x 2,048 shapes). A
-// hand-written vdpbf16ps kernel cannot beat the fp32 tiles there either, so avx512_bf16 runs only
-// when forced (for tests and for measuring CPUs whose vdpbf16ps is faster relative to FMA;
-// none was measured); unforced, bf16 stays on the fp32 tiles where AMX is absent.
+// core vdpbf16ps zmm (64 flops) issues at a quarter of the rate of vfmadd231ps zmm (32 flops),
+// 113-118 against 224-238 GFLOP/s per core in a register-only loop with 12 or 24 independent
+// accumulators, and torch's bf16 matmul under the same ISA ran at 107-114 GFLOP/s, one thread,
+// where fp32 ran at 171-228 (M x K x N = 2,048 x 2,048 x 64, 2,048 x 72 x 2,048,
+// 2,048 x 2,048 x 80) and 66 (2,048 x 64 x 2,048); with AMX, bf16 ran at 547-1,089. With a
+// peak of half the fp32 FMA rate, a hand-written vdpbf16ps kernel is not expected to beat the
+// fp32 tiles there either (not tried). So avx512_bf16 runs only when forced (for tests, and for
+// measuring CPUs whose vdpbf16ps is faster relative to FMA; none was measured); unforced, bf16
+// stays on the fp32 tiles where AMX is absent.
 enum class Bf16Isa { none, avx512_bf16, amx };
 Bf16Isa attention_bf16_isa();  // detected once
 
@@ -39,13 +42,15 @@ Bf16Isa attention_bf16_isa();  // detected once
 // fp32 tiles, which were as fast or faster there (the bf16 tiles pay per task for packing K and
 // V, for padding keys and query rows to 32, and for a brgemm kernel per shape). Measured on a
 // Xeon with AMX: speed of the bf16 tiles over the fp32 tiles on packs of about 2,048 tokens of
-// equal images, CPU time of one thread, on a machine shared with other work (two runs, CPU
-// pressure 50-70% and 85-100%; python -m benchmarks.attention_ratios --sweep), NiT-S heads
-// (head dim 64) / NiT-XL heads (72):
-//   tokens    16         24         28         32         40         44      48         64
-//   forward   0.64/0.67  0.98/0.97  1.08/1.03  1.16/1.12  1.17/1.19  -       1.40/1.17  1.56/1.52
-//   backward  0.80/0.79  0.96/0.83  1.09/0.91  1.43/1.04  1.16/0.94  -/1.02  1.43/1.07  1.72/1.35
-// (the lower of the two runs where both measured a shape).
+// equal images, CPU time of one thread, on a machine shared with other work (three runs, CPU
+// pressure 5-60%, 50-70% and 85-100%; python -m benchmarks.attention_ratios --sweep), NiT-S heads
+// (head dim 64) / NiT-XL heads (72), the lowest of the runs that measured a shape (44 tokens: one
+// run, NiT-XL backward two):
+//   tokens    16         24         28         32         40         44         48         64
+//   forward   0.63/0.67  0.98/0.95  1.05/1.03  1.16/1.12  1.17/1.19  1.33/1.27  1.40/1.17  1.56/1.52
+//   backward  0.76/0.75  0.96/0.83  1.09/0.91  1.43/1.04  1.16/0.94  1.22/1.02  1.38/1.07  1.72/1.35
+// The NiT-XL backward at 32-44 tokens was 1.04-1.26x in the two calmer runs but 0.94x at 40 in the
+// busiest: 48 above head dim 64 keeps a margin.
 constexpr int64_t kBf16MinTokensFwd = 32;
 constexpr int64_t kBf16MinTokensBwd64 = 32;
 constexpr int64_t kBf16MinTokensBwd = 48;
