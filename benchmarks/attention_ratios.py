@@ -167,6 +167,14 @@ def _detected_tiles():
 
 
 def sweep(lengths, tokens, rounds, calls, pressure_limit):
+    old = os.environ.get(ENV_ISA)
+    try:
+        _sweep(lengths, tokens, rounds, calls, pressure_limit)
+    finally:
+        os.environ.pop(ENV_ISA, None) if old is None else os.environ.__setitem__(ENV_ISA, old)
+
+
+def _sweep(lengths, tokens, rounds, calls, pressure_limit):
     from nit_kernels.backends import cpu  # noqa: F401  (loads the extension: torch.ops.nit)
     tiles = _detected_tiles()
     settings = {"default": None, "tiles": tiles, "fp32 tiles": "fp32"}
@@ -203,7 +211,6 @@ def sweep(lengths, tokens, rounds, calls, pressure_limit):
                     p0 = cpu_pressure()
                     row = {name: statistics.median(once(s) for _ in range(calls)) for name, s in settings.items()}
                     rows.append((row, max(p0, cpu_pressure())))
-                os.environ.pop(ENV_ISA, None)
                 use = [r for r, p in rows if p <= pressure_limit] or [r for r, _ in rows]
                 ps = [p for _, p in rows]
                 kept = f"{len(use)}/{rounds}" + ("" if any(p <= pressure_limit for p in ps) else " (all above the limit: kept)")
