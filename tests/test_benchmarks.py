@@ -247,6 +247,19 @@ def test_attention_ratios_smoke(capsys):
     assert all(len(r.split(" | ")) == 3 + 4 + 3 + 2 for r in rows), out
 
 
+def test_attention_ratios_sweep_smoke(capsys, monkeypatch):
+    from benchmarks import attention_ratios
+
+    monkeypatch.setenv(attention_ratios.ENV_ISA, "fp32")
+    attention_ratios.main(["--sweep", "16,40", "--sweep-tokens", "80", "--rounds", "1", "--calls", "1"])
+    assert os.environ[attention_ratios.ENV_ISA] == "fp32", "the sweep did not restore the ISA setting"
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("NiT-")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [(m, p, s) for m in ("NiT-S", "NiT-XL") for p in ("fwd", "bwd")
+                                                  for s in ("5 x 16", "2 x 40")], out
+    assert all(float(x) > 0 for r in rows for x in r[3:-2]), out
+
+
 def test_compiled_providers_run_with_compile(tmp_path):
     path = tmp_path / "compiled.csv"
     rc = _run_cli(["--quick", "--compile", "--filter", "(gated_residual|varlen_attention)/fixed",

@@ -1,14 +1,21 @@
 """bf16 CPU varlen attention on each path the kernel can take (NIT_CPU_ATTENTION_ISA).
 
-"amx": bf16 tiles on the matrix units (csrc/cpu/attention_bf16.cpp), runs where the CPU has
-AMX-BF16; "fp32": the fp32 tiles, which every CPU runs. Each path is judged against the float64
-reference by the accuracy rule of nit_kernels.testing (error <= 2x that of the reference run in
-bf16 + a small atol), forward and gradients, on the shapes that stress the tiling (odd head_dim,
-dv != d, grouped-query heads, cross lengths, causal rows without keys, images split across
-backward tasks); NaN and inf propagate as through the reference; huge softmax scales keep finite
-gradients; results do not depend on the thread count.
+"amx" and "avx512_bf16": bf16 tiles (csrc/cpu/attention_bf16.cpp) whose GEMMs oneDNN's brgemm runs
+on AMX-BF16 tiles or, where AMX is absent, with AVX512-BF16 (vdpbf16ps); a process runs the one
+oneDNN detects, so the avx512_bf16 tests run on an AMX CPU in a child process started with
+ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16. "fp32": the fp32 tiles, which every CPU runs. Each path is
+judged against the float64 reference by the accuracy rule of nit_kernels.testing (error <= 2x that
+of the reference run in bf16 + a small atol), forward and gradients, on the shapes that stress the
+tiling (odd head_dim, dv != d, grouped-query heads, cross lengths, causal rows without keys, images
+split across backward tasks); NaN and inf propagate as through the reference; huge softmax scales
+keep finite gradients; results do not depend on the thread count. Unforced, each image takes the
+bf16 tiles or the fp32 tiles by its length, as csrc/cpu/attention_bf16.h documents.
 """
 import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +29,15 @@ CPU = dispatch.get("cpu")
 pytestmark = pytest.mark.skipif(not CPU.implements("varlen_attention"),
                                 reason=f"cpu backend has no varlen_attention: {CPU.load_error()}")
 ENV_ISA = "NIT_CPU_ATTENTION_ISA"
-ISAS = ["amx", "fp32"]
+# "default": unforced, each image on the path its length gets (a pack mixes both paths, and an image
+# can run its forward on one and its backward on the other)
+ISAS = ["amx", "avx512_bf16", "fp32", "default"]
+
+
+def _min_tokens(backward, head_dim):
+    """attention_bf16.h: unforced, an image takes the bf16 tiles when its query and key counts are both
+    at least this."""
+    return (32 if head_dim <= 64 else 48) if backward else 32
 
 
 def _cpu_flags():
@@ -36,10 +51,36 @@ def _cpu_flags():
     return set()
 
 
+def _runs(isa):
+    """Whether this process can force `isa` (the bf16 tiles run on the ISA oneDNN detects)."""
+    before = os.environ.get(ENV_ISA)
+    os.environ[ENV_ISA] = isa
+    try:
+        t = torch.zeros(2, 1, 8, dtype=torch.bfloat16)
+        cu = torch.tensor([0, 2], dtype=torch.int32)
+        torch.ops.nit.varlen_attention_fwd(t, t, t, cu, cu, 2, 2, 1.0, False)
+        return True
+    except RuntimeError as e:
+        if "needs oneDNN's brgemm" not in str(e):
+            raise
+        return False
+    finally:
+        os.environ.pop(ENV_ISA) if before is None else os.environ.__setitem__(ENV_ISA, before)
+
+
 def _use(isa, monkeypatch):
-    if isa == "amx" and "amx_bf16" not in _cpu_flags():
-        pytest.skip("the CPU has no AMX-BF16")
+    if isa == "default":
+        monkeypatch.delenv(ENV_ISA, raising=False)
+        return
+    if not _runs(isa):
+        pytest.skip(f"oneDNN does not run bf16 on {isa} in this process")
     monkeypatch.setenv(ENV_ISA, isa)
+
+
+def _default_isa():
+    """The path long bf16 images take unforced: amx where oneDNN runs it, else fp32 (avx512_bf16 is
+    slower than the fp32 tiles, csrc/cpu/attention_bf16.h: it runs only when forced)."""
+    return "amx" if _runs("amx") else "fp32"
 
 
 @contextlib.contextmanager
@@ -186,41 +227,94 @@ def test_bf16_thread_count_does_not_change_results(isa, monkeypatch):
         assert torch.equal(a, b), f"{name} differs between 1 and 2 threads: {(a.float() - b.float()).abs().max()}"
 
 
-def test_amx_is_the_default_where_the_cpu_has_it(monkeypatch):
-    if "amx_bf16" not in _cpu_flags():
-        pytest.skip("the CPU has no AMX-BF16")
-    lq = [40, 90]
-    args = [t.bfloat16() for t in _inputs(lq, lq, 2, 2, 64, 64, 1)] + [_cu(lq), _cu(lq), 0.125, False]
-    monkeypatch.delenv(ENV_ISA, raising=False)
-    default = _run(*args)
-    monkeypatch.setenv(ENV_ISA, "amx")
-    amx = _run(*args)
-    monkeypatch.setenv(ENV_ISA, "fp32")
-    fp32 = _run(*args)
-    assert all(torch.equal(a, b) for a, b in zip(default, amx)), "the default is not the AMX path"
-    assert not all(torch.equal(a, b) for a, b in zip(default, fp32)), "AMX and fp32 paths gave identical bits"
+def _per_image(outs, cu):
+    """Split tensors [N, ...] (and lse [H, N]) of a pack into their images."""
+    cu, n = cu.tolist(), cu[-1].item()
+    return [[t[a:b] if t.shape[0] == n else t[:, a:b] for t in outs] for a, b in zip(cu[:-1], cu[1:])]
+
+
+@pytest.mark.parametrize("head_dim", [64, 72])
+def test_default_takes_the_bf16_tiles_for_long_images_only(head_dim, monkeypatch):
+    """Unforced, an image of at least _min_tokens tokens runs on the bf16 tiles (amx) and a shorter one
+    on the fp32 tiles: the images of one pack give bit for bit what the forced paths give them (each
+    image is computed by its own tasks)."""
+    lq = [16, 64, 40, 31, 48, 32, 47, 1]
+    isa = _default_isa()
+    q, k, v, do = (t.bfloat16() for t in _inputs(lq, lq, 2, 2, head_dim, head_dim, 1))
+    cu = _cu(lq)
+    fwd = {}
+    for setting in (None, isa, "fp32"):
+        if setting is None:
+            monkeypatch.delenv(ENV_ISA, raising=False)
+        else:
+            monkeypatch.setenv(ENV_ISA, setting)
+        fwd[setting] = torch.ops.nit.varlen_attention_fwd(q, k, v, cu, cu, 64, 64, 0.125, False)
+    out, lse = fwd["fp32"]  # one forward's results for every backward
+    bwd = {}
+    for setting in (None, isa, "fp32"):
+        if setting is None:
+            monkeypatch.delenv(ENV_ISA, raising=False)
+        else:
+            monkeypatch.setenv(ENV_ISA, setting)
+        bwd[setting] = torch.ops.nit.varlen_attention_bwd(do, q, k, v, out, lse, cu, cu, 64, 64, 0.125, False)
+    for pass_, res, least in (("forward", fwd, _min_tokens(False, head_dim)),
+                              ("backward", bwd, _min_tokens(True, head_dim))):
+        got, tiles, fp32 = (_per_image(res[s], cu) for s in (None, isa, "fp32"))
+        for i, n in enumerate(lq):
+            want = tiles[i] if n >= least and isa != "fp32" else fp32[i]
+            path = isa if n >= least else "fp32"
+            assert all(torch.equal(a, b) for a, b in zip(got[i], want)), \
+                f"{pass_}: the {n}-token image did not run on the {path} path"
+            if isa != "fp32" and n > 1:  # the two paths are told apart by their bits
+                assert not all(torch.equal(a, b) for a, b in zip(tiles[i], fp32[i])), \
+                    f"{pass_}: {isa} and fp32 paths gave identical bits on the {n}-token image"
+
+
+def test_emulated_cpu_without_amx_runs_the_avx512_bf16_path():
+    """On a CPU with AMX-BF16 and AVX512-BF16, a child process with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16
+    (oneDNN then ignores AMX) detects avx512_bf16, passes this module's avx512_bf16 tests and runs
+    every image on the fp32 tiles unforced."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        pytest.skip("this process already runs under ONEDNN_MAX_CPU_ISA")
+    if not ({"avx512_bf16", "avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags()):
+        pytest.skip("the CPU has no AVX512-BF16")
+    if not _runs("amx"):
+        pytest.skip("the avx512_bf16 tests ran in this process")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16")
+    env.pop(ENV_ISA, None)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "(avx512_bf16 or default_takes) and not emulated"], env=env, capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent, timeout=1800)
+    tail = (r.stdout + r.stderr)[-3000:]
+    assert r.returncode == 0, tail
+    assert " passed" in tail and "skipped" not in tail.splitlines()[-1], tail
 
 
 def test_isa_setting_is_checked(monkeypatch):
     lq = [4]
     args = [t.bfloat16() for t in _inputs(lq, lq, 1, 1, 8, 8, 0)] + [_cu(lq), _cu(lq), 0.3, False]
     monkeypatch.setenv(ENV_ISA, "sse")
-    with pytest.raises(RuntimeError, match="NIT_CPU_ATTENTION_ISA must be amx or fp32, got 'sse'"):
+    with pytest.raises(RuntimeError, match="NIT_CPU_ATTENTION_ISA must be amx, avx512_bf16 or fp32, got 'sse'"):
         _run(*args)
-    if "amx_bf16" not in _cpu_flags():
-        monkeypatch.setenv(ENV_ISA, "amx")
-        with pytest.raises(RuntimeError, match="needs a CPU"):
+    # at most one of the two bf16 ISAs runs in a process: the other one is refused
+    refused = [isa for isa in ("amx", "avx512_bf16") if not _runs(isa)]
+    assert refused
+    for isa in refused:
+        monkeypatch.setenv(ENV_ISA, isa)
+        with pytest.raises(RuntimeError, match=f"NIT_CPU_ATTENTION_ISA={isa} needs oneDNN's brgemm"):
             _run(*args)
 
 
 def test_other_dtypes_ignore_the_isa_setting(monkeypatch):
-    # fp32 and fp16 inputs always run the fp32 tiles: forcing amx must not change their bits
+    # fp32 and fp16 inputs always run the fp32 tiles: forcing a bf16 ISA must not change their bits
     lq = [30, 50]
     base = _inputs(lq, lq, 2, 2, 32, 32, 4)
+    isa = _default_isa()
+    if isa == "fp32":
+        pytest.skip("no bf16 tiles here")
     for dtype in (torch.float32, torch.float16):
         args = [t.to(dtype) for t in base] + [_cu(lq), _cu(lq), 0.2, True]
         monkeypatch.setenv(ENV_ISA, "fp32")
         ref = _run(*args)
-        if "amx_bf16" in _cpu_flags():
-            monkeypatch.setenv(ENV_ISA, "amx")
-            assert all(torch.equal(a, b) for a, b in zip(ref, _run(*args))), dtype
+        monkeypatch.setenv(ENV_ISA, isa)
+        assert all(torch.equal(a, b) for a, b in zip(ref, _run(*args))), dtype

@@ -21,9 +21,12 @@
 // (AVX2 under the default -march=x86-64-v3) and, with GCC on x86-64, with 512-bit vectors
 // under `#pragma GCC target("avx512f")`; the wider one runs where the CPU has AVX-512F.
 // NIT_CPU_ATTENTION_VECTOR_BITS=256|512 overrides the choice (for tests and measurements).
-// bf16 inputs run on the matrix units instead where the CPU has AMX-BF16 (attention_bf16.cpp:
-// the same tasks, with bf16 GEMMs through ATen's brgemm); NIT_CPU_ATTENTION_ISA=amx|fp32 forces
-// one of the two (fp32: these tiles, as for fp16 and fp32 inputs).
+// bf16 inputs run on bf16 tiles instead where oneDNN's brgemm runs bf16 on AMX-BF16
+// (attention_bf16.cpp: the same tasks, with bf16 GEMMs through ATen's brgemm), image by image:
+// images shorter than kBf16MinTokens* (attention_bf16.h) stay on these tiles, which are faster
+// there. NIT_CPU_ATTENTION_ISA=amx|avx512_bf16|fp32 forces one path for every image (fp32: these
+// tiles, as for fp16 and fp32 inputs; avx512_bf16: the bf16 tiles where oneDNN runs bf16 with
+// AVX512-BF16 but not AMX, slower than these tiles, hence never chosen unforced).
 //
 // Non-finite input flows as through softmax(q k^T) v: a NaN score, or a row whose visible scores
 // are all -inf, makes the row NaN (out and lse), and the backward spreads it through the saved
@@ -46,6 +49,7 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -159,12 +163,19 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
   const Geometry g = check_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
   auto out = at::empty({g.Nq, g.H, g.Dv}, q.options());
   auto lse = at::empty({g.H, g.Nq}, q.options().dtype(at::kFloat));
-  const bool tiles_bf16 = q.scalar_type() == at::kBFloat16 && attention_bf16_selected();
-  // The bf16 tiles pack K and V once per task: longer tasks pack them fewer times per image.
-  const int64_t chunk = tiles_bf16 ? kFwdChunkBf16 : kFwdChunk;
+  // images on the bf16 tiles (bf16 inputs; attention_bf16.h says which)
+  std::vector<char> on_bf16(g.B, 0);
+  if (q.scalar_type() == at::kBFloat16) {
+    const Bf16Choice choice = attention_bf16_choice();
+    for (int64_t b = 0; b < g.B; ++b) {
+      on_bf16[b] = choice.takes(g.cq[b + 1] - g.cq[b], g.ck[b + 1] - g.ck[b], g.D, g.Dv, false);
+    }
+  }
   std::vector<Task> tasks;
   for (int64_t b = 0; b < g.B; ++b) {
     const int64_t sq = g.cq[b + 1] - g.cq[b], sk = g.ck[b + 1] - g.ck[b];
+    // The bf16 tiles pack K and V once per task: longer tasks pack them fewer times per image.
+    const int64_t chunk = on_bf16[b] ? kFwdChunkBf16 : kFwdChunk;
     for (int64_t r0 = 0; r0 < sq; r0 += chunk) {
       const int64_t r1 = std::min(sq, r0 + chunk);
       const double cost = double(r1 - r0) * (visible_keys(causal, r1, sq, sk) + 16);
@@ -181,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
     float* lp = lse.data_ptr<float>();
     run_tasks(tasks, [&](const Task& t, std::vector<float>& buf) {
       if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (tiles_bf16) return attention_bf16_fwd_task(g, qp, kp, vp, op, lp, t, buf);
+        if (on_bf16[t.b]) return attention_bf16_fwd_task(g, qp, kp, vp, op, lp, t, buf);
       }
 #if NIT_ATTENTION_AVX512
       if (wide) return vec512::fwd_task<T>(g, qp, kp, vp, op, lp, t, buf);
@@ -208,14 +219,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   // the shape alone, so results do not depend on the thread count); their dK/dV partials are
   // summed in chunk order afterwards. The bf16 tiles take longer chunks (fewer partials to
   // write and sum, longer GEMMs).
-  const bool tiles_bf16 = q.scalar_type() == at::kBFloat16 && attention_bf16_selected();
-  const int64_t chunk = tiles_bf16 ? kBwdChunkBf16 : kBwdChunk;
+  std::vector<char> on_bf16(g.B, 0);
+  if (q.scalar_type() == at::kBFloat16) {
+    const Bf16Choice choice = attention_bf16_choice();
+    for (int64_t b = 0; b < g.B; ++b) {
+      on_bf16[b] = choice.takes(g.cq[b + 1] - g.cq[b], g.ck[b + 1] - g.ck[b], g.D, g.Dv, true);
+    }
+  }
   std::vector<Task> tasks;
-  std::vector<int64_t> split;  // images with more than one chunk
+  std::vector<std::pair<int64_t, int64_t>> split;  // images with more than one chunk, and their count
   int64_t part_rows = 0;
   for (int64_t b = 0; b < g.B; ++b) {
     const int64_t sq = g.cq[b + 1] - g.cq[b], sk = g.ck[b + 1] - g.ck[b];
     if (sq == 0 && sk == 0) continue;
+    const int64_t chunk = on_bf16[b] ? kBwdChunkBf16 : kBwdChunk;
     const int64_t nc = std::clamp<int64_t>((sq + chunk - 1) / chunk, 1, kBwdMaxSplit);
     const int64_t rows = (sq + nc - 1) / nc;
     for (int64_t c = 0; c < nc; ++c) {
@@ -226,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
       }
     }
     if (nc > 1) {
-      split.push_back(b);
+      split.push_back({b, nc});
       part_rows += nc * sk;
     }
   }
@@ -248,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     float* pv = dv_part.data_ptr<float>();
     run_tasks(tasks, [&](const Task& t, std::vector<float>& buf) {
       if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (tiles_bf16) {
+        if (on_bf16[t.b]) {
           return attention_bf16_bwd_task(g, dop, qp, kp, vp, op, lp, dqp, dkp, dvp, pk, pv, t, buf);
         }
       }
@@ -259,9 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     });
     // dK, dV of split images: sum of the chunks' partials, in chunk order
     int64_t part = 0;
-    for (const int64_t b : split) {
-      const int64_t sq = g.cq[b + 1] - g.cq[b], k0 = g.ck[b], sk = g.ck[b + 1] - k0;
-      const int64_t nc = std::clamp<int64_t>((sq + chunk - 1) / chunk, 1, kBwdMaxSplit);
+    for (const auto& [b, nc] : split) {
+      const int64_t k0 = g.ck[b], sk = g.ck[b + 1] - k0;
       at::parallel_for(0, sk * g.Hk, 8, [&](int64_t begin, int64_t end) {
         std::vector<float> acc(std::max(g.D, g.Dv));
         for (int64_t jh = begin; jh < end; ++jh) {

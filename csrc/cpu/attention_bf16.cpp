@@ -21,8 +21,10 @@
 // each [K/2][width][2] (pairs of consecutive k interleaved); pack_rows / pack_cols write it
 // straight from the strided [tokens, heads, dim] rows, with zeros in the padding.
 //
-// Chosen at run time: AMX-BF16 where cpublas::could_pack says oneDNN can use it, else the fp32
-// tiles; NIT_CPU_ATTENTION_ISA=amx|fp32 forces one. Results are
+// Chosen at run time, image by image (attention_bf16.h): AMX-BF16 where cpublas::could_pack says
+// oneDNN can use it, for images of at least kBf16MinTokens*, else the fp32 tiles; where oneDNN
+// runs bf16 with AVX512-BF16 but not AMX these tiles run only when forced (slower than the fp32
+// tiles there); NIT_CPU_ATTENTION_ISA=amx|avx512_bf16|fp32 forces one path. Results are
 // deterministic for any thread count, as on the fp32 path.
 //
 // fp16 stays on the fp32 tiles: on a CPU with AVX512-FP16 but no AMX-FP16 (Sapphire Rapids),
@@ -41,8 +43,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <exception>
 #include <string>
 
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -132,21 +136,36 @@ void pack_rows(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out, int64_t 
 // B[k, n] = x[n * ldx + k] for k < K, n < N: the rows of x (e.g. K tokens) are B's columns, one
 // column block of pad16(N) <= kNb.
 // A VNNI row of B holds the pairs (x[n][k], x[n][k + 1]), adjacent in x: with K and ldx even
-// this is a transpose of 32-bit words, done 16 x 16 in registers.
+// this is a transpose of 32-bit words, done 16 x 16 in registers; the last N % 16 rows of x go
+// through a zero-padded copy of 16 rows (done element by element, they made a task on an image
+// of 36 tokens 1.3-1.5x slower than one on 48).
 void pack_cols(const bf* x, int64_t ldx, int64_t K, int64_t N, bf* out) {
   const int64_t K2 = even(K), N16 = pad16(N);
-  int64_t kdone = 0;
-  if (K % 2 == 0 && ldx % 2 == 0 && N == N16) {
-    const float* src = reinterpret_cast<const float*>(x);  // bf16 pairs moved as 32-bit words
-    float* dst = reinterpret_cast<float*>(out);
-    kdone = (K / 2) / kVec * kVec * 2;
-    transpose(src, ldx / 2, N, kdone / 2, dst, N16);
-  } else {
-    memset(static_cast<void*>(out), 0, sizeof(bf) * K2 * N16);
+  constexpr int64_t kTailWords = 256;  // the copy's row (K up to 512)
+  const bool words = K % 2 == 0 && ldx % 2 == 0;
+  const int64_t nfull = words ? N / kVec * kVec : 0;
+  const int64_t kdone = words ? (K / 2) / kVec * kVec * 2 : 0;  // k done by the transposes
+  float* dst = reinterpret_cast<float*>(out);
+  if (kdone > 0 && nfull > 0) {
+    transpose(reinterpret_cast<const float*>(x), ldx / 2, nfull, kdone / 2, dst, N16);
+  }
+  int64_t ntail = nfull;  // rows from here on: element by element (for k < kdone too)
+  if (kdone > 0 && N > nfull && kdone / 2 <= kTailWords) {
+    alignas(64) float tail[kVec * kTailWords];
+    const int64_t w = kdone / 2;
+    for (int64_t r = 0; r < kVec; ++r) {
+      if (nfull + r < N) {
+        memcpy(tail + r * w, x + (nfull + r) * ldx, sizeof(float) * w);
+      } else {
+        std::fill(tail + r * w, tail + (r + 1) * w, 0.f);
+      }
+    }
+    transpose(tail, w, kVec, w, dst + nfull, N16);
+    ntail = N16;
   }
   for (int64_t n = 0; n < N16; ++n) {
     const bf* src = x + n * ldx;
-    for (int64_t k = kdone; k < K2; ++k) {
+    for (int64_t k = n < ntail ? kdone : 0; k < K2; ++k) {
       out[(k >> 1) * 2 * N16 + 2 * n + (k & 1)] = n < N && k < K ? src[k] : bf(0.f);
     }
   }
@@ -497,7 +516,7 @@ void attention_bf16_bwd_task(const Geometry& g, const bf* dout, const bf* q, con
   }
 }
 
-#else  // no x86-64 GCC build: attention_bf16_selected() is false, these are never called
+#else  // no x86-64 GCC build: attention_bf16_isa() is none, these are never called
 
 void attention_bf16_fwd_task(const Geometry&, const at::BFloat16*, const at::BFloat16*,
                              const at::BFloat16*, at::BFloat16*, float*, const Task&,
@@ -521,20 +540,68 @@ void attention_bf16_bwd_task(const Geometry&, const at::BFloat16*, const at::BFl
 namespace nit {
 
 // Outside the AVX-512 region: this runs on every CPU.
-bool attention_bf16_selected() {
+namespace {
+
+#if NIT_ATTENTION_BF16
+// Whether oneDNN's brgemm computes a bf16 product with B in the VNNI layout (it raises where
+// it has no kernel for the ISA it sees): a 16 x 16 x 2 product of ones.
+bool brgemm_runs_bf16() {
+  try {
+    bf a[16 * 2], b[2 * 16];
+    float c[16 * 16];
+    std::fill(a, a + 32, bf(1.f));
+    std::fill(b, b + 32, bf(1.f));
+    at::native::cpublas::brgemm(16, 16, 2, 2, 16, 16, false, a, b, c, true);
+    at::native::cpublas::brgemm_release(true);
+    return std::all_of(c, c + 256, [](float x) { return x == 2.f; });
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+#endif
+
+// The ISA oneDNN runs the bf16 tiles' GEMMs on here (at most the one ONEDNN_MAX_CPU_ISA allows).
+Bf16Isa detect_bf16_isa() {
+#if NIT_ATTENTION_BF16
+  if (at::native::cpublas::could_pack(at::kBFloat16)) return Bf16Isa::amx;
+  // AVX512-BF16 for the GEMMs and the conversions of this file, AVX-512BW/VL/DQ for the rest
+  const bool cpu = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (cpu && brgemm_runs_bf16()) return Bf16Isa::avx512_bf16;
+#endif
+  return Bf16Isa::none;
+}
+
+const char* isa_name(Bf16Isa isa) {
+  return isa == Bf16Isa::amx ? "amx" : isa == Bf16Isa::avx512_bf16 ? "avx512_bf16" : "fp32";
+}
+
+}  // namespace
+
+Bf16Isa attention_bf16_isa() {
+  static const Bf16Isa isa = detect_bf16_isa();
+  return isa;
+}
+
+Bf16Choice attention_bf16_choice() {
   const char* env = std::getenv("NIT_CPU_ATTENTION_ISA");
   const std::string want = env ? env : "";
-  TORCH_CHECK(want.empty() || want == "amx" || want == "fp32",
-              "NIT_CPU_ATTENTION_ISA must be amx or fp32, got '", want, "'");
-#if NIT_ATTENTION_BF16
-  static const bool has = at::native::cpublas::could_pack(at::kBFloat16);
-#else
-  static const bool has = false;
-#endif
-  TORCH_CHECK(want != "amx" || has,
-              "NIT_CPU_ATTENTION_ISA=amx needs a CPU (and kernel) with AMX-BF16 tiles and an "
-              "x86-64 GCC build; this one has none");
-  return want.empty() ? has : want == "amx";
+  TORCH_CHECK(want.empty() || want == "amx" || want == "avx512_bf16" || want == "fp32",
+              "NIT_CPU_ATTENTION_ISA must be amx, avx512_bf16 or fp32, got '", want, "'");
+  const Bf16Isa has = attention_bf16_isa();
+  Bf16Choice c;
+  if (want.empty()) {
+    // AVX512-BF16 only when forced: slower than the fp32 tiles (attention_bf16.h)
+    c.isa = has == Bf16Isa::amx ? has : Bf16Isa::none;
+  } else if (want != "fp32") {
+    TORCH_CHECK(want == isa_name(has), "NIT_CPU_ATTENTION_ISA=", want,
+                " needs oneDNN's brgemm to run bf16 on ", want == "amx" ? "AMX-BF16 tiles" : "AVX512-BF16 without AMX",
+                " (an x86-64 GCC build; ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 set before the first oneDNN call "
+                "keeps it off AMX); here it runs bf16 on: ", isa_name(has));
+    c.isa = has;
+    c.every_image = true;
+  }
+  return c;
 }
 
 }  // namespace nit

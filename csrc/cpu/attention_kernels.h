@@ -236,8 +236,10 @@ struct Carver {
   }
 };
 
+// The buffer only grows: resizing it down and up again zero-filled the regrown part at every call
+// (the largest tasks run first).
 inline Carver carve(std::vector<float>& buf, int64_t total) {
-  buf.resize(total + 16);
+  if (buf.size() < static_cast<size_t>(total + 16)) buf.resize(total + 16);
   const uintptr_t a = reinterpret_cast<uintptr_t>(buf.data());
   return Carver{buf.data() + ((64 - a % 64) % 64) / sizeof(float)};
 }
