@@ -227,8 +227,8 @@ def test_ema_update_is_the_formula_with_foreach(monkeypatch):
     ema = EMA(model, decay=0.9)
     expected = [p.detach().clone() for p in model.parameters()]
     calls = []
-    real = torch._foreach_add_
-    monkeypatch.setattr(torch, "_foreach_add_", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     for _ in range(3):
         with torch.no_grad():
             for p in model.parameters():
