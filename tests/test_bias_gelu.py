@@ -212,6 +212,38 @@ def test_each_vector_width(monkeypatch, bits, dtype):
             _close(got_db[:-1], db[:-1], 1e-5 * max(1, n) ** 0.5 + 2e-6, "dbias")
 
 
+def _has_avx512_bf16() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
+
+
+@cpu_only
+@pytest.mark.skipif(not (_has_avx512() and _has_avx512_bf16()), reason="the CPU has no AVX-512 with AVX512-BF16")
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_bf16_rounding_of_the_512_bit_rows(monkeypatch, native):
+    """The 512-bit rows round bf16 by the CPU's conversion or by integer arithmetic
+    (NIT_CPU_GELU_NATIVE_BF16): both round to nearest even, keep NaN, and agree."""
+    monkeypatch.setenv("NIT_CPU_GELU_VECTOR_BITS", "512")
+    x, bias, dy = _data(37, 45, torch.bfloat16, seed=3)
+    x[2, 5] = float("nan")
+    monkeypatch.setenv("NIT_CPU_GELU_NATIVE_BF16", native)
+    got = (nk.bias_gelu(x, bias, backend="cpu"),) + tuple(nk.bias_gelu_backward(dy, x, bias, backend="cpu"))
+    monkeypatch.setenv("NIT_CPU_GELU_NATIVE_BF16", "1" if native == "0" else "0")
+    other = (nk.bias_gelu(x, bias, backend="cpu"),) + tuple(nk.bias_gelu_backward(dy, x, bias, backend="cpu"))
+    y, dx, db = _exact(x, bias, dy)
+    keep = torch.ones_like(x, dtype=torch.bool)
+    keep[2, 5] = False
+    for name, a, b, want in zip(("y", "dx", "dbias", "y (backward)"), got, other, (y, dx, db, y)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0, msg=name)
+        if name != "dbias":
+            assert torch.isnan(a[2, 5])
+            _close(a[keep], want[keep], _TOL[torch.bfloat16] + 6e-6, name)
+    monkeypatch.setenv("NIT_CPU_GELU_NATIVE_BF16", "2")
+    with pytest.raises(RuntimeError, match="NIT_CPU_GELU_NATIVE_BF16 must be 0 or 1"):
+        nk.bias_gelu(x, bias, backend="cpu")
+
+
 @cpu_only
 def test_bad_vector_width_is_refused(monkeypatch):
     x, bias, _ = _data(2, 3, torch.float32)

@@ -12,7 +12,11 @@
 // written once; dbias sums fixed blocks of rows in block order (independent of the thread count).
 // Rows run on 512-bit vectors where the CPU has AVX-512F/BW (chosen at run time; the build's
 // baseline is AVX2), else on the 256-bit vectors of vec.h; NIT_CPU_GELU_VECTOR_BITS=256|512
-// forces one (tests run both).
+// forces one (tests run both). On the 512-bit rows, 16-bit outputs (bf16, fp16) take a degree-4
+// minimax polynomial of 2^f (relative error < 3e-6, far below their rounding of 2^-9 or 2^-12;
+// dx and dbias keep that error before rounding) instead of the degree-7 one, and bf16 is rounded
+// by the CPU's own conversion (VCVTNEPS2BF16, round to nearest even, where the CPU has
+// AVX512-BF16; NIT_CPU_GELU_NATIVE_BF16=0|1 forces the choice) instead of integer arithmetic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,6 +24,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -105,6 +110,10 @@ void bwd_row8(const T* gr, const T* xr, const float* b, T* dxr, T* yr, float* ac
 #define NIT_GELU_AVX512 1
 #define NIT_T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inline
 #define NIT_F512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+// the row kernels: also AVX512-BF16, whose conversion only their kNativeBf16 instances execute
+#define NIT_T512BF \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), always_inline)) inline
+#define NIT_F512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 // the same math on 16 lanes; tails by masked loads and stores (masked-off lanes load 0)
 namespace v512 {
 NIT_T512 __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
@@ -125,20 +134,42 @@ NIT_T512 void store(c10::BFloat16* p, __m512 v, __mmask16 m) {
 NIT_T512 void store(c10::Half* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+// stores of the row kernels: with kNative, bf16 by VCVTNEPS2BF16 (round to nearest even, NaN
+// stays NaN; denormal results flush to zero)
+template <bool kNative, typename T>
+NIT_T512BF void store_out(T* p, __m512 v, __mmask16 m) {
+  if constexpr (kNative && std::is_same_v<T, c10::BFloat16>) {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+  } else {
+    store(p, v, m);
+  }
+}
+// kLow: the 16-bit outputs' polynomial (see the header)
+template <bool kLow = false>
 NIT_T512 __m512 gate_of(__m512 z) {
   const __m512 two_u = _mm512_mul_ps(z, _mm512_fmadd_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(kC2), _mm512_set1_ps(kC1)));
   const __m512 t = _mm512_mul_ps(two_u, _mm512_set1_ps(-kLog2e));
   const __m512 c = _mm512_min_ps(_mm512_set1_ps(126.f), _mm512_max_ps(_mm512_set1_ps(-126.f), t));  // NaN kept
   const __m512 n = _mm512_roundscale_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(c, n);
-  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p;
+  if constexpr (kLow) {
+    // minimax fit of 2^f on [-1/2, 1/2] (relative error 2.6e-6, 2.7e-6 evaluated in fp32)
+    p = _mm512_set1_ps(0.009570068679749966f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055917806923389435f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240247443318367f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931218504905701f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999992847442627f));
+  } else {
+    p = _mm512_set1_ps(1.525273380405984e-05f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  }
   const __m512 a = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_scalef_ps(p, n));  // 1 + p * 2^n
   // 1 / a: the 14-bit reciprocal and one Newton step (relative error ~2^-28; a division is
   // several times slower on 512-bit vectors)
@@ -150,28 +181,30 @@ NIT_T512 __mmask16 mask_at(int64_t c, int64_t H) {
   return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
 }
 
-template <typename T>
-NIT_F512 void fwd_row(const T* xr, const float* b, T* yr, int64_t H) {
+template <bool kNative, typename T>
+NIT_F512BF void fwd_row(const T* xr, const float* b, T* yr, int64_t H) {
+  constexpr bool kLow = sizeof(T) == 2;
   for (int64_t c = 0; c < H; c += 16) {
     const __mmask16 m = mask_at(c, H);
     const __m512 z = _mm512_add_ps(load(xr + c, m), _mm512_maskz_loadu_ps(m, b + c));
-    store(yr + c, _mm512_mul_ps(z, gate_of(z)), m);
+    store_out<kNative>(yr + c, _mm512_mul_ps(z, gate_of<kLow>(z)), m);
   }
 }
 
-template <typename T>
-NIT_F512 void bwd_row(const T* gr, const T* xr, const float* b, T* dxr, T* yr, float* acc, int64_t H) {
+template <bool kNative, typename T>
+NIT_F512BF void bwd_row(const T* gr, const T* xr, const float* b, T* dxr, T* yr, float* acc, int64_t H) {
+  constexpr bool kLow = sizeof(T) == 2;
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t c = 0; c < H; c += 16) {
     const __mmask16 m = mask_at(c, H);
     const __m512 z = _mm512_add_ps(load(xr + c, m), _mm512_maskz_loadu_ps(m, b + c));
-    const __m512 s = gate_of(z);
+    const __m512 s = gate_of<kLow>(z);
     const __m512 d2u = _mm512_fmadd_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(3.f * kC2), _mm512_set1_ps(kC1));
     const __m512 zs = _mm512_mul_ps(z, s);
     const __m512 dg = _mm512_fmadd_ps(_mm512_mul_ps(zs, _mm512_sub_ps(one, s)), d2u, s);
     const __m512 d = _mm512_mul_ps(load(gr + c, m), dg);
-    store(yr + c, zs, m);
-    store(dxr + c, d, m);
+    store_out<kNative>(yr + c, zs, m);
+    store_out<kNative>(dxr + c, d, m);
     _mm512_mask_storeu_ps(acc + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + c), d));
   }
 }
@@ -179,6 +212,22 @@ NIT_F512 void bwd_row(const T* gr, const T* xr, const float* b, T* dxr, T* yr, f
 #else
 #define NIT_GELU_AVX512 0
 #endif
+
+// whether the 512-bit rows round bf16 with the CPU's conversion (AVX512-BF16);
+// NIT_CPU_GELU_NATIVE_BF16=0 forces the integer rounding (tests run both)
+bool native_bf16() {
+#if NIT_GELU_AVX512
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  const char* env = std::getenv("NIT_CPU_GELU_NATIVE_BF16");
+  const std::string want = env ? env : "";
+  TORCH_CHECK(want.empty() || want == "0" || want == "1", "NIT_CPU_GELU_NATIVE_BF16 must be 0 or 1, got '", want,
+              "'");
+  TORCH_CHECK(want != "1" || has, "NIT_CPU_GELU_NATIVE_BF16=1 needs a CPU with AVX512-BF16, this one lacks it");
+  return want.empty() ? has : want == "1";
+#else
+  return false;
+#endif
+}
 
 bool use_avx512() {
 #if NIT_GELU_AVX512
@@ -213,7 +262,9 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const at::Tensor& bias) {
   const int64_t N = x.size(0), H = x.size(1);
   const std::vector<float> b = widened_bias(bias);
   const bool wide = use_avx512();
+  const bool native = wide && native_bf16();
   (void)wide;
+  (void)native;
   NIT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "bias_gelu_fwd", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
@@ -223,7 +274,11 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const at::Tensor& bias) {
         prefetch_ahead(r, end, H, {xr});
 #if NIT_GELU_AVX512
         if (wide) {
-          v512::fwd_row(xr, b.data(), yp + r * H, H);
+          if (native) {
+            v512::fwd_row<true>(xr, b.data(), yp + r * H, H);
+          } else {
+            v512::fwd_row<false>(xr, b.data(), yp + r * H, H);
+          }
           continue;
         }
 #endif
@@ -243,7 +298,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tenso
   const int64_t N = x.size(0), H = x.size(1), Hp = padded(H);
   const std::vector<float> b = widened_bias(bias);
   const bool wide = use_avx512();
+  const bool native = wide && native_bf16();
   (void)wide;
+  (void)native;
   auto dx = at::empty_like(x);
   auto y = at::empty_like(x);
   const int64_t nblocks = (N + kRowBlock - 1) / kRowBlock;
@@ -264,7 +321,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tenso
           prefetch_ahead(r, r1, H, {xr, gr});
 #if NIT_GELU_AVX512
           if (wide) {
-            v512::bwd_row(gr, xr, b.data(), dxp + r * H, yp + r * H, acc, H);
+            if (native) {
+              v512::bwd_row<true>(gr, xr, b.data(), dxp + r * H, yp + r * H, acc, H);
+            } else {
+              v512::bwd_row<false>(gr, xr, b.data(), dxp + r * H, yp + r * H, acc, H);
+            }
             continue;
           }
 #endif

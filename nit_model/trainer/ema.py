@@ -12,9 +12,10 @@ __all__ = ["EMA"]
 class EMA:
     """Shadow copies of every floating-point parameter, kept in fp32.
 
-    ``update()`` computes, for all parameters at once (``torch._foreach_*`` kernels, one launch per
-    op for the whole list instead of one per tensor):
-        ema = decay * ema + (1 - decay) * param
+    ``update()`` computes, for all parameters at once (``torch._foreach_lerp_``: one multi-tensor op
+    for the whole list instead of one per tensor, and one pass over the weights instead of the two
+    of a multiply then an add):
+        ema = decay * ema + (1 - decay) * param = ema + (1 - decay) * (param - ema)
     Buffers are not averaged: ``state_dict()`` takes them from the live model, so it is a full
     state dict of the model with the averaged parameters, loadable with ``strict=True``.
     """
@@ -32,8 +33,7 @@ class EMA:
     def update(self) -> None:
         """One step: ``ema = decay * ema + (1 - decay) * param`` over all parameters."""
         src = [p.detach().float() if p.dtype != torch.float32 else p.detach() for p in self.params]
-        torch._foreach_mul_(self.shadow, self.decay)
-        torch._foreach_add_(self.shadow, src, alpha=1.0 - self.decay)
+        torch._foreach_lerp_(self.shadow, src, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict with every averaged parameter replaced by its EMA (cast back to

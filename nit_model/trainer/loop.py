@@ -196,8 +196,11 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema.decay)
         o = cfg.optim
         self.peak_lr = cfg.lr(dist.world_size)
+        # the fused kernel: one pass over the weights and both moments instead of about ten
+        # multi-tensor passes (NiT-S on 1 CPU thread: 38 vs 146 ms a step); foreach elsewhere
+        fused = self.device.type in ("cpu", "cuda")
         self.opt = torch.optim.AdamW(self.trainable, lr=self.peak_lr, betas=tuple(o.betas), eps=o.eps,
-                                     weight_decay=o.weight_decay, foreach=True)
+                                     weight_decay=o.weight_decay, fused=fused, foreach=None if fused else True)
         self.loss_fn = FlowMatchingLoss.for_config(self.nit_config, mu=cfg.flow.mu, sigma=cfg.flow.sigma, label_dropout=cfg.label_dropout,
                                         dir_weight=cfg.flow.dir_weight, proj_weight=cfg.flow.proj_weight,
                                         encoder=self.encoder if self.use_repa else None)

@@ -111,6 +111,33 @@ def test_mlp_under_autocast_matches_torch_autocast(backend):
         torch.testing.assert_close(o.float(), r.float(), rtol=2 ** -6, atol=3e-2 * r.abs().max().item(), msg=name)
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_conditioning_runs_in_fp32_under_cpu_autocast(backend):
+    """The per-image conditioning Linears (timestep MLP, adaLN of the blocks and the final layer) are
+    not cast to bf16 on CPU (their weights are read once for B rows); the reference backend keeps
+    autocast's policy. The modulations reach the fused ops in the tokens' dtype either way."""
+    from nit_kernels import PackedSeqs
+    from nit_model.model import NiT
+    from nit_model.model_config import NiTConfig
+
+    torch.manual_seed(0)
+    model = NiT(NiTConfig.from_name("tiny", backend=backend))
+    linears = {"t": model.t_embedder.mlp[2], "block": model.blocks[1].adaLN_modulation[-1],
+               "final": model.final_layer.adaLN_modulation[-1]}
+    seen = {}
+    for name, m in linears.items():
+        m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out.dtype))
+    packed = PackedSeqs.from_sizes([(3, 4), (2, 5)])
+    x = torch.randn(packed.total_tokens, model.config.patch_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, torch.rand(2), torch.tensor([1, 2]), packed)
+    out.float().square().mean().backward()
+    want = torch.float32 if backend is None else torch.bfloat16
+    assert seen == {name: want for name in linears}
+    assert out.dtype == torch.bfloat16
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for m in linears.values() for p in m.parameters())
+
+
 # ------------------------------------------------------------------------------ training and sampling
 
 

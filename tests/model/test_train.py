@@ -200,6 +200,8 @@ def test_resume_errors(tmp_path):
 
 def test_checkpoint_of_another_config_fails_before_training(tmp_path):
     r = train(small(train={"steps": 1}), out_dir=tmp_path / "a", progress=False)
+    # AdamW's fused kernel on CPU (one pass over the weights and moments)
+    assert torch.load(os.path.join(r.checkpoint, "optimizer.pt"), weights_only=True)["param_groups"][0]["fused"]
     other = small(model={"depth": 2}, train={"steps": 3})
     with pytest.raises(ConfigError, match=r"model\.depth: checkpoint 4, now 2"):
         train(other, out_dir=tmp_path / "a", resume="latest", progress=False)
@@ -227,8 +229,8 @@ def test_ema_update_is_the_formula_with_foreach(monkeypatch):
     ema = EMA(model, decay=0.9)
     expected = [p.detach().clone() for p in model.parameters()]
     calls = []
-    real = torch._foreach_add_
-    monkeypatch.setattr(torch, "_foreach_add_", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     for _ in range(3):
         with torch.no_grad():
             for p in model.parameters():
