@@ -160,6 +160,20 @@ def test_eval_cli_with_a_baseline(demo_dir, tmp_path, capsys):
     assert e.value.code == 2 and "nit eval: error: give at least one --ckpt" in capsys.readouterr().err
 
 
+def test_eval_cli_no_ema_samples_the_raw_weights(demo_dir, tmp_path, capsys):
+    args = ["eval", "--ckpt", f"native={os.path.join(demo_dir, 'native')}", "--sizes", "32x32", "--num", "2",
+            "--steps", "1", "--num-real", "4", "--classifier-steps", "8", "--cache-dir", os.path.join(demo_dir, "cache"),
+            "--no-progress"]
+    sources = {}
+    for flag in ([], ["--no-ema"]):
+        out = str(tmp_path / ("raw" if flag else "ema"))
+        assert main(args + flag + ["--out", out]) == 0
+        sources[bool(flag)] = json.load(open(os.path.join(out, "eval.json")))["models"]["native"]["source"]
+    capsys.readouterr()
+    assert os.path.basename(sources[False]) == "ema.safetensors"
+    assert os.path.basename(sources[True]) == "model.safetensors"
+
+
 def test_help_explains_the_knobs(capsys):
     for cmd in ("demo", "sample", "eval", "extract-latents"):
         with pytest.raises(SystemExit):
