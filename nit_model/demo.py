@@ -382,7 +382,8 @@ def _report_md(r: dict, table: str, runs: dict, show_sizes, seen_native, rope_ta
               f"nit sample --ckpt {os.path.join(s['out'], 'native')} --sizes 32x32,64x64,32x96,128x128 --num 4 "
               f"--steps 24 --cfg-scale 3 --cfg-interval {iv} --out {os.path.join(s['out'], 'more')}",
               f"nit eval --ckpt native={os.path.join(s['out'], 'native')} "
-              f"--baseline-ckpt {os.path.join(s['out'], 'fixed')} --num 32 --cfg-scale 3 --cfg-interval {iv} "
+              f"--baseline-ckpt {os.path.join(s['out'], 'fixed')} --num 32 --steps {s['eval_steps']} "
+              f"--cfg-scale {s['eval_cfg_scale']:g} --cfg-interval {iv} "
               f"--rope-methods {','.join(s['rope_methods'])}",
               "```", ""]
     return "\n".join(lines)

@@ -45,6 +45,17 @@ def test_demo_quick_writes_the_report(demo_dir, capsys):
     for row in r["rope"]["rows"]:  # one contact-sheet row per method (auto repeats yarn)
         assert os.path.isfile(os.path.join(demo_dir, row["contact_sheet"])), row
     assert [row["method"] for row in r["rope"]["rows"]] == ["normal", "yarn"]
+    # the command that repeats the evaluation by hand uses the demo's own evaluation sampler
+    st = r["settings"]
+    assert f"--num 32 --steps {st['eval_steps']} --cfg-scale {st['eval_cfg_scale']:g} --cfg-interval" in report
+
+
+def test_demo_evaluates_with_8_euler_steps_by_default():
+    from nit_model.demo import DemoSettings
+    from nit_model.cli import build_parser
+    from nit_model.demo import settings_from_args
+    s = settings_from_args(build_parser().parse_args(["demo"]))
+    assert s.eval_steps == DemoSettings().eval_steps == 8 and s.train_steps == 2400
 
 
 def test_demo_records_its_precision_and_why(demo_dir):
