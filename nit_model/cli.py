@@ -119,6 +119,9 @@ def _eval(args):
     from .precision import check_precision
     precision = check_precision(args.precision, "cpu", where="--precision")  # the shapes models sample on the CPU
     models = parse_named_checkpoints(specs)
+    if args.no_ema:
+        from .sampling import load_sampling_model
+        models = {n: load_sampling_model(path, ema=False) for n, path in models.items()}
     if args.out:
         _writable_folder(args.out)
     rep = evaluate_models(models, args.sizes or DEFAULT_EVAL_SIZES, num=args.num, steps=args.steps,
@@ -289,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rope-methods", default=None, metavar="M1,M2,...",
                    help="evaluate every model with each of these RoPE methods and write one table (sizes x methods: "
                         "judge accuracy, FD, tiling), e.g. normal,ntk-aware,yarn")
+    e.add_argument("--no-ema", action="store_true",
+                   help="sample every model from the raw weights of its training checkpoint, not the EMA")
     e.add_argument("--num-real", type=int, default=256, help="real images per size for the reference statistics")
     e.add_argument("--cache-dir", default=os.path.join("runs", "cache"), help="where the classifier is cached")
     e.add_argument("--classifier-steps", type=int, default=300,

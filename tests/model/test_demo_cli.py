@@ -45,6 +45,17 @@ def test_demo_quick_writes_the_report(demo_dir, capsys):
     for row in r["rope"]["rows"]:  # one contact-sheet row per method (auto repeats yarn)
         assert os.path.isfile(os.path.join(demo_dir, row["contact_sheet"])), row
     assert [row["method"] for row in r["rope"]["rows"]] == ["normal", "yarn"]
+    # the command that repeats the evaluation by hand uses the demo's own evaluation sampler
+    st = r["settings"]
+    assert f"--num 32 --steps {st['eval_steps']} --cfg-scale {st['eval_cfg_scale']:g} --cfg-interval" in report
+
+
+def test_demo_evaluates_with_8_euler_steps_by_default():
+    from nit_model.demo import DemoSettings
+    from nit_model.cli import build_parser
+    from nit_model.demo import settings_from_args
+    s = settings_from_args(build_parser().parse_args(["demo"]))
+    assert s.eval_steps == DemoSettings().eval_steps == 8 and s.train_steps == 2400
 
 
 def test_demo_records_its_precision_and_why(demo_dir):
@@ -158,6 +169,20 @@ def test_eval_cli_with_a_baseline(demo_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--no-progress"])
     assert e.value.code == 2 and "nit eval: error: give at least one --ckpt" in capsys.readouterr().err
+
+
+def test_eval_cli_no_ema_samples_the_raw_weights(demo_dir, tmp_path, capsys):
+    args = ["eval", "--ckpt", f"native={os.path.join(demo_dir, 'native')}", "--sizes", "32x32", "--num", "2",
+            "--steps", "1", "--num-real", "4", "--classifier-steps", "8", "--cache-dir", os.path.join(demo_dir, "cache"),
+            "--no-progress"]
+    sources = {}
+    for flag in ([], ["--no-ema"]):
+        out = str(tmp_path / ("raw" if flag else "ema"))
+        assert main(args + flag + ["--out", out]) == 0
+        sources[bool(flag)] = json.load(open(os.path.join(out, "eval.json")))["models"]["native"]["source"]
+    capsys.readouterr()
+    assert os.path.basename(sources[False]) == "ema.safetensors"
+    assert os.path.basename(sources[True]) == "model.safetensors"
 
 
 def test_help_explains_the_knobs(capsys):
