@@ -236,8 +236,10 @@ def build_step(case: StepCase, make: Callable, backend: Optional[str]) -> StepPr
     model.projector.requires_grad_(False)  # no REPA term: the trainer freezes it too
     trainable = [p for p in model.parameters() if p.requires_grad]
     o = OptimSection()
+    # the trainer's optimizer, for every provider: AdamW's fused kernel where torch has one for the device
+    fused = case.device.type in ("cpu", "cuda")
     opt = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                            foreach=True)
+                            fused=fused, foreach=None if fused else True)
     ema = EMA(model, EMASection().decay)
     loss_fn = FlowMatchingLoss.for_config(case.config, label_dropout=0.1)
     tr, sm = case.train, case.sample
